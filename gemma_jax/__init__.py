@@ -1,0 +1,1 @@
+"""gemma-jax: Gemma in JAX/Flax behind the Workers AI text-generation API."""

@@ -1,0 +1,1 @@
+"""The inference engine: device functions (prefill / insert / generate) and the host scheduler."""

@@ -1,0 +1,73 @@
+"""Small architectural pieces: a named-dims Einsum weight, RMSNorm(1 + w), rotary embedding.
+
+Every weight is declared exactly once, here or in `model.py`, with its shape and its *logical* axis
+names (`nn.with_logical_partitioning`). Random init, shardings (`sharding.py`) and checkpoint
+loading (`weights/`) are all derived from these declarations, never re-typed.
+
+Logical axis names: "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "stack" (the 2 of a
+stacked pair such as k/v or gate/up), "batch", "cache_seq".
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Axes = tuple[str | None, ...]
+
+
+class Einsum(nn.Module):
+    """One weight `w` of `shape` with logical `axes`, applied by an einsum equation at call time."""
+
+    shape: tuple[int, ...]
+    axes: Axes
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes)
+        w = self.param("w", init, self.shape, self.param_dtype)
+        return jnp.einsum(eqn, x, w.astype(x.dtype))
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: normalise in float32, multiply by (1 + scale), cast back to the input dtype.
+
+    `scale` is stored as Hugging Face and DeepMind store it (zero = identity); GGUF files store
+    1 + scale and the GGUF loader subtracts the 1.
+    """
+
+    axis_name: str = "embed"
+    eps: float = 1e-6
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = 0.1  # random, not zero, so that random-weight parity tests exercise (1 + w)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), (self.axis_name,))
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float, scale_factor: float = 1.0) -> jax.Array:
+    """Rotary embedding, split-halves layout (the first half of H pairs with the second half).
+
+    x: [B, T, N, H]; positions: [B, T] (int). Angles are computed in float32; sin and cos are cast
+    to the activation dtype before the rotation, as transformers does.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = inv_freq / scale_factor
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)  # [B, T, 1, H/2]
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+    first, second = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)

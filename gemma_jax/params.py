@@ -1,0 +1,99 @@
+"""Parameter trees derived from the module declarations: shapes, logical axes, shardings, init.
+
+The tree is the one `Transformer.init` builds, without the "params" wrapper:
+
+    embedder/input_embedding                [V, D]
+    layer_i/pre_attention_norm/scale        [D]
+    layer_i/attn/q_einsum/w                 [N, D, H]
+    layer_i/attn/kv_einsum/w                [2, K, D, H]     k = [0], v = [1]
+    layer_i/attn/attn_vec_einsum/w          [N, H, D]
+    layer_i/attn/{query,key}_norm/scale     [H]              (Gemma 3)
+    layer_i/post_attention_norm/scale       [D]              (Gemma 3)
+    layer_i/pre_ffw_norm/scale              [D]
+    layer_i/mlp/gating_einsum/w             [2, D, F]        gate = [0], up = [1]
+    layer_i/mlp/linear/w                    [F, D]
+    layer_i/post_ffw_norm/scale             [D]              (Gemma 3)
+    final_norm/scale                        [D]
+
+This is DeepMind's Flax layout (gemma-llm 1.0) with MHA's fused `qkv_einsum` always split into
+`q_einsum` + `kv_einsum`, so one tree serves MHA, MQA and GQA.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from gemma_jax import sharding
+from gemma_jax.config import GemmaConfig
+from gemma_jax.model import CACHE_AXES, Cache, LayerCache, Transformer, init_cache
+
+
+def _boxed_init(config: GemmaConfig, dtype, key):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Transformer(config, dtype).init(key, tokens, tokens)["params"]
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_boxed(config: GemmaConfig, dtype):
+    return jax.eval_shape(functools.partial(_boxed_init, config, dtype), jax.random.key(0))
+
+
+def param_shapes(config: GemmaConfig, dtype=jnp.float32):
+    """Tree of jax.ShapeDtypeStruct, computed without allocating anything."""
+    return jax.tree.map(lambda b: b.value, _abstract_boxed(config, jnp.dtype(dtype)), is_leaf=_is_box)
+
+
+def param_axes(config: GemmaConfig):
+    """Tree of logical-axis tuples, one per weight."""
+    return jax.tree.map(lambda b: tuple(b.names), _abstract_boxed(config, jnp.dtype(jnp.float32)), is_leaf=_is_box)
+
+
+def count_params(config: GemmaConfig) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(config)))
+
+
+def param_shardings(config: GemmaConfig, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES):
+    return sharding.tree_shardings(param_axes(config), param_shapes(config), mesh, rules)
+
+
+def init_params(config: GemmaConfig, key: jax.Array, dtype=jnp.float32, mesh: Mesh | None = None,
+                rules: sharding.Rules = sharding.DEFAULT_RULES):
+    """Random parameters, created directly on device(s) in `dtype`: no full host copy is made.
+
+    With a mesh, every weight is born sharded by `param_shardings` (jit with out_shardings).
+    Norm scales are random too (std 0.1) so that random-weight tests exercise the (1 + w) path.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def init(k):
+        return jax.tree.map(lambda b: b.value, _boxed_init(config, dtype, k), is_leaf=_is_box)
+
+    out_shardings = None if mesh is None else param_shardings(config, mesh, rules)
+    return jax.jit(init, out_shardings=out_shardings)(key)
+
+
+def cache_axes(config: GemmaConfig) -> dict:
+    return {f"layer_{i}": LayerCache(CACHE_AXES, CACHE_AXES) for i in range(config.num_layers)}
+
+
+def cache_shardings(config: GemmaConfig, batch: int, max_len: int, mesh: Mesh,
+                    rules: sharding.Rules = sharding.DEFAULT_RULES):
+    shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len))
+    return sharding.tree_shardings(cache_axes(config), shapes, mesh, rules)
+
+
+def make_cache(config: GemmaConfig, batch: int, max_len: int, dtype=jnp.float32,
+               mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES) -> Cache:
+    """A zero KV cache, created on device (sharded over batch / kv heads when a mesh is given)."""
+    out = None if mesh is None else cache_shardings(config, batch, max_len, mesh, rules)
+    return jax.jit(lambda: init_cache(config, batch, max_len, dtype), out_shardings=out)()
