@@ -41,3 +41,29 @@ def state_numpy(model) -> dict[str, np.ndarray]:
 def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def hf_gemma3_config(cfg: GemmaConfig) -> transformers.Gemma3TextConfig:
+    """A transformers Gemma3TextConfig with the same architecture as `cfg`."""
+    layer_types = ["sliding_attention" if t == "local" else "full_attention" for t in cfg.layer_types]
+    return transformers.Gemma3TextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+        query_pre_attn_scalar=cfg.query_pre_attn_scalar, sliding_window=cfg.sliding_window,
+        layer_types=layer_types, max_position_embeddings=4096,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_base},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_base}},
+        final_logit_softcapping=None, attn_logit_softcapping=None,
+        pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id, bos_token_id=cfg.bos_id,
+        attn_implementation="eager",
+    )
+
+
+def random_hf_gemma3(cfg: GemmaConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForCausalLM(hf_gemma3_config(cfg)).eval().float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.1 if "norm" in name else 0.05)
+    return model

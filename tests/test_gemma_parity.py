@@ -113,3 +113,45 @@ def test_checkpoint_with_missing_tensor_is_refused(pair):
     state.pop("model.layers.0.mlp.up_proj.weight")
     with pytest.raises(ValueError, match="lacks 1 tensors"):
         params_from_hf_state(state, cfg)
+
+
+# --- Gemma 3 architecture on a tiny shape: QK-norm, four norms, sliding window 4 (5:1 -> 2:1 here),
+# local/global RoPE bases, query_pre_attn_scalar != head_dim. Sequences are longer than the window.
+@pytest.fixture(scope="module")
+def gemma3_pair():
+    from hf_reference import random_hf_gemma3
+
+    cfg = C.tiny_gemma3()
+    hf = random_hf_gemma3(cfg, seed=7)
+    return cfg, hf, params_from_hf_state(state_numpy(hf), cfg)
+
+
+def test_gemma3_tiny_logits_match_transformers(gemma3_pair):
+    cfg, hf, params = gemma3_pair
+    tokens = _tokens(cfg, length=19, seed=5)
+    ours, _ = forward(params, tokens, _positions(tokens), config=cfg)
+    assert cfg.sliding_window < tokens.shape[1]
+    assert rel_err(ours, hf_logits(hf, tokens)) <= 1e-5
+
+
+def test_gemma3_tiny_decode_with_cache_equals_full_forward(gemma3_pair):
+    cfg, _, params = gemma3_pair
+    tokens = _tokens(cfg, length=14, seed=6)
+    full, _ = forward(params, tokens, _positions(tokens), config=cfg)
+    cache = init_cache(cfg, batch=2, max_len=16)
+    logits, cache = forward(params, tokens[:, :3], _positions(tokens[:, :3]), cache, config=cfg)
+    pieces = [logits]
+    for t in range(3, 14):
+        logits, cache = forward(params, tokens[:, t:t + 1], jnp.full((2, 1), t), cache, config=cfg)
+        pieces.append(logits)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma3_config_json_roundtrip(tmp_path, gemma3_pair):
+    cfg, hf, _ = gemma3_pair
+    hf.save_pretrained(tmp_path)
+    loaded_cfg, loaded = load_hf(tmp_path, dtype=jnp.float32)
+    assert loaded_cfg == cfg
+    tokens = _tokens(cfg, seed=8)
+    ours, _ = forward(loaded, tokens, _positions(tokens), config=loaded_cfg)
+    assert rel_err(ours, hf_logits(hf, tokens)) <= 1e-5
