@@ -1,0 +1,260 @@
+"""llama.cpp GGUF files (Gemma 1 `gemma`, Gemma 3 `gemma3`) -> (GemmaConfig, our parameter tree).
+
+The `gguf` package reads the file and dequantizes every tensor to float32 numpy
+(`gguf.quants.dequantize`); for the embedded Gemma 3 270M Q4_K_M that takes ~25 s in all, which is
+why `embedded.py` converts once and keeps an orbax checkpoint.
+
+What the conversion has to know (checked against transformers' own GGUF loader,
+`modeling_gguf_pytorch_utils.py`, and numerically by `tests/test_gemma3_parity.py`):
+
+- After dequantizing, a matrix has numpy shape [out, in], exactly torch's `nn.Linear.weight`, and
+  needs no permutation for Gemma (llama.cpp only permutes q/k for LLaMA-style interleaved RoPE;
+  Gemma's converter writes them as they are, and transformers' Gemma2/3 tensor processor only
+  touches the norms).
+- llama.cpp bakes Gemma's `1 + w` into every `*norm.weight`; our RMSNorm stores `w`, so 1 is
+  subtracted (transformers does the same).
+- The config comes from `<arch>.*` metadata. The GGUF has no query_pre_attn_scalar, no local RoPE
+  base and no layer pattern: we use query_pre_attn_scalar = key_length (transformers' default is 256,
+  the same for Gemma 3 270M/1B/4B/12B; 27B really uses 168 = d/N, which llama.cpp hard-codes by
+  model size and neither we nor transformers do), local base 10000, and "every 6th layer global"
+  unless the file carries `<arch>.attention.sliding_window_pattern`. Linear RoPE scaling of the
+  global layers (4B and up) comes from `<arch>.rope.scaling.{type,factor}`.
+- There is no `output.weight`: the output projection is tied to `token_embd`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from gemma_jax import params as P
+from gemma_jax.config import GemmaConfig, Limits, gemma3_pattern
+
+_SUPPORTED = ("gemma", "gemma3")
+
+
+# --- metadata -> config ----------------------------------------------------------------------------
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _token_id(reader, piece: str, default: int) -> int:
+    """Index of `piece` in tokenizer.ggml.tokens, reading only the one entry we expect it at."""
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is not None and default < len(field.data):
+        if bytes(field.parts[field.data[default]]).decode("utf-8", "replace") == piece:
+            return default
+        for i, index in enumerate(field.data):  # unusual vocabulary: search it
+            if bytes(field.parts[index]) == piece.encode():
+                return i
+    return default
+
+
+def config_from_gguf(reader) -> GemmaConfig:
+    """A GemmaConfig from the metadata of an open `gguf.GGUFReader`."""
+    arch = _field(reader, "general.architecture")
+    if arch not in _SUPPORTED:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (expected one of {_SUPPORTED})")
+
+    def meta(key, default=None, required=False):
+        value = _field(reader, f"{arch}.{key}", default)
+        if value is None and required:
+            raise ValueError(f"GGUF metadata {arch}.{key} is missing")
+        return value
+
+    embed = reader.get_tensor(_tensor_index(reader, "token_embd.weight"))
+    vocab = int(embed.shape[-1])  # gguf shapes are [in, out]: token_embd is [D, V]
+    num_layers = int(meta("block_count", required=True))
+    embed_dim = int(meta("embedding_length", required=True))
+    num_heads = int(meta("attention.head_count", required=True))
+    head_dim = int(meta("attention.key_length", embed_dim // num_heads))
+    value_dim = int(meta("attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise ValueError(f"GGUF value_length {value_dim} != key_length {head_dim}: not a Gemma model")
+    common = dict(
+        num_layers=num_layers,
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        num_kv_heads=int(meta("attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        hidden_dim=int(meta("feed_forward_length", required=True)),
+        vocab_size=vocab,
+        norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        pad_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
+        eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 1)),
+        bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
+        limits=Limits(),
+    )
+    if arch == "gemma":
+        return GemmaConfig(
+            rope_base=float(meta("rope.freq_base", 10_000.0)),
+            start_of_turn_id=_token_id(reader, "<start_of_turn>", 106),
+            end_of_turn_id=_token_id(reader, "<end_of_turn>", 107), **common)
+    window = meta("attention.sliding_window")
+    scaling = meta("rope.scaling.type")
+    factor = float(meta("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+    if scaling not in (None, "none", "linear"):
+        raise ValueError(f"unsupported GGUF rope scaling {scaling!r}")
+    return GemmaConfig(
+        rope_base=float(meta("rope.freq_base", 1_000_000.0)),
+        local_rope_base=10_000.0, rope_scaling_factor=factor,
+        query_pre_attn_scalar=head_dim,
+        use_qk_norm=True, use_post_attn_norm=True, use_post_ffw_norm=True,
+        attention_types=_layer_pattern(meta("attention.sliding_window_pattern"), num_layers),
+        sliding_window=int(window) if window is not None else 512,
+        start_of_turn_id=_token_id(reader, "<start_of_turn>", 105),
+        end_of_turn_id=_token_id(reader, "<end_of_turn>", 106), **common)
+
+
+def _layer_pattern(pattern, num_layers: int):
+    """Gemma 3's local/global layer types: an int period, a per-layer bool list (True = sliding),
+    or (absent) every 6th layer global, as transformers' Gemma3TextConfig and llama.cpp assume."""
+    if pattern is None:
+        return gemma3_pattern(num_layers, 6)
+    if isinstance(pattern, (int, np.integer)):
+        return gemma3_pattern(num_layers, int(pattern))
+    flags = list(pattern)
+    if len(flags) != num_layers:
+        raise ValueError(f"sliding_window_pattern has {len(flags)} entries for {num_layers} layers")
+    return tuple("local" if flag else "global" for flag in flags)
+
+
+def _tensor_index(reader, name: str) -> int:
+    for i, tensor in enumerate(reader.tensors):
+        if tensor.name == name:
+            return i
+    raise ValueError(f"GGUF tensor {name!r} is missing")
+
+
+# --- tensors -> our tree -----------------------------------------------------------------------
+# GGUF per-layer tensor -> (path inside layer_i, index in a stacked first axis, kind)
+_LAYER = {
+    "attn_norm": (("pre_attention_norm", "scale"), None, "norm"),
+    "attn_q": (("attn", "q_einsum", "w"), None, "q"),
+    "attn_k": (("attn", "kv_einsum", "w"), 0, "kv"),
+    "attn_v": (("attn", "kv_einsum", "w"), 1, "kv"),
+    "attn_output": (("attn", "attn_vec_einsum", "w"), None, "o"),
+    "attn_q_norm": (("attn", "query_norm", "scale"), None, "norm"),
+    "attn_k_norm": (("attn", "key_norm", "scale"), None, "norm"),
+    "post_attention_norm": (("post_attention_norm", "scale"), None, "norm"),
+    "ffn_norm": (("pre_ffw_norm", "scale"), None, "norm"),
+    "ffn_gate": (("mlp", "gating_einsum", "w"), 0, "in"),
+    "ffn_up": (("mlp", "gating_einsum", "w"), 1, "in"),
+    "ffn_down": (("mlp", "linear", "w"), None, "in"),
+    "post_ffw_norm": (("post_ffw_norm", "scale"), None, "norm"),
+}
+_GLOBAL = {
+    "token_embd": (("embedder", "input_embedding"), None, "embed"),
+    "output_norm": (("final_norm", "scale"), None, "norm"),
+}
+
+
+def _target(name: str):
+    """(path tuple, stack index, kind) for a GGUF tensor name; ValueError if it is not ours."""
+    if not name.endswith(".weight"):
+        raise ValueError(f"unexpected GGUF tensor {name!r}")
+    stem = name[: -len(".weight")]
+    if stem in _GLOBAL:
+        return _GLOBAL[stem]
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER:
+        path, index, kind = _LAYER[parts[2]]
+        return (f"layer_{int(parts[1])}", *path), index, kind
+    if stem == "output":
+        raise ValueError("GGUF has an untied output.weight; Gemma ties the output to token_embd")
+    raise ValueError(f"unexpected GGUF tensor {name!r}")
+
+
+def _convert(w: np.ndarray, kind: str, config: GemmaConfig) -> np.ndarray:
+    """One dequantized tensor (numpy [out, in] for matrices) -> our layout."""
+    d, h = config.embed_dim, config.head_dim
+    if kind == "norm":
+        return w - np.float32(1.0)  # GGUF stores 1 + w
+    if kind == "embed":
+        return w  # [V, D]
+    if kind == "q":  # [N*H, D] -> [N, D, H]
+        return w.reshape(-1, h, d).transpose(0, 2, 1)
+    if kind == "kv":  # [K*H, D] -> [K, D, H]
+        return w.reshape(-1, h, d).transpose(0, 2, 1)
+    if kind == "o":  # [D, N*H] -> [N, H, D]
+        return w.T.reshape(-1, h, d)
+    if kind == "in":  # [out, in] -> [in, out]: gate/up [F, D] -> [D, F]; down [D, F] -> [F, D]
+        return w.T
+    raise AssertionError(kind)
+
+
+def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, (*prefix, key)))
+        else:
+            out[(*prefix, key)] = value
+    return out
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def load_gguf(path: str | os.PathLike | Any, dtype=jnp.float32, mesh: Mesh | None = None,
+              progress: bool = True) -> tuple[GemmaConfig, dict]:
+    """Read a Gemma GGUF: (config, params) with params in `dtype`, sharded onto `mesh` if given.
+
+    `path` may also be an open `gguf.GGUFReader` (so a caller can share it with the tokenizer).
+    Every tensor is checked against `params.param_shapes(config)`; a missing, unexpected or
+    misshapen tensor raises ValueError naming it.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
+    config = config_from_gguf(reader)
+    dtype = jnp.dtype(dtype)
+    expected = _flatten(P.param_shapes(config, dtype))
+    shardings = _flatten(P.param_shardings(config, mesh)) if mesh is not None else {}
+
+    def place(key, value):
+        want = expected[key].shape
+        if value.shape != want:
+            raise ValueError(f"{'/'.join(key)}: GGUF gives shape {value.shape}, config expects {want}")
+        host = np.asarray(value, dtype=dtype)
+        return jax.device_put(host, shardings[key]) if mesh is not None else jax.device_put(host)
+
+    loaded: dict[tuple[str, ...], jax.Array] = {}
+    pending: dict[tuple[str, ...], dict[int, np.ndarray]] = {}  # halves of k/v and gate/up
+    for tensor in tqdm(reader.tensors, desc="GGUF tensors", unit="tensor", disable=not progress):
+        key, index, kind = _target(tensor.name)
+        if key not in expected:
+            raise ValueError(f"GGUF tensor {tensor.name!r} -> {'/'.join(key)}, which this config does not have")
+        w = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        w = _convert(w, kind, config)
+        if index is None:
+            if key in loaded:
+                raise ValueError(f"GGUF tensor {tensor.name!r} appears twice")
+            loaded[key] = place(key, w)
+            continue
+        parts = pending.setdefault(key, {})
+        parts[index] = w
+        if len(parts) == 2:
+            loaded[key] = place(key, np.stack([parts[0], parts[1]]))
+            del pending[key]
+    missing = sorted("/".join(k) for k in expected if k not in loaded)
+    if missing:
+        raise ValueError(f"GGUF lacks tensors for: {', '.join(missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
+    return config, _unflatten(loaded)
