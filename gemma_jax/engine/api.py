@@ -14,7 +14,8 @@ from typing import Iterator, Protocol
 class SamplingParams:
     """Per-request sampling, with Workers AI's ranges (validated by the server's schema).
 
-    temperature 0 means greedy. top_p >= 1 (or 0) means no nucleus filter; top_k None means none.
+    temperature 0 means greedy. top_p >= 1 means no nucleus filter and top_p 0 means greedy (the
+    smallest nucleus); top_k None means none.
     repetition_penalty follows transformers/TGI over prompt + generated tokens (1 = off; 0 is treated
     as off rather than divided by). frequency/presence penalties follow OpenAI over generated tokens.
     seed None: the engine draws one. The same seed and inputs give the same tokens whatever else is
