@@ -1,8 +1,9 @@
 """Tokenizer, streaming decoder and chat template, checked against transformers.
 
-References: transformers' own GGUF tokenizer (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`,
-built independently from the same metadata), its `apply_chat_template` running the official Gemma
-Jinja templates, the `gguf` package's `GGUFReader`, and a sentencepiece model trained here.
+References: transformers' own GGUF tokenizer (`GemmaTokenizer.from_pretrained(dir, gguf_file=...)`,
+which is what `AutoTokenizer` builds for this file, converted independently from the same metadata),
+its `apply_chat_template` running the official Gemma Jinja templates, the `gguf` package's
+`GGUFReader`, and a sentencepiece model trained here.
 """
 
 import random
@@ -127,7 +128,9 @@ def ours(gguf_file):
 def hf(gguf_file):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
-    return transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    # `AutoTokenizer.from_pretrained(dir, gguf_file=...)` resolves to this same class and the same
+    # conversion, but first reads the whole GGUF through GGUFReader for the config (15-40 s here).
+    return transformers.GemmaTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
 
 
 # -- Gemma 3 from GGUF vs transformers -------------------------------------------------------------
