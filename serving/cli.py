@@ -1,0 +1,75 @@
+"""`gemma-jax serve` flags (each with a GEMMA_JAX_* environment variable) and the call into gunicorn.
+
+The product CLI (gemma_jax/cli.py) owns what a backend is made of (embedded 270M, `--checkpoint`,
+`--random-weights`); this module only declares the flags and runs the server:
+
+    add_serve_arguments(parser)
+    run_serve(args, backend_factory)   # backend_factory(args) -> serving.backend.Backend, in the worker
+
+A flag given on the command line wins over its environment variable, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+from serving.backend import DEFAULT_MODEL, Backend
+
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _env(name: str, default=None):
+    return os.environ.get(f"GEMMA_JAX_{name}", default)
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = _env(name)
+    return default if value is None else value.strip().lower() not in _FALSE
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    a = parser.add_argument
+    a("--host", default=_env("HOST", "127.0.0.1"), help="address to bind [GEMMA_JAX_HOST] (default 127.0.0.1)")
+    a("--port", type=int, default=int(_env("PORT", "8080")), help="port [GEMMA_JAX_PORT] (default 8080)")
+    a("--api-token", default=_env("API_TOKEN"),
+      help="require 'Authorization: Bearer TOKEN' on API routes [GEMMA_JAX_API_TOKEN] (default: no auth)")
+    a("--data-dir", default=_env("DATA_DIR", "./gemma-jax-data"),
+      help="finetunes database and adapter files [GEMMA_JAX_DATA_DIR] (default ./gemma-jax-data)")
+    a("--max-batch", type=int, default=int(_env("MAX_BATCH", "8")),
+      help="decode slots of the engine [GEMMA_JAX_MAX_BATCH] (default 8)")
+    a("--threads", type=int, default=int(_env("THREADS", "32")),
+      help="HTTP threads of the single worker [GEMMA_JAX_THREADS] (default 32)")
+    a("--no-stream-padding", action="store_true", default=not _env_bool("STREAM_PADDING", True),
+      help='omit the random "p" padding field in streamed events [GEMMA_JAX_STREAM_PADDING=0]')
+    a("--checkpoint", default=_env("CHECKPOINT"),
+      help="directory of a converted checkpoint (default: the embedded Gemma 3 270M) [GEMMA_JAX_CHECKPOINT]")
+    a("--random-weights", metavar="CONFIG", default=_env("RANDOM_WEIGHTS"),
+      help="serve a named config with random weights, for benchmarks [GEMMA_JAX_RANDOM_WEIGHTS]")
+    a("--model-name", default=_env("MODEL_NAME", DEFAULT_MODEL),
+      help=f"model name in the run route [GEMMA_JAX_MODEL_NAME] (default {DEFAULT_MODEL})")
+    a("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", "600")),
+      help="seconds before a generation is cancelled with 3007 [GEMMA_JAX_REQUEST_TIMEOUT] (default 600)")
+    a("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(1 << 20))),
+      help="largest JSON body, else 3006 [GEMMA_JAX_MAX_BODY_BYTES] (default 1 MiB)")
+    a("--max-upload-bytes", type=int, default=int(_env("MAX_UPLOAD_BYTES", str(500 << 20))),
+      help="largest finetune file [GEMMA_JAX_MAX_UPLOAD_BYTES] (default 500 MiB)")
+    a("--graceful-timeout", type=float, default=float(_env("GRACEFUL_TIMEOUT", "30")),
+      help="seconds in-flight requests get after SIGTERM [GEMMA_JAX_GRACEFUL_TIMEOUT] (default 30)")
+    a("--log-level", default=_env("LOG_LEVEL", "info"), help="[GEMMA_JAX_LOG_LEVEL] (default info)")
+    return parser
+
+
+def app_kwargs(args: argparse.Namespace) -> dict:
+    return {"api_token": args.api_token or None, "data_dir": args.data_dir,
+            "stream_padding": not args.no_stream_padding, "max_body_bytes": args.max_body_bytes,
+            "max_upload_bytes": args.max_upload_bytes, "request_timeout": args.request_timeout or None}
+
+
+def run_serve(args: argparse.Namespace, backend_factory: Callable[[argparse.Namespace], Backend]) -> None:
+    """Serve until SIGTERM. `backend_factory(args)` runs inside the gunicorn worker."""
+    from serving.server import serve  # noqa: PLC0415 - keeps `--help` free of gunicorn imports
+
+    serve(lambda: backend_factory(args), host=args.host, port=args.port, threads=args.threads,
+          app_kwargs=app_kwargs(args), graceful_timeout=args.graceful_timeout, log_level=args.log_level)

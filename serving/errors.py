@@ -1,0 +1,117 @@
+"""Workers AI's error envelope and the codes we answer with.
+
+Every error the server sends, on every route of the Workers AI API, is one `ApiError` rendered as
+`{"result": {}, "success": false, "errors": [{"code": N, "message": "AiError: ..."}], "messages": []}`
+with its HTTP status. The codes come from Cloudflare's published error table (5006, 5007, 3006,
+3007, 3037, 3039, 3040, 10000); the few that Cloudflare does not publish for a case we need
+(5021's exact text, 7000/7001 for unknown route / wrong method, 3043 for an internal failure) follow
+what Cloudflare's API answers in the same situations. The table lives here, once, so the routes,
+the stream and the tests speak the same words.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gemma_jax.engine.api import InputTooLong, QueueFull, RequestFailed, UnknownAdapter
+from serving.backend import AdapterError, BadRequest
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, Workers AI code, message (always starting `AiError: `)."""
+
+    def __init__(self, status: int, code: int, message: str):
+        self.status, self.code = status, code
+        self.message = message if message.startswith("AiError: ") else f"AiError: {message}"
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, Any]:
+        return envelope_error(self.code, self.message)
+
+
+def envelope_ok(result: Any) -> dict[str, Any]:
+    return {"result": result, "success": True, "errors": [], "messages": []}
+
+
+def envelope_error(code: int, message: str) -> dict[str, Any]:
+    return {"result": {}, "success": False, "errors": [{"code": code, "message": message}], "messages": []}
+
+
+# -- the table ------------------------------------------------------------------------------------
+def bad_input(detail: str) -> ApiError:
+    """5006 / 400: the body is not what the schema (or the chat template) admits."""
+    return ApiError(400, 5006, f"Bad input: {detail}")
+
+
+def invalid_json(detail: str) -> ApiError:
+    return ApiError(400, 5006, f"Bad input: Error: invalid JSON body: {detail}")
+
+
+def no_such_model(model: str) -> ApiError:
+    return ApiError(400, 5007, f"No such model {model} or task")
+
+
+def finetune_not_found(name: str) -> ApiError:
+    return ApiError(404, 3037, f"Finetune not found: {name}")
+
+
+def finetune_missing_files(name: str) -> ApiError:
+    return ApiError(400, 3039, f"Finetune {name} is missing required files "
+                               "(adapter_config.json and adapter_model.safetensors)")
+
+
+def too_many_tokens(e: InputTooLong) -> ApiError:
+    """5021 / 413, with every count so the client can fix its request."""
+    total = e.prompt_tokens + e.max_tokens
+    return ApiError(413, 5021, (
+        f"The estimated number of input and maximum output tokens ({total}) exceeded this model "
+        f"context window limit: {e.prompt_tokens} input tokens (at most {e.limit_input}) + "
+        f"{e.max_tokens} max_tokens (input + max_tokens at most {e.limit_total})"))
+
+
+def request_too_large(limit: int) -> ApiError:
+    return ApiError(413, 3006, f"Request is too large (the limit is {limit} bytes)")
+
+
+def timeout() -> ApiError:
+    return ApiError(408, 3007, "Request timeout")
+
+
+def out_of_capacity() -> ApiError:
+    return ApiError(429, 3040, "Capacity temporarily exceeded, please try again.")
+
+
+def authentication_error() -> ApiError:
+    return ApiError(401, 10000, "Authentication error")
+
+
+def not_found() -> ApiError:
+    return ApiError(404, 7000, "No route for that URI")
+
+
+def method_not_allowed(method: str) -> ApiError:
+    return ApiError(405, 7001, f"Method {method} not allowed for this route")
+
+
+def internal_error(detail: str = "") -> ApiError:
+    """Something failed on our side (never caused by a schema-valid body)."""
+    return ApiError(500, 3043, "Internal server error" + (f": {detail}" if detail else ""))
+
+
+def from_exception(e: BaseException) -> ApiError:
+    """The answer for an exception raised by the backend, the scheduler or a handle."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, InputTooLong):
+        return too_many_tokens(e)
+    if isinstance(e, QueueFull):
+        return out_of_capacity()
+    if isinstance(e, UnknownAdapter):
+        return finetune_not_found(str(e.args[0]) if e.args else "")
+    if isinstance(e, (BadRequest, AdapterError)):
+        return bad_input(f"Error: {e}")
+    if isinstance(e, TimeoutError):
+        return timeout()
+    if isinstance(e, RequestFailed):
+        return internal_error(str(e))
+    return internal_error(type(e).__name__)

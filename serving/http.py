@@ -1,0 +1,78 @@
+"""Helpers shared by the Workers AI and OpenAI routes: the app's state, bounded body reads,
+turning a GenerationInput into a running generation."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flask import current_app, request
+
+from gemma_jax.engine.api import UnknownAdapter
+from serving import errors, validation
+from serving.backend import Backend, GenerationInput
+from serving.finetunes import FinetuneStore
+from serving.generation import Run
+from serving.metrics import Metrics
+
+_READ_CHUNK = 64 * 1024
+
+
+@dataclasses.dataclass
+class ServerState:
+    backend: Backend
+    metrics: Metrics
+    store: FinetuneStore
+    api_token: str | None
+    stream_padding: bool
+    max_body_bytes: int
+    max_upload_bytes: int
+    request_timeout: float | None
+    heartbeat: float
+
+
+def state() -> ServerState:
+    return current_app.extensions["gemma_jax"]
+
+
+def read_body(limit: int) -> bytes:
+    """The request body, at most `limit` bytes (3006 beyond), read without trusting the client."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise errors.request_too_large(limit)
+    stream = request.stream
+    parts, size = [], 0
+    while chunk := stream.read(_READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise errors.request_too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def read_json(limit: int) -> Any:
+    return validation.parse_json(read_body(limit))
+
+
+def start_generation(gen: GenerationInput) -> Run:
+    """Build, check and submit; every refusal becomes an ApiError with its status."""
+    st = state()
+    try:
+        req = st.backend.make_request(gen)
+        handle = st.backend.submit(req)
+    except UnknownAdapter:
+        raise unknown_adapter(gen.lora or "") from None
+    except errors.ApiError:
+        raise
+    except Exception as e:
+        raise errors.from_exception(e) from None
+    return Run(handle, st.metrics, timeout=st.request_timeout, heartbeat=st.heartbeat,
+               prompt_tokens=len(req.prompt_ids))
+
+
+def unknown_adapter(lora: str) -> errors.ApiError:
+    """3039 if the finetune exists but is not complete yet, 3037 if there is no such finetune."""
+    record = state().store.find(lora)
+    if record is not None and not state().store.complete(record["id"]):
+        return errors.finetune_missing_files(lora)
+    return errors.finetune_not_found(lora)

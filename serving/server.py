@@ -1,0 +1,114 @@
+"""Running the app under gunicorn: one worker process that owns the device, many threads.
+
+Why one worker: the model, its caches and the scheduler thread live on one accelerator; a second
+worker process would load a second copy (or fight over the device). Concurrency comes from the
+`gthread` worker's threads, which only wait on the scheduler's queues. The app (and the model) is
+built inside the worker after the fork (`load()` runs there, never `preload_app`), so the master
+process never imports jax or touches the device.
+
+Life cycle: the master binds the socket; the worker calls `backend_factory()`, starts the scheduler,
+builds the app, and logs one readiness line (`gemma-jax ready: ...`). On SIGTERM gunicorn stops
+accepting, lets in-flight requests finish for `graceful_timeout` seconds, then the worker's exit
+hook stops the scheduler (`backend.stop()`) and logs `gemma-jax stopped`; the master exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from serving.backend import Backend
+
+log = logging.getLogger("serving.server")
+
+_worker_backend: list[Backend] = []  # the worker's backend, for the exit hook
+
+
+def bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class _GunicornApp(BaseApplication):
+    def __init__(self, make_app: Callable[[], Any], options: Mapping[str, Any]):
+        self._make_app, self._options = make_app, dict(options)
+        super().__init__()
+
+    def load_config(self):
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return self._make_app()
+
+
+def _post_worker_init(worker) -> None:
+    if _worker_backend:
+        backend = _worker_backend[0]
+        log.info("gemma-jax ready: serving %s on http://%s (pid %d, %d threads)", backend.model_name,
+                 ", ".join(worker.cfg.bind), worker.pid, worker.cfg.threads)
+
+
+def _worker_exit(server, worker) -> None:
+    while _worker_backend:
+        backend = _worker_backend.pop()
+        try:
+            backend.stop()
+        except Exception:  # noqa: BLE001 - shutting down anyway; say why
+            log.exception("scheduler stop failed")
+    log.info("gemma-jax stopped (pid %d)", worker.pid)
+
+
+def configure_logging(level: str = "info") -> None:
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(
+    backend_factory: Callable[[], Backend],
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    threads: int = 16,
+    *,
+    app_kwargs: Mapping[str, Any] | None = None,
+    graceful_timeout: float = 30.0,
+    worker_timeout: float = 900.0,
+    log_level: str = "info",
+) -> None:
+    """Serve until SIGTERM/SIGINT. `backend_factory` runs in the worker (it loads the model)."""
+    configure_logging(log_level)
+    app_kwargs = dict(app_kwargs or {})
+
+    def make_app():
+        from serving.app import create_app  # noqa: PLC0415 - imported in the worker
+
+        backend = backend_factory()
+        backend.start()
+        _worker_backend.append(backend)
+        try:
+            return create_app(backend, **app_kwargs)
+        except BaseException:
+            _worker_exit(None, type("W", (), {"pid": 0})())
+            raise
+
+    options = {
+        "bind": [bind_address(host, port)],
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": max(1, int(threads)),
+        "preload_app": False,
+        # loading a large checkpoint happens before the worker's first heartbeat
+        "timeout": int(worker_timeout),
+        "graceful_timeout": int(graceful_timeout),
+        "keepalive": 5,
+        "accesslog": None,  # serving.access logs one JSON line per request instead
+        "errorlog": "-",
+        "loglevel": log_level,
+        "proc_name": "gemma-jax",
+        "post_worker_init": _post_worker_init,
+        "worker_exit": _worker_exit,
+    }
+    _GunicornApp(make_app, options).run()

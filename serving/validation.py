@@ -1,0 +1,123 @@
+"""Request bodies: strict JSON parsing, the seed's input schema, and Workers AI-style messages.
+
+The schema is Workers AI's own for `@hf/google/gemma-7b-it`, byte for byte, shipped as package data
+(`schemas/gemma-7b-it.input.schema.json`). Failures are reported in the shape Workers AI uses, e.g.
+
+    AiError: Bad input: Error: oneOf at '/' not met, 0 matches: required properties at '/' are
+    'prompt', Type mismatch of '/temperature', 'string' not in 'number', ...
+
+Two deliberate departures, both documented in serving/README.md:
+
+- JSON's grammar has no NaN/Infinity; Python's `json` accepts them and the schema's `minimum`/
+  `maximum` never reject NaN, so they are refused at parse time (invalid JSON, 5006).
+- `"raw": "true"` / `"stream": "false"` (a string where the schema says boolean) are coerced to the
+  boolean before validation, because the product page's own curl example sends `"raw": "true"`.
+  Only the exact strings "true" and "false" are coerced; anything else still fails the schema.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+from serving import errors
+
+SCHEMA_FILE = "gemma-7b-it.input.schema.json"
+COERCED_BOOLEANS = ("raw", "stream")
+
+
+@functools.cache
+def input_schema() -> dict[str, Any]:
+    return json.loads(resources.files("serving").joinpath("schemas", SCHEMA_FILE).read_text("utf-8"))
+
+
+@functools.cache
+def _validator() -> jsonschema.Draft7Validator:
+    schema = input_schema()
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(data: bytes) -> Any:
+    """Strict JSON (UTF-8, no NaN/Infinity); raises ApiError 5006 on anything else."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise errors.invalid_json(str(e) or type(e).__name__) from None
+
+
+def coerce_compat(body: Any) -> Any:
+    """`"true"`/`"false"` strings for `raw`/`stream` become booleans (see the module docstring)."""
+    if not isinstance(body, dict):
+        return body
+    out = dict(body)
+    for key in COERCED_BOOLEANS:
+        if out.get(key) in ("true", "false"):
+            out[key] = out[key] == "true"
+    return out
+
+
+def validate_input(body: Any) -> dict[str, Any]:
+    """The coerced body if it satisfies the seed's schema, else ApiError 5006 naming what failed."""
+    body = coerce_compat(body)
+    failures = [_describe(e) for e in _validator().iter_errors(body)]
+    if failures:
+        raise errors.bad_input("Error: " + ", ".join(failures))
+    return body
+
+
+# -- messages in Workers AI's words -----------------------------------------------------------------
+def pointer(path) -> str:
+    """A JSON pointer for a jsonschema path: `/`, `/temperature`, `/messages/0/content`."""
+    parts = [str(p).replace("~", "~0").replace("/", "~1") for p in path]
+    return "/" + "/".join(parts)
+
+
+def json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    for kind, name in ((float, "number"), (str, "string"), (list, "array"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = pointer(error.absolute_path)
+    kind, rule, value = error.validator, error.validator_value, error.instance
+    if kind == "oneOf":
+        if error.context:
+            branches = {e.schema_path[0] for e in error.context}
+            matches = len(rule) - len(branches)
+        else:  # valid under more than one branch (e.g. both `prompt` and `messages`)
+            matches = sum(1 for s in rule if jsonschema.Draft7Validator(s).is_valid(value))
+        head = f"oneOf at '{where}' not met, {matches} matches"
+        if not error.context:
+            return head
+        ordered = sorted(error.context, key=lambda e: e.schema_path[0])  # stable: keeps yield order
+        details = list(dict.fromkeys(_describe(e) for e in ordered))
+        return f"{head}: " + ", ".join(details)
+    if kind == "required":
+        return f"required properties at '{where}' are '{','.join(rule)}'"
+    if kind == "type":
+        wanted = rule if isinstance(rule, str) else ",".join(rule)
+        return f"Type mismatch of '{where}', '{json_type(value)}' not in '{wanted}'"
+    if kind == "minimum":
+        return f"Value of '{where}' is {value}, must be >= {rule}"
+    if kind == "maximum":
+        return f"Value of '{where}' is {value}, must be <= {rule}"
+    if kind == "minLength":
+        return f"Length of '{where}' is {len(value)}, must be >= {rule}"
+    if kind == "maxLength":
+        return f"Length of '{where}' is {len(value)}, must be <= {rule}"
+    return f"{kind} at '{where}' not met"
