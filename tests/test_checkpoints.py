@@ -109,3 +109,139 @@ def test_config_json_roundtrip(factory):
     assert native.config_from_dict(data) == config
     with pytest.raises(ValueError, match="unknown"):
         native.config_from_dict({**data, "not_a_field": 1})
+
+
+# --- DeepMind / Kaggle Flax layout -----------------------------------------------------------------
+def deepmind_tree(params, config, padded_vocab=None, seed=0):
+    """Our params -> gemma-llm 1.0's *module* tree, written out by hand from its documented layout:
+    MHA fuses q, k, v into qkv_einsum [3, N, D, H]; the MLP weights are bare arrays (no `w`); the
+    embedding may carry extra (padding) rows, filled with large values that would dominate if used."""
+    np_params = jax.tree.map(np.asarray, params)
+    emb = np_params["embedder"]["input_embedding"]
+    if padded_vocab:
+        extra = np.random.default_rng(seed).normal(0, 5.0, (padded_vocab - emb.shape[0], emb.shape[1]))
+        emb = np.concatenate([emb, extra.astype(emb.dtype)])
+    tree = {"embedder": {"input_embedding": emb}, "final_norm": np_params["final_norm"]}
+    for i in range(config.num_layers):
+        ours = np_params[f"layer_{i}"]
+        q, kv = ours["attn"]["q_einsum"]["w"], ours["attn"]["kv_einsum"]["w"]
+        if config.num_kv_heads == config.num_heads:
+            attn = {"qkv_einsum": {"w": np.stack([q, kv[0], kv[1]])}}
+        else:
+            attn = {"q_einsum": {"w": q}, "kv_einsum": {"w": kv}}
+        attn["attn_vec_einsum"] = ours["attn"]["attn_vec_einsum"]
+        tree[f"layer_{i}"] = {
+            "pre_attention_norm": ours["pre_attention_norm"], "attn": attn, "pre_ffw_norm": ours["pre_ffw_norm"],
+            "mlp": {"gating_einsum": ours["mlp"]["gating_einsum"]["w"], "linear": ours["mlp"]["linear"]["w"]},
+        }
+    return tree
+
+
+def kaggle_on_disk(module_tree):
+    """gemma-llm module tree -> the flat dict the Kaggle checkpoints store (inverse of gemma-llm's
+    `param_remapper` + `nest_params`): 'transformer/<module path>' -> {param: array}, MLP as {'w': ..}."""
+    flat = {}
+
+    def walk(node, path):
+        if all(isinstance(v, np.ndarray) or hasattr(v, "shape") for v in node.values()):
+            if path.endswith("/mlp"):
+                for name, array in node.items():
+                    flat[f"{path}/{name}"] = {"w": array}
+            else:
+                flat[path] = dict(node)
+            return
+        for key, child in node.items():
+            walk(child, f"{path}/{key}")
+    walk(module_tree, "transformer")
+    return flat
+
+
+def _save_pytree(path, tree):
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(os.fspath(path), tree)
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested"])
+@pytest.mark.parametrize("factory,padded", [(C.tiny_mha, None), (C.tiny_mqa, None), (C.tiny_mha, 640), (C.tiny_mqa, 640)])
+def test_kaggle_tree_by_hand(tmp_path, factory, padded, layout):
+    config = factory()
+    params = random_params(config, 5)
+    module_tree = deepmind_tree(params, config, padded)
+    on_disk = kaggle_on_disk(module_tree) if layout == "flat" else {"transformer": module_tree}
+    _save_pytree(tmp_path / "ckpt", on_disk)
+
+    loaded_config, loaded = kaggle.load_kaggle(tmp_path / "ckpt", config, dtype=jnp.float32)
+    assert loaded_config == config
+    _assert_trees_equal(params, loaded)  # padding rows sliced off, qkv split exactly
+    np.testing.assert_array_equal(_logits(loaded, config, TOKENS), _logits(params, config, TOKENS))
+
+    # Keeping the padded rows is possible by asking for that vocabulary explicitly.
+    if padded:
+        _, wide = kaggle.load_kaggle(tmp_path / "ckpt", config.replace(vocab_size=padded), dtype=jnp.float32)
+        np.testing.assert_array_equal(np.asarray(wide["embedder"]["input_embedding"]),
+                                      module_tree["embedder"]["input_embedding"])
+
+
+def test_kaggle_into_mesh_bf16(tmp_path):
+    config = C.tiny_mha()
+    params = random_params(config, 6)
+    _save_pytree(tmp_path / "ckpt", kaggle_on_disk(deepmind_tree(params, config, 640)))
+    mesh = make_mesh(data=2, model=4)
+    _, loaded = kaggle.load_kaggle(tmp_path / "ckpt", config, dtype=jnp.bfloat16, mesh=mesh)
+    _assert_trees_equal(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), loaded)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(P.param_shardings(config, mesh))):
+        assert got.sharding == want
+
+
+def test_kaggle_errors(tmp_path):
+    config = C.tiny_mha()
+    params = random_params(config, 7)
+    _save_pytree(tmp_path / "ckpt", kaggle_on_disk(deepmind_tree(params, config)))
+    with pytest.raises(ValueError, match="never guessed"):
+        kaggle.load_kaggle(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="fused qkv"):  # an MHA checkpoint is not an MQA model
+        kaggle.load_kaggle(tmp_path / "ckpt", C.tiny_mqa())
+    with pytest.raises(ValueError, match="missing layer_2"):
+        kaggle.load_kaggle(tmp_path / "ckpt", config.replace(num_layers=3))
+    with pytest.raises(ValueError, match="more rows"):
+        kaggle.load_kaggle(tmp_path / "ckpt", config.replace(vocab_size=1024))
+    assert kaggle.config_for_variant("7b") == C.gemma_7b()
+    (tmp_path / "tokenizer.model").write_bytes(b"x")
+    assert kaggle.find_tokenizer(tmp_path / "ckpt") == os.fspath(tmp_path / "tokenizer.model")
+
+
+# --- DeepMind's own gemma-llm 1.0.0 as the reference -------------------------------------------------
+@pytest.mark.parametrize("num_kv_heads", [4, 1])  # MHA (qkv_einsum, like 7B) and MQA (like 2B)
+def test_kaggle_matches_gemma_llm(tmp_path, num_kv_heads):
+    """Params from gemma-llm's own `Transformer.init`, written the way the Kaggle checkpoints store
+    them, read back by gemma-llm's own loader (proves the on-disk layout) and by ours; our forward
+    must give gemma-llm's logits (their first 512 columns: the padded rows are sliced off)."""
+    from gemma import params as gm_params
+    from gemma import transformer as gm
+
+    padded, vocab = 640, 512
+    gm_config = gm.TransformerConfig(num_layers=2, num_embed=padded, embed_dim=64, hidden_dim=128,
+                                     num_heads=4, head_dim=16, num_kv_heads=num_kv_heads)
+    model = gm.Transformer(gm_config)
+    tokens = TOKENS
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    mask = gm.make_causal_attn_mask(jnp.ones(tokens.shape, bool))
+    init = model.init(jax.random.key(0), tokens, positions, None, mask)["params"]
+    # gemma-llm inits norms and MLP weights to zero: randomise every leaf so all paths are exercised.
+    leaves, treedef = jax.tree.flatten(init)
+    rng = np.random.default_rng(8)
+    gm_tree = jax.tree.unflatten(treedef, [rng.normal(0, 0.1 if x.ndim == 1 else 0.05, x.shape).astype(np.float32)
+                                           for x in leaves])
+    _save_pytree(tmp_path / "ckpt", kaggle_on_disk(gm_tree))
+
+    reread = gm_params.load_and_format_params(os.fspath(tmp_path / "ckpt"))
+    _assert_trees_equal(gm_tree, reread["transformer"])
+    want, _ = model.apply({"params": reread["transformer"]}, tokens, positions, None, mask)
+
+    config = C.GemmaConfig(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=num_kv_heads, head_dim=16,
+                           hidden_dim=128, vocab_size=vocab)
+    _, ours = kaggle.load_kaggle(tmp_path / "ckpt", config, dtype=jnp.float32)
+    got = _logits(ours, config, tokens)
+    want = np.asarray(want)[..., :vocab]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
