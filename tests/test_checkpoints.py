@@ -245,3 +245,24 @@ def test_kaggle_matches_gemma_llm(tmp_path, num_kv_heads):
     want = np.asarray(want)[..., :vocab]
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+# --- parameter counts (jax.eval_shape: nothing allocated) --------------------------------------------
+def _count_by_hand(c, vocab):
+    """The Gemma 1 layout counted by hand: embedding + per layer (q, k, v, o, gate, up, down, 2 norms)."""
+    attn = c.num_heads * c.embed_dim * c.head_dim * 2 + 2 * c.num_kv_heads * c.embed_dim * c.head_dim
+    mlp = 3 * c.embed_dim * c.hidden_dim
+    return vocab * c.embed_dim + c.num_layers * (attn + mlp + 2 * c.embed_dim) + c.embed_dim
+
+
+@pytest.mark.parametrize("factory,hf_count,padded_count", [
+    (C.gemma_7b, 8_537_680_896, 8_538_074_112),
+    (C.gemma_2b, 2_506_172_416, 2_506_434_560),
+])
+def test_param_counts(factory, hf_count, padded_count):
+    def count(config):
+        shapes = jax.eval_shape(lambda: P.init_params(config, jax.random.key(0)))
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+    assert count(factory()) == P.count_params(factory()) == hf_count == _count_by_hand(factory(), 256_000)
+    assert count(factory(vocab_size=256_128)) == padded_count == _count_by_hand(factory(), 256_128)
