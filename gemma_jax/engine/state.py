@@ -1,0 +1,96 @@
+"""The engine's device-resident state: `Prefix` (one prefill's result) and `DecodeState` (all slots).
+
+Both are registered pytrees (flax.struct dataclasses), so they pass through `jax.jit` whole and the
+decode state can be donated: every decode step updates it in place on the device. Everything a slot
+needs to decode lives here, per slot, on the device: its KV cache rows, its sampling parameters and
+RNG key, its penalty state, its step counter, its token budget and its adapter id. The host only
+keeps bookkeeping (who owns which slot); it never has to send per-step data.
+
+Slot bookkeeping, for a slot holding a prompt of L tokens that has drawn n tokens so far:
+
+    lengths = L + n - 1     tokens already in the KV cache (the last drawn token is not yet)
+    tokens  = the n-th drawn token, fed at position `lengths` by the next decode step
+    step    = n             index of the next token to draw (the first, drawn by prefill, is 0)
+    limit   = most tokens this slot may draw (max_tokens, cut to the total-token limit)
+    done    = it drew a stop token or reached its limit; `active` = a request owns it
+
+A slot is *live* when active and not done; only live slots write the cache or advance.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gemma_jax import params as params_lib
+from gemma_jax.config import GemmaConfig
+from gemma_jax.model import Cache, init_cache
+from gemma_jax.sampling import SamplingRows, empty_rows
+
+
+@flax.struct.dataclass
+class Prefix:
+    """P prompts after prefill, ready to be inserted into decode slots (padding rows included)."""
+
+    cache: Cache  # [P, T, K, H] per layer, T = the prompt bucket
+    lengths: jax.Array  # [P] int32, true prompt lengths
+    tokens: jax.Array  # [P] int32, the first drawn token
+    rows: SamplingRows  # [P] per-row sampling parameters (keys included)
+    seen: jax.Array  # [P, V] bool, tokens in prompt + drawn so far (repetition penalty)
+    counts: jax.Array  # [P, V] int32, drawn-token counts (frequency / presence penalties)
+    limit: jax.Array  # [P] int32, most tokens to draw
+    adapter_ids: jax.Array  # [P] int32, 0 = base model
+    done: jax.Array  # [P] bool, the first token already ends the request
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """B fixed decode slots (see the module docstring for the meaning of each field)."""
+
+    cache: Cache  # [B, S, K, H] per layer
+    lengths: jax.Array  # [B] int32
+    tokens: jax.Array  # [B] int32
+    rows: SamplingRows  # [B]
+    seen: jax.Array  # [B, V] bool
+    counts: jax.Array  # [B, V] int32
+    step: jax.Array  # [B] int32
+    limit: jax.Array  # [B] int32
+    adapter_ids: jax.Array  # [B] int32
+    active: jax.Array  # [B] bool
+    done: jax.Array  # [B] bool
+
+    @property
+    def live(self) -> jax.Array:  # [B] bool
+        return self.active & ~self.done
+
+
+def init_decode_state(config: GemmaConfig, slots: int, max_len: int, cache_dtype=jnp.float32) -> DecodeState:
+    """All slots free. Call inside jit (see `state_shardings`) to create it directly on devices."""
+    zeros = jnp.zeros((slots,), jnp.int32)
+    return DecodeState(
+        cache=init_cache(config, slots, max_len, cache_dtype),
+        lengths=zeros, tokens=zeros, rows=empty_rows(slots),
+        seen=jnp.zeros((slots, config.vocab_size), bool),
+        counts=jnp.zeros((slots, config.vocab_size), jnp.int32),
+        step=zeros, limit=zeros, adapter_ids=zeros,
+        active=jnp.zeros((slots,), bool), done=jnp.ones((slots,), bool),
+    )
+
+
+def state_shardings(config: GemmaConfig, slots: int, max_len: int, mesh: Mesh) -> DecodeState:
+    """NamedShardings for a DecodeState: slots over "data", the cache's kv heads over "model".
+
+    Per-slot arrays are split over "data" when it divides the slot count, else replicated.
+    """
+    data = mesh.shape.get("data", 1)
+    split = slots % data == 0 and data > 1
+
+    def per_slot(x):
+        spec = PartitionSpec("data", *([None] * (x.ndim - 1))) if split else PartitionSpec()
+        return NamedSharding(mesh, spec)
+
+    shapes = jax.eval_shape(lambda: init_decode_state(config, slots, max_len))
+    out = jax.tree.map(per_slot, shapes)
+    return out.replace(cache=params_lib.cache_shardings(config, slots, max_len, mesh))
