@@ -1,0 +1,130 @@
+"""The `gemma-jax` command: one argparse subcommand per job.
+
+    gemma-jax generate "prompt" [--max-tokens N] [--raw] [--checkpoint DIR|FILE.gguf]
+    gemma-jax convert ...      (weights in other formats -> our native checkpoint)
+    gemma-jax serve ...        (the Workers AI compatible HTTP server)
+
+Each subcommand registers itself with an `_add_<name>(subparsers)` function and imports what it
+needs only when it runs, so `gemma-jax --help` stays instant. Messages and progress go to stderr,
+generated text to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Iterator, Sequence
+
+
+# --- generate ------------------------------------------------------------------------------------
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="print a greedy continuation of a prompt",
+        description="Greedy (temperature 0) generation, printed as it streams. The default model is the "
+                    "embedded Gemma 3 270M (converted once into the gemma-jax cache directory).")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--raw", action="store_true",
+                   help="feed the prompt verbatim after BOS instead of as one user turn of the chat template")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="a native checkpoint directory (gemma-jax convert) or a .gguf file; default: embedded model")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="parameter and activation dtype (default float32)")
+    p.set_defaults(func=_run_generate)
+
+
+def _load_model(checkpoint: str | None, dtype):
+    """(config, params, tokenizer) from a native checkpoint, a GGUF file, or the embedded model."""
+    from gemma_jax.tokenizer import Tokenizer
+
+    if checkpoint is None:
+        from gemma_jax.embedded import load_embedded
+
+        return load_embedded(dtype=dtype)
+    if checkpoint.endswith(".gguf"):
+        from gemma_jax.weights.gguf import load_gguf
+
+        config, params = load_gguf(checkpoint, dtype=dtype)
+        return config, params, Tokenizer.from_gguf(checkpoint)
+    from gemma_jax.weights import native
+
+    config, params, proto = native.load_checkpoint(checkpoint, dtype=dtype)
+    if proto is None:
+        raise SystemExit(f"gemma-jax: {checkpoint} has no tokenizer.model; cannot generate text")
+    return config, params, Tokenizer.from_model_proto(proto)
+
+
+def greedy_tokens(config, params, prompt: Sequence[int], max_tokens: int) -> Iterator[int]:
+    """Greedy continuation of `prompt`, yielded token by token; stops after a stop id (yielded).
+
+    One prefill of the whole prompt into a KV cache, then one jit-compiled step per token.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from gemma_jax.model import forward, init_cache
+
+    length = len(prompt)
+    cache_dtype = params["embedder"]["input_embedding"].dtype
+    cache = init_cache(config, 1, length + max_tokens, cache_dtype)
+
+    @jax.jit
+    def step(params, tokens, positions, cache):  # tokens, positions: [1, T]
+        logits, cache = forward(params, tokens, positions, cache, config=config)
+        return jnp.argmax(logits[:, -1], axis=-1), cache  # [1]
+
+    tokens = jnp.asarray([list(prompt)], jnp.int32)
+    next_id, cache = step(params, tokens, jnp.arange(length, dtype=jnp.int32)[None], cache)
+    for i in range(max_tokens):
+        token = int(next_id[0])
+        yield token
+        if token in config.stop_ids or i + 1 == max_tokens:
+            return
+        position = jnp.full((1, 1), length + i, jnp.int32)
+        next_id, cache = step(params, next_id[:, None], position, cache)
+
+
+def _run_generate(args) -> int:
+    import jax.numpy as jnp
+
+    from gemma_jax.tokenizer import IncrementalDecoder, encode_chat
+
+    if args.max_tokens < 1:
+        raise SystemExit("gemma-jax: --max-tokens must be at least 1")
+    config, params, tokenizer = _load_model(args.checkpoint, jnp.dtype(args.dtype))
+    if args.raw:
+        prompt = tokenizer.encode(args.prompt, add_bos=True)
+    else:
+        prompt = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}])
+    decoder = IncrementalDecoder(tokenizer)
+    for token in greedy_tokens(config, params, prompt, args.max_tokens):
+        if token in config.stop_ids:
+            break
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+# --- convert: registered by the weights work (`_add_convert`) --------------------------------------
+# --- serve: registered by the serving work (`_add_serve`) ------------------------------------------
+
+_COMMANDS = [_add_generate]  # convert and serve append their `_add_*` here
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma-jax", description=__doc__.split("\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
