@@ -39,7 +39,8 @@ class _GunicornApp(BaseApplication):
 
     def load_config(self):
         for key, value in self._options.items():
-            self.cfg.set(key, value)
+            if key in self.cfg.settings:  # e.g. control_socket_disable only exists in gunicorn >= 25.1
+                self.cfg.set(key, value)
 
     def load(self):
         return self._make_app()
@@ -110,5 +111,7 @@ def serve(
         "proc_name": "gemma-jax",
         "post_worker_init": _post_worker_init,
         "worker_exit": _worker_exit,
+        # one shared per-user control socket would clash between servers on one machine
+        "control_socket_disable": True,
     }
     _GunicornApp(make_app, options).run()

@@ -1,0 +1,75 @@
+"""The production server process: gunicorn (1 gthread worker) with the fake backend, on a free port.
+
+Checks the readiness line, a request, a stream, the JSON access log, then SIGTERM -> the scheduler is
+stopped in the worker and the master exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from serving_fakes import run_url
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gunicorn_serves_and_stops_cleanly_on_sigterm(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GEMMA_JAX_API_TOKEN": "tok", "FAKE_DELAY": "0.01"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "serving_fakes.py"), "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(tmp_path), "--threads", "4", "--graceful-timeout", "5"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def drain():
+        for line in proc.stderr:
+            lines.append(line)
+            if "gemma-jax ready" in line:
+                ready.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(30), "".join(lines)
+        base = f"http://127.0.0.1:{port}"
+        auth = {"Authorization": "Bearer tok"}
+        r = requests.post(run_url(base), json={"prompt": "served", "raw": True}, headers=auth, timeout=10)
+        assert r.status_code == 200 and r.json()["result"]["response"] == "devres"
+        assert requests.post(run_url(base), json={"prompt": "x"}, timeout=10).status_code == 401
+        r = requests.post(run_url(base), json={"prompt": "abc", "raw": True, "stream": True}, headers=auth,
+                          timeout=10)
+        data = [b[6:] for b in r.text.split("\n\n") if b.startswith("data: ")]
+        assert [json.loads(d)["response"] for d in data[:3]] == ["c", "b", "a"] and data[-1] == "[DONE]"
+        assert "Transfer-Encoding" in r.headers or "Content-Length" not in r.headers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=5)
+    log = "".join(lines)
+    ready_line = next(line for line in lines if "gemma-jax ready" in line)
+    assert f"serving @hf/google/gemma-7b-it on http://127.0.0.1:{port}" in ready_line
+    assert "fake scheduler stopped" in log and "gemma-jax stopped" in log
+    access = [json.loads(line.split("serving.access: ", 1)[1]) for line in lines if "serving.access: " in line]
+    assert {a["status"] for a in access} == {200, 401}
+    assert all(a["route"] == "/client/v4/accounts/<account_id>/ai/run/<path:model>" for a in access)
