@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import current_app, request
 
-from gemma_jax.engine.api import UnknownAdapter
+from gemma_jax.engine.api import EngineError, UnknownAdapter
 from serving import errors, validation
 from serving.backend import Backend, GenerationInput
 from serving.finetunes import FinetuneStore
@@ -64,8 +64,10 @@ def start_generation(gen: GenerationInput) -> Run:
         raise unknown_adapter(gen.lora or "") from None
     except errors.ApiError:
         raise
-    except Exception as e:
+    except EngineError as e:
         raise errors.from_exception(e) from None
+    except ValueError as e:  # the scheduler refused the request's values at submit: the client's to fix
+        raise errors.bad_input(f"Error: {e}") from None
     return Run(handle, st.metrics, timeout=st.request_timeout, heartbeat=st.heartbeat,
                prompt_tokens=len(req.prompt_ids))
 

@@ -73,3 +73,30 @@ def test_gunicorn_serves_and_stops_cleanly_on_sigterm(tmp_path):
     access = [json.loads(line.split("serving.access: ", 1)[1]) for line in lines if "serving.access: " in line]
     assert {a["status"] for a in access} == {200, 401}
     assert all(a["route"] == "/client/v4/accounts/<account_id>/ai/run/<path:model>" for a in access)
+
+
+def test_serve_flags_env_and_defaults(monkeypatch):
+    import argparse
+
+    from serving.cli import add_serve_arguments, app_kwargs
+
+    for name in ("HOST", "PORT", "API_TOKEN", "DATA_DIR", "MAX_BATCH", "THREADS", "STREAM_PADDING",
+                 "CHECKPOINT", "RANDOM_WEIGHTS", "MODEL_NAME", "REQUEST_TIMEOUT"):
+        monkeypatch.delenv(f"GEMMA_JAX_{name}", raising=False)
+    defaults = add_serve_arguments(argparse.ArgumentParser()).parse_args([])
+    assert (defaults.host, defaults.port, defaults.api_token, defaults.max_batch) == ("127.0.0.1", 8080, None, 8)
+    assert defaults.no_stream_padding is False and defaults.checkpoint is None and defaults.random_weights is None
+    assert defaults.model_name == "@hf/google/gemma-7b-it"
+
+    monkeypatch.setenv("GEMMA_JAX_PORT", "9999")
+    monkeypatch.setenv("GEMMA_JAX_API_TOKEN", "from-env")
+    monkeypatch.setenv("GEMMA_JAX_STREAM_PADDING", "0")
+    monkeypatch.setenv("GEMMA_JAX_MAX_BATCH", "32")
+    monkeypatch.setenv("GEMMA_JAX_RANDOM_WEIGHTS", "gemma_2b")
+    args = add_serve_arguments(argparse.ArgumentParser()).parse_args(["--port", "1234", "--data-dir", "/d"])
+    assert args.port == 1234  # the flag wins over the environment
+    assert (args.api_token, args.no_stream_padding, args.max_batch, args.random_weights) == (
+        "from-env", True, 32, "gemma_2b")
+    assert app_kwargs(args) == {"api_token": "from-env", "data_dir": "/d", "stream_padding": False,
+                                "max_body_bytes": 1 << 20, "max_upload_bytes": 500 << 20,
+                                "request_timeout": 600.0}
