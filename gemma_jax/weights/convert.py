@@ -1,0 +1,119 @@
+"""`gemma-jax convert`: HF safetensors, Kaggle/DeepMind Flax or GGUF weights -> our native checkpoint.
+
+    gemma-jax convert --from {hf,kaggle,gguf} SRC OUT [--dtype bfloat16|float32] [--variant 2b|7b]
+
+Converting once means every later start is one orbax restore straight into the device sharding
+(`weights/native.py`), whatever the weights came as. The tokenizer travels with the weights:
+`tokenizer.model` from the HF directory, from beside the Kaggle checkpoint, or rebuilt from a GGUF's
+own vocabulary. The output always carries a NOTICE (Gemma's weights are under the Gemma Terms of
+Use, which a redistribution must pass on, and a converted copy is a modified file).
+
+This module imports no JAX at import time, so `gemma-jax --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+FORMATS = ("hf", "kaggle", "gguf")
+
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
+
+
+def notice_for(source_format: str, src: str) -> str:
+    """The NOTICE written with a converted checkpoint."""
+    return (f"{GEMMA_NOTICE}\n\n"
+            f"Modified files: converted by gemma-jax from the {source_format} checkpoint "
+            f"{os.path.basename(os.path.normpath(src))} (tensors re-laid out for named-dimension einsums"
+            f"{', vocabulary padding removed' if source_format == 'kaggle' else ''}"
+            f"{', dequantized, norm weights without the +1' if source_format == 'gguf' else ''}).\n")
+
+
+def load_source(source_format: str, src: str, dtype, variant: str | None = None):
+    """(config, params, tokenizer_model_bytes | None) from weights in another format."""
+    if source_format == "hf":
+        from gemma_jax.weights.hf import load_hf
+
+        config, params = load_hf(src, dtype)
+        return config, params, _read_optional(os.path.join(src, "tokenizer.model"))
+    if source_format == "kaggle":
+        from gemma_jax.weights.kaggle import find_tokenizer, load_kaggle
+
+        if variant is None:
+            raise ValueError("--from kaggle needs --variant (2b or 7b): the model size is never guessed")
+        config, params = load_kaggle(src, dtype=dtype, variant=variant)
+        tok = find_tokenizer(src)
+        return config, params, _read_optional(tok) if tok else None
+    if source_format == "gguf":
+        from gemma_jax.tokenizer import Tokenizer
+        from gemma_jax.weights.gguf import load_gguf
+
+        config, params = load_gguf(src, dtype=dtype)
+        try:
+            tokenizer = Tokenizer.from_gguf(src).sp.serialized_model_proto()
+        except (ValueError, KeyError) as e:  # a GGUF without a sentencepiece vocabulary
+            print(f"gemma-jax: no tokenizer written ({e})", file=sys.stderr)
+            tokenizer = None
+        return config, params, tokenizer
+    raise ValueError(f"unknown source format {source_format!r}: expected one of {FORMATS}")
+
+
+def convert(source_format: str, src: str | os.PathLike, out: str | os.PathLike, dtype="bfloat16",
+            variant: str | None = None, overwrite: bool = False, notice: str | None = None) -> str:
+    """Convert `src` into a native checkpoint at `out`. Returns the absolute output path."""
+    import jax.numpy as jnp
+
+    from gemma_jax.weights import native
+
+    src = os.fspath(src)
+    if variant is not None and source_format != "kaggle":
+        raise ValueError("--variant only applies to --from kaggle (HF and GGUF files carry their config)")
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    config, params, tokenizer = load_source(source_format, src, jnp.dtype(dtype), variant)
+    return native.save_checkpoint(out, config, params, tokenizer,
+                                  notice if notice is not None else notice_for(source_format, src),
+                                  overwrite=overwrite)
+
+
+def _read_optional(path: str) -> bytes | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# --- the subcommand ------------------------------------------------------------------------------
+def add_convert_command(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "convert", help="convert HF / Kaggle / GGUF weights into a native gemma-jax checkpoint",
+        description="Convert Gemma weights into a native gemma-jax checkpoint directory (orbax params, "
+                    "config.json, tokenizer.model, NOTICE) that restores straight into a device sharding.")
+    p.add_argument("--from", dest="source_format", choices=FORMATS, required=True,
+                   help="hf: a directory with config.json + *.safetensors; kaggle: a DeepMind Flax "
+                        "(orbax) checkpoint directory; gguf: a .gguf file")
+    p.add_argument("src", help="the weights to convert")
+    p.add_argument("out", help="the checkpoint directory to write (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="dtype of the saved parameters (default bfloat16)")
+    p.add_argument("--variant", choices=("2b", "7b"),
+                   help="model size of a Kaggle checkpoint (required with --from kaggle)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (once the new one is complete)")
+    p.add_argument("--notice", metavar="FILE", help="write this file as NOTICE instead of the default Gemma notice")
+    p.set_defaults(func=run_convert)
+    return p
+
+
+def run_convert(args) -> int:
+    notice = None
+    if args.notice:
+        with open(args.notice, encoding="utf-8") as f:
+            notice = f.read()
+    try:
+        path = convert(args.source_format, args.src, args.out, args.dtype, args.variant, args.overwrite, notice)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        raise SystemExit(f"gemma-jax convert: {e}") from None
+    print(f"gemma-jax: wrote {path}", file=sys.stderr)
+    return 0
