@@ -107,10 +107,16 @@ def _run_generate(args) -> int:
     return 0
 
 
-# --- convert: registered by the weights work (`_add_convert`) --------------------------------------
+# --- convert: weights in other formats -> our native checkpoint (gemma_jax/weights/convert.py) ----
+def _add_convert(subparsers) -> None:
+    from gemma_jax.weights.convert import add_convert_command
+
+    add_convert_command(subparsers)
+
+
 # --- serve: registered by the serving work (`_add_serve`) ------------------------------------------
 
-_COMMANDS = [_add_generate]  # convert and serve append their `_add_*` here
+_COMMANDS = [_add_generate, _add_convert]  # convert and serve append their `_add_*` here
 
 
 def build_parser() -> argparse.ArgumentParser:
