@@ -266,3 +266,66 @@ def test_param_counts(factory, hf_count, padded_count):
 
     assert count(factory()) == P.count_params(factory()) == hf_count == _count_by_hand(factory(), 256_000)
     assert count(factory(vocab_size=256_128)) == padded_count == _count_by_hand(factory(), 256_128)
+
+
+# --- gemma-jax convert, end to end -----------------------------------------------------------------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "gemma_jax.cli", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _tiny_spm(vocab_size=32) -> bytes:
+    import io
+
+    import sentencepiece as spm
+
+    text = ["the quick brown fox jumps over the lazy dog", "gemma speaks jax and flax", "hello world"] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=vocab_size,
+                                   minloglevel=2)
+    return model.getvalue()
+
+
+def test_convert_cli_hf(tmp_path):
+    from hf_reference import hf_logits, random_hf_gemma, rel_err
+
+    from gemma_jax.tokenizer import Tokenizer
+
+    config = C.tiny_gqa()
+    model = random_hf_gemma(config, seed=3)
+    src = tmp_path / "hf"
+    model.save_pretrained(src)  # config.json + model.safetensors
+    spm_bytes = _tiny_spm()
+    (src / "tokenizer.model").write_bytes(spm_bytes)
+
+    done = _cli("convert", "--from", "hf", src, tmp_path / "out", "--dtype", "float32")
+    assert done.returncode == 0, done.stderr
+    loaded_config, params, tok = native.load_checkpoint(tmp_path / "out")
+    assert loaded_config == C.from_hf_config(src)
+    assert tok == spm_bytes
+    tokenizer = Tokenizer.from_model_proto(tok)
+    assert tokenizer.decode(tokenizer.encode("hello world", add_bos=False)) == "hello world"
+    assert "Gemma Terms of Use" in (tmp_path / "out" / "NOTICE").read_text()
+    tokens = np.array([[2, 40, 7, 300, 11, 5, 99, 250]])
+    assert rel_err(_logits(params, loaded_config, jnp.asarray(tokens)), hf_logits(model, tokens)) <= 1e-5
+
+    # Default dtype is bfloat16: the same values, rounded.
+    done = _cli("convert", "--from", "hf", src, tmp_path / "out_bf16")
+    assert done.returncode == 0, done.stderr
+    _, bf16, _ = native.load_checkpoint(tmp_path / "out_bf16")
+    _assert_trees_equal(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), bf16)
+
+    # An existing output is refused with a message (nothing loaded, nothing touched).
+    done = _cli("convert", "--from", "hf", src, tmp_path / "out")
+    assert done.returncode != 0 and "exists" in done.stderr and "Traceback" not in done.stderr
+    done = _cli("convert", "--from", "hf", src, tmp_path / "x", "--variant", "7b")
+    assert done.returncode != 0 and "--variant only applies" in done.stderr
+    done = _cli("convert", "--from", "kaggle", src, tmp_path / "x")
+    assert done.returncode != 0 and "needs --variant" in done.stderr

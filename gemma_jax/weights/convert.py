@@ -63,15 +63,20 @@ def load_source(source_format: str, src: str, dtype, variant: str | None = None)
 def convert(source_format: str, src: str | os.PathLike, out: str | os.PathLike, dtype="bfloat16",
             variant: str | None = None, overwrite: bool = False, notice: str | None = None) -> str:
     """Convert `src` into a native checkpoint at `out`. Returns the absolute output path."""
+    src = os.fspath(src)
+    if variant is not None and source_format != "kaggle":
+        raise ValueError("--variant only applies to --from kaggle (HF and GGUF files carry their config)")
+    if variant is None and source_format == "kaggle":
+        raise ValueError("--from kaggle needs --variant (2b or 7b): the model size is never guessed")
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"{src} does not exist")
+
     import jax.numpy as jnp
 
     from gemma_jax.weights import native
 
-    src = os.fspath(src)
-    if variant is not None and source_format != "kaggle":
-        raise ValueError("--variant only applies to --from kaggle (HF and GGUF files carry their config)")
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
     config, params, tokenizer = load_source(source_format, src, jnp.dtype(dtype), variant)
     return native.save_checkpoint(out, config, params, tokenizer,
                                   notice if notice is not None else notice_for(source_format, src),
