@@ -1,0 +1,200 @@
+"""PEFT LoRA adapters (`adapter_config.json` + `adapter_model.safetensors`) -> `lora.Adapter`.
+
+What Workers AI accepts, and so what we accept: a PEFT LoRA adapter (peft_type "LORA") on the
+projections q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, rank at most a configured
+maximum (32 by default; Workers AI started at 8), weights in safetensors. Anything that would change
+what the adapter computes and that we do not implement is refused with a `LoraError` naming it, never
+silently ignored: DoRA, biases, `modules_to_save`, extra trainable tokens, `fan_in_fan_out`, layer
+replication, other PEFT methods. Pickle-based files (`adapter_model.bin`) are refused, never opened.
+
+Semantics follow peft's `LoraLayer.update_layer`: per module, r = rank_pattern[match] or r, alpha =
+alpha_pattern[match] or lora_alpha (patterns matched as peft's `get_pattern_key` does: the pattern
+must match a dotted suffix of the module name), scaling = alpha / r, or alpha / sqrt(r) with
+`use_rslora`. Dropout is a training-time option and is ignored.
+
+`model_type` is not written by peft but Workers AI requires it; when present (or when the caller
+requires it) it must name the base model's family: "gemma" for Gemma 1, "gemma3" / "gemma3_text"
+for Gemma 3. The family is read off the architecture (QK-norm is what Gemma 3 added), not a name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Iterable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_jax.config import GemmaConfig
+from gemma_jax.lora import DEFAULT_MAX_RANK, TARGETS, Adapter, LoraError, adapter_from_torch
+from gemma_jax.weights.hf import hf_names, read_safetensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+# Options that change what an adapter computes and that we do not implement: (key, value meaning "off").
+_UNSUPPORTED_OPTIONS = (
+    ("fan_in_fan_out", False), ("lora_bias", False), ("layer_replication", None),
+    ("target_parameters", None), ("trainable_token_indices", None), ("use_qalora", False),
+    ("alora_invocation_tokens", None), ("use_bdlora", None),
+)
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_PEFT_PREFIX = "base_model.model."
+
+
+def model_types(config: GemmaConfig) -> tuple[str, ...]:
+    """The adapter `model_type` values that fit a base model of this architecture."""
+    return ("gemma3", "gemma3_text") if config.use_qk_norm else ("gemma",)
+
+
+def load_adapter(source: str | os.PathLike | tuple, config: GemmaConfig, *, max_rank: int = DEFAULT_MAX_RANK,
+                 dtype=jnp.float32, require_model_type: bool = False) -> Adapter:
+    """Load and validate a PEFT LoRA adapter for a base model of `config`.
+
+    source: a directory holding adapter_config.json + adapter_model.safetensors, or a pair of paths
+    (config json, safetensors file) in either order. Raises LoraError with the reason.
+    """
+    config_path, weights_path = _resolve(source)
+    try:
+        with open(config_path) as f:
+            adapter_config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise LoraError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    tensors = dict(read_safetensors(weights_path))
+    return adapter_from_peft(adapter_config, tensors, config, max_rank=max_rank, dtype=dtype,
+                             require_model_type=require_model_type)
+
+
+def _resolve(source) -> tuple[str, str]:
+    if isinstance(source, (tuple, list)):
+        paths = [os.fspath(p) for p in source]
+        if len(paths) != 2:
+            raise LoraError(f"an adapter is two files ({CONFIG_NAME} and {WEIGHTS_NAME}), got {len(paths)}")
+        jsons = [p for p in paths if p.endswith(".json")]
+        others = [p for p in paths if not p.endswith(".json")]
+        if len(jsons) != 1:
+            raise LoraError(f"an adapter is two files ({CONFIG_NAME} and {WEIGHTS_NAME}), got {paths}")
+        config_path, weights_path = jsons[0], others[0]
+    else:
+        directory = os.fspath(source)
+        if not os.path.isdir(directory):
+            raise LoraError(f"adapter directory {directory} does not exist")
+        config_path = os.path.join(directory, CONFIG_NAME)
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(weights_path):
+            pickled = [n for n in sorted(os.listdir(directory)) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            if pickled:
+                weights_path = os.path.join(directory, pickled[0])
+            else:
+                raise LoraError(f"missing {WEIGHTS_NAME} in {directory}")
+    if not weights_path.endswith(".safetensors"):
+        raise LoraError(f"adapter weights must be a .safetensors file, refusing {os.path.basename(weights_path)!r} "
+                        "(pickle-based files are never loaded)")
+    if not os.path.isfile(config_path):
+        raise LoraError(f"missing {CONFIG_NAME} in {os.path.dirname(config_path) or '.'}")
+    if not os.path.isfile(weights_path):
+        raise LoraError(f"missing {WEIGHTS_NAME}: {weights_path}")
+    return config_path, weights_path
+
+
+def validate_config(adapter_config: Mapping, config: GemmaConfig, *, max_rank: int = DEFAULT_MAX_RANK,
+                    require_model_type: bool = False) -> None:
+    """Every check that needs only adapter_config.json. Raises LoraError."""
+    c = adapter_config
+    peft_type = c.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise LoraError(f"unsupported peft_type {peft_type!r}: only LoRA adapters ('LORA') are supported")
+    model_type = c.get("model_type")
+    if model_type is None and require_model_type:
+        raise LoraError(f"{CONFIG_NAME} must give model_type ({' or '.join(repr(t) for t in model_types(config))})")
+    if model_type is not None and model_type not in model_types(config):
+        raise LoraError(f"adapter model_type {model_type!r} does not match the base model "
+                        f"(expected {' or '.join(repr(t) for t in model_types(config))})")
+    if c.get("use_dora"):
+        raise LoraError("DoRA adapters (use_dora: true) are not supported")
+    if c.get("bias", "none") != "none":
+        raise LoraError(f"bias {c.get('bias')!r} is not supported: only adapters with bias 'none'")
+    if c.get("modules_to_save"):
+        raise LoraError(f"modules_to_save is not supported (got {list(c['modules_to_save'])}): "
+                        "an adapter may only carry LoRA deltas")
+    for key, off in _UNSUPPORTED_OPTIONS:
+        if c.get(key, off) not in (off, None, False, [], {}):
+            raise LoraError(f"unsupported adapter option {key}={c[key]!r}")
+    targets = c.get("target_modules")
+    if isinstance(targets, (list, tuple)):
+        unknown = [t for t in targets if str(t).rsplit(".", 1)[-1] not in TARGETS]
+        if unknown:
+            raise LoraError(f"unknown target module(s) {unknown}: supported are {', '.join(TARGETS)}")
+    r = c.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise LoraError(f"adapter rank r must be a positive integer, got {r!r}")
+    ranks = {"r": r, **{f"rank_pattern[{k!r}]": v for k, v in (c.get("rank_pattern") or {}).items()}}
+    for where, rank in ranks.items():
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise LoraError(f"adapter rank {where} must be a positive integer, got {rank!r}")
+        if rank > max_rank:
+            raise LoraError(f"adapter rank {where}={rank} exceeds the maximum rank {max_rank}")
+    for where, alpha in {"lora_alpha": c.get("lora_alpha", 8),
+                         **{f"alpha_pattern[{k!r}]": v for k, v in (c.get("alpha_pattern") or {}).items()}}.items():
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            raise LoraError(f"adapter {where} must be a number, got {alpha!r}")
+
+
+def _pattern_key(patterns: Iterable[str], module: str) -> str | None:
+    """peft's `get_pattern_key`: the first pattern matching a dotted suffix of the module name."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return pattern
+    return None
+
+
+def adapter_from_peft(adapter_config: Mapping, tensors: Mapping[str, np.ndarray], config: GemmaConfig, *,
+                      max_rank: int = DEFAULT_MAX_RANK, dtype=jnp.float32,
+                      require_model_type: bool = False) -> Adapter:
+    """Parsed adapter_config.json + safetensors tensors (name -> [r, in] / [out, r]) -> Adapter."""
+    validate_config(adapter_config, config, max_rank=max_rank, require_model_type=require_model_type)
+    c = adapter_config
+    rank_pattern, alpha_pattern = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
+    slots = {stem[: -len(".weight")]: slot for stem, slot in hf_names(config).items() if slot.linear is not None}
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for name, array in tensors.items():
+        m = _KEY.match(name)
+        stem = m and re.search(r"(?:^|\.)(layers\.\d+\.\w+\.\w+)$", m["module"])
+        if not stem:
+            raise LoraError(f"unexpected tensor {name!r} in the adapter")
+        if stem[1] not in slots:
+            layer = re.match(r"layers\.(\d+)\.\w+\.(\w+)$", stem[1])
+            if int(layer[1]) >= config.num_layers:
+                raise LoraError(f"tensor {name!r} is for layer {layer[1]} but the base model has "
+                                f"{config.num_layers} layers")
+            if layer[2] not in TARGETS:
+                raise LoraError(f"unknown target module {layer[2]!r} in tensor {name!r}: "
+                                f"supported are {', '.join(TARGETS)}")
+            raise LoraError(f"unexpected tensor {name!r} in the adapter")
+        found.setdefault(m["module"], {})[m["ab"]] = np.asarray(array)
+    if not found:
+        raise LoraError("the adapter has no LoRA tensors")
+    torch_weights = {}
+    for module, ab in found.items():
+        missing = {"A", "B"} - set(ab)
+        if missing:
+            raise LoraError(f"{module}: lora_{missing.pop()}.weight is missing")
+        stem = re.search(r"(?:^|\.)(layers\.(\d+)\.\w+\.(\w+))$", module)
+        layer, target = int(stem[2]), stem[3]
+        key = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
+        r_key, alpha_key = _pattern_key(rank_pattern, key), _pattern_key(alpha_pattern, key)
+        r = rank_pattern[r_key] if r_key is not None else c["r"]
+        alpha = alpha_pattern[alpha_key] if alpha_key is not None else c.get("lora_alpha", 8)
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2:
+            raise LoraError(f"layer {layer} {target}: lora_A and lora_B must be matrices, "
+                            f"got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        if a.shape[0] != r or b.shape[1] != r:
+            raise LoraError(f"layer {layer} {target}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
+                            f"do not have the adapter's rank {r}")
+        scale = alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
+        torch_weights[(layer, target)] = (a.astype(np.float32), b.astype(np.float32), scale)
+    return adapter_from_torch(config, torch_weights, dtype)
