@@ -71,3 +71,24 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float, scale_factor: fl
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
+
+
+def lora_delta(lora, target: str, x: jax.Array, eqn_in: str, eqn_out: str) -> jax.Array | None:
+    """Per-row LoRA delta (x A[ids]) B[ids] * scale[ids], or None when there is nothing to add.
+
+    lora: None, or (bank layer, ids [B]) where the bank layer maps a target name ("q_proj", ...) to
+    weights with a [C, *in, R], b [C, R, *out], scale [C] (see `lora.AdapterBank`). eqn_in contracts x
+    with the gathered A (e.g. "BTD,BDR->BTR"), eqn_out the result with the gathered B. Computed in
+    x's dtype; slot 0 of a bank is zeros, so rows with id 0 get exactly +0.
+    """
+    if lora is None:
+        return None
+    bank, ids = lora
+    weights = bank.get(target)
+    if weights is None:
+        return None
+    a = jnp.take(weights.a, ids, axis=0).astype(x.dtype)  # [B, *in, R]
+    b = jnp.take(weights.b, ids, axis=0).astype(x.dtype)  # [B, R, *out]
+    out = jnp.einsum(eqn_out, jnp.einsum(eqn_in, x, a), b)
+    scale = jnp.take(weights.scale, ids, axis=0).astype(x.dtype)  # [B]
+    return out * scale.reshape((-1,) + (1,) * (out.ndim - 1))

@@ -10,6 +10,10 @@ weights (see BASELINES.md).
 Shape letters (see `GemmaConfig`): B batch, T query length, S cache length, D embed, N query heads,
 K kv heads, G = N // K, H head_dim, F mlp hidden, V vocab, C a stacked pair (k/v or gate/up).
 
+LoRA without merging: `forward(..., lora=(bank, adapter_ids))` adds each row's adapter delta to
+the seven projections (`layers.lora_delta`; the bank is `lora.AdapterBank`, ids [B] int32, 0 = none).
+With lora=None nothing is added and the computation is the plain model's.
+
 Cache semantics: row b's token at position p writes its key/value at cache index p; a query at
 position q attends the cache indices j <= q (and j > q - window on sliding-window layers). Writes at
 positions >= S are dropped, so padding tokens can be given position S and cost nothing.
@@ -25,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.layers import Einsum, RMSNorm, apply_rope, gelu_tanh
+from gemma_jax.layers import Einsum, RMSNorm, apply_rope, gelu_tanh, lora_delta
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
@@ -62,7 +66,7 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, cache: LayerCache | None, kv_len: int | None):
+    def __call__(self, x, positions, cache: LayerCache | None, kv_len: int | None, lora=None):
         cfg = self.config
         n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
         dt = self.param_dtype
@@ -70,6 +74,10 @@ class Attention(nn.Module):
         kv = Einsum((2, k, d, h), ("stack", "kv_heads", "embed", "head_dim"), dt, name="kv_einsum")(
             "BTD,CKDH->CBTKH", x)
         key, value = kv[0], kv[1]
+        if lora is not None:
+            q = _plus(q, lora_delta(lora, "q_proj", x, "BTD,BDR->BTR", "BTR,BRNH->BTNH"))
+            key = _plus(key, lora_delta(lora, "k_proj", x, "BTD,BDR->BTR", "BTR,BRKH->BTKH"))
+            value = _plus(value, lora_delta(lora, "v_proj", x, "BTD,BDR->BTR", "BTR,BRKH->BTKH"))
         if cfg.use_qk_norm:
             q = RMSNorm("head_dim", cfg.norm_eps, dt, name="query_norm")(q)
             key = RMSNorm("head_dim", cfg.norm_eps, dt, name="key_norm")(key)
@@ -102,6 +110,8 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
         encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h).astype(x.dtype)
         out = Einsum((n, h, d), ("heads", "head_dim", "embed"), dt, name="attn_vec_einsum")("BTNH,NHD->BTD", encoded)
+        if lora is not None:
+            out = _plus(out, lora_delta(lora, "o_proj", encoded, "BTNH,BNHR->BTR", "BTR,BRD->BTD"))
         return out, new_cache
 
 
@@ -112,11 +122,22 @@ class FeedForward(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, lora=None):
         d, f, dt = self.config.embed_dim, self.config.hidden_dim, self.param_dtype
         gate_up = Einsum((2, d, f), ("stack", "embed", "mlp"), dt, name="gating_einsum")("BTD,CDF->CBTF", x)
-        hidden = gelu_tanh(gate_up[0]) * gate_up[1]
-        return Einsum((f, d), ("mlp", "embed"), dt, name="linear")("BTF,FD->BTD", hidden)
+        gate, up = gate_up[0], gate_up[1]
+        if lora is not None:
+            gate = _plus(gate, lora_delta(lora, "gate_proj", x, "BTD,BDR->BTR", "BTR,BRF->BTF"))
+            up = _plus(up, lora_delta(lora, "up_proj", x, "BTD,BDR->BTR", "BTR,BRF->BTF"))
+        hidden = gelu_tanh(gate) * up
+        out = Einsum((f, d), ("mlp", "embed"), dt, name="linear")("BTF,FD->BTD", hidden)
+        if lora is not None:
+            out = _plus(out, lora_delta(lora, "down_proj", hidden, "BTF,BFR->BTR", "BTR,BRD->BTD"))
+        return out
+
+
+def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+    return y if delta is None else y + delta.astype(y.dtype)
 
 
 class Block(nn.Module):
@@ -125,17 +146,17 @@ class Block(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, cache, kv_len):
+    def __call__(self, x, positions, cache, kv_len, lora=None):
         cfg, dt = self.config, self.param_dtype
         with jax.named_scope("attention"):
             h = RMSNorm("embed", cfg.norm_eps, dt, name="pre_attention_norm")(x)
-            h, new_cache = Attention(cfg, self.local, dt, name="attn")(h, positions, cache, kv_len)
+            h, new_cache = Attention(cfg, self.local, dt, name="attn")(h, positions, cache, kv_len, lora)
             if cfg.use_post_attn_norm:
                 h = RMSNorm("embed", cfg.norm_eps, dt, name="post_attention_norm")(h)
             x = x + h
         with jax.named_scope("mlp"):
             h = RMSNorm("embed", cfg.norm_eps, dt, name="pre_ffw_norm")(x)
-            h = FeedForward(cfg, dt, name="mlp")(h)
+            h = FeedForward(cfg, dt, name="mlp")(h, lora)
             if cfg.use_post_ffw_norm:
                 h = RMSNorm("embed", cfg.norm_eps, dt, name="post_ffw_norm")(h)
             x = x + h
@@ -164,21 +185,25 @@ class Embedder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens [B, T], positions [B, T], cache | None -> (logits [B, T, V] float32, cache | None)."""
+    """tokens [B, T], positions [B, T], cache | None -> (logits [B, T, V] float32, cache | None).
+
+    lora: None or (bank, adapter_ids [B]) with bank an `lora.AdapterBank` (per-row adapters).
+    """
 
     config: GemmaConfig
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: Cache | None = None, kv_len: int | None = None):
+    def __call__(self, tokens, positions, cache: Cache | None = None, kv_len: int | None = None, lora=None):
         cfg, dt = self.config, self.param_dtype
         embedder = Embedder(cfg, dt, name="embedder")
         x = embedder.encode(tokens)
         new_cache: Cache | None = None if cache is None else {}
         for i, kind in enumerate(cfg.layer_types):
             name = f"layer_{i}"
+            layer_lora = None if lora is None else (lora[0].layers[name], lora[1])
             x, layer_cache = Block(cfg, kind == "local", dt, name=name)(
-                x, positions, None if cache is None else cache[name], kv_len)
+                x, positions, None if cache is None else cache[name], kv_len, layer_lora)
             if cache is not None:
                 new_cache[name] = layer_cache
         x = RMSNorm("embed", cfg.norm_eps, dt, name="final_norm")(x)
@@ -189,12 +214,14 @@ class Transformer(nn.Module):
 
 
 def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, *,
-            config: GemmaConfig, kv_len: int | None = None):
+            config: GemmaConfig, kv_len: int | None = None, lora=None):
     """Pure forward pass. params: the tree `params.init_params` returns (no "params" wrapper).
 
     tokens, positions: [B, T] int32. cache: from `init_cache` or a previous call, or None to run
     without one. kv_len (static): attend only the first kv_len cache entries (must exceed every
-    position in this call). Returns (logits [B, T, V] float32, new cache or None).
+    position in this call). lora: None, or (bank, adapter_ids [B] int32) to add each row's LoRA
+    adapter from an `lora.AdapterBank` (id 0 = no adapter). Returns (logits [B, T, V] float32,
+    new cache or None).
     """
     dtype = params["embedder"]["input_embedding"].dtype
-    return Transformer(config, dtype).apply({"params": params}, tokens, positions, cache, kv_len)
+    return Transformer(config, dtype).apply({"params": params}, tokens, positions, cache, kv_len, lora)
