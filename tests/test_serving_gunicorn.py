@@ -1,13 +1,14 @@
 """The production server process: gunicorn (1 gthread worker) with the fake backend, on a free port.
 
-Checks the readiness line, a request, a stream, the JSON access log, then SIGTERM -> the scheduler is
-stopped in the worker and the master exits 0.
+Checks the readiness line, a request, a stream, a mid-stream disconnect freeing its slot (/metrics),
+the JSON access log, then SIGTERM -> the scheduler is stopped in the worker and the master exits 0.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +28,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def metric(base: str, name: str) -> float | None:
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(found.group(1)) if found else None
 
 
 def test_gunicorn_serves_and_stops_cleanly_on_sigterm(tmp_path):
@@ -59,6 +66,19 @@ def test_gunicorn_serves_and_stops_cleanly_on_sigterm(tmp_path):
         data = [b[6:] for b in r.text.split("\n\n") if b.startswith("data: ")]
         assert [json.loads(d)["response"] for d in data[:3]] == ["c", "b", "a"] and data[-1] == "[DONE]"
         assert "Transfer-Encoding" in r.headers or "Content-Length" not in r.headers
+
+        # a client that leaves mid-stream frees its slot (the fake needs 4 s for 400 tokens)
+        r = requests.post(run_url(base), json={"prompt": "y" * 400, "raw": True, "stream": True},
+                          headers=auth, stream=True, timeout=10)
+        next(r.iter_content(chunk_size=None))
+        assert metric(base, "gemma_jax_scheduler_active_slots") == 1.0
+        r.close()
+        deadline = time.monotonic() + 3
+        while metric(base, "gemma_jax_scheduler_active_slots") != 0.0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(base, "gemma_jax_scheduler_active_slots") == 0.0
+        assert metric(base, 'gemma_jax_generations_total{outcome="cancelled"}') == 1.0
+        assert metric(base, "gemma_jax_scheduler_tokens_generated") < 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
@@ -71,8 +91,10 @@ def test_gunicorn_serves_and_stops_cleanly_on_sigterm(tmp_path):
     assert f"serving @hf/google/gemma-7b-it on http://127.0.0.1:{port}" in ready_line
     assert "fake scheduler stopped" in log and "gemma-jax stopped" in log
     access = [json.loads(line.split("serving.access: ", 1)[1]) for line in lines if "serving.access: " in line]
-    assert {a["status"] for a in access} == {200, 401}
-    assert all(a["route"] == "/client/v4/accounts/<account_id>/ai/run/<path:model>" for a in access)
+    run_route = "/client/v4/accounts/<account_id>/ai/run/<path:model>"
+    assert [(a["route"], a["status"], a["stream"]) for a in access if a["route"] != "/metrics"] == [
+        (run_route, 200, False), (run_route, 401, False), (run_route, 200, True), (run_route, 200, True)]
+    assert all(a["method"] == "GET" and a["status"] == 200 for a in access if a["route"] == "/metrics")
 
 
 def test_serve_flags_env_and_defaults(monkeypatch):
