@@ -53,7 +53,7 @@ def _number(body: dict, key: str) -> None:
         raise _bad(f"'{key}' must be between {lo} and {hi}, got {value}")
 
 
-def _integer(body: dict, key: str, minimum: int | None = None) -> int | None:
+def _integer(body: dict, key: str, minimum: int | None = None, maximum: int | None = None) -> int | None:
     value = body.get(key)
     if value is None:
         return None
@@ -61,6 +61,8 @@ def _integer(body: dict, key: str, minimum: int | None = None) -> int | None:
         raise _bad(f"'{key}' must be an integer")
     if minimum is not None and value < minimum:
         raise _bad(f"'{key}' must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise _bad(f"'{key}' must be at most {maximum}, got {value}")
     return value
 
 
@@ -81,7 +83,7 @@ def _common(body: Any) -> tuple[str, str | None, dict]:
     for key in _RANGES:
         _number(body, key)
     _integer(body, "top_k", 1)
-    _integer(body, "seed")
+    _integer(body, "seed", 0, 2**63 - 1)
     if _integer(body, "n", 1) not in (None, 1):
         raise _bad("only n=1 is supported")
     for key in ("stop", "suffix", "tools", "functions"):

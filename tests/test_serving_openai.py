@@ -113,6 +113,7 @@ def test_completions_stream_without_usage(live):
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3}, 400, "5006"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "5006"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "5006"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "seed": 2**64}, 400, "5006"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 3000}]}, 413, "5021"),
     ({"model": MODEL, "messages": [{"role": "model", "content": "x"}]}, 400, "5006"),
 ])
