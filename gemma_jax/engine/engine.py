@@ -233,6 +233,21 @@ class Engine:
         mask[list(slots)] = True
         return self._release_jit(state, mask)
 
+    def warmup(self) -> None:
+        """Compile every bucket now (prefill and insert per (P, T), generate per kv bucket, release),
+        so serving never stalls on a compile; afterwards `compile_counts()` stays constant."""
+        state = self.init_state()
+        for t in self.prefill_buckets:
+            for p in self.prefill_batches:
+                if p == 1 or p * t <= self.prefill_budget:
+                    rows = rows_from_params([_PAD_ROW] * p, np.random.default_rng(0))
+                    ones = np.ones((p,), np.int32)
+                    prefix = self.prefill(np.zeros((p, t), np.int32), ones, rows, ones, ones * 0)
+                    state = self.insert(prefix, state, np.full((p,), self.slots, np.int32))
+        for kv_len in self.kv_buckets:
+            state, _ = self._generate_jit(self.params, state, kv_len)
+        jax.block_until_ready(self.release(state, []))
+
     # -- host-side planning -----------------------------------------------------------------------
     def check(self, prompt_tokens: int, max_tokens: int) -> int:
         """Refuse over-limit requests (InputTooLong); return how many tokens the request may draw."""

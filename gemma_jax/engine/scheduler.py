@@ -1,0 +1,373 @@
+"""The host side of the engine: one thread owns the device, requests come and go between dispatches.
+
+    Scheduler(engine, tokenizer).start(); handle = scheduler.submit(Request(...))
+    for event in handle: ...          # StreamEvents of whole UTF-8 characters
+    handle.result(timeout)            # or wait for the Completion; handle.cancel() to stop early
+
+Continuous batching: whenever a slot frees (stop token, max_tokens, cancellation), queued requests
+are prefilled (several together, within the batch prefill budget) and inserted before the next
+dispatch. The device thread never waits on the host: it enqueues dispatch n+1 before it reads the
+tokens of dispatch n (whose copy to the host started when n was enqueued), so reading tokens
+overlaps device work. Each dispatch remembers which request owned each slot when it was enqueued,
+so tokens always reach the right request even when a slot changes hands one dispatch later.
+
+The device thread only moves token ids: each request's handle turns them into text itself
+(`IncrementalDecoder`, in whichever thread consumes the handle), so detokenizing never delays the
+device. An error while preparing one request, or while decoding its text, fails that request alone
+with `RequestFailed`; a failure of a whole dispatch fails the requests in it, and the loop goes on
+with a fresh decode state.
+
+Token accounting: `completion_tokens` counts every drawn token, a final stop token included (as TGI
+counts `generated_tokens`); the stop token is neither in `token_ids` nor in the text.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+
+from gemma_jax.engine.api import (
+    Completion, QueueFull, Request, RequestFailed, StreamEvent,
+)
+from gemma_jax.engine.engine import Engine
+from gemma_jax.tokenizer import IncrementalDecoder
+
+_TOKENS, _DONE, _ERROR = "tokens", "done", "error"
+
+
+class Handle:
+    """A request's stream (the api.RequestHandle protocol). Filled by the device thread with token
+    ids; decoded to text by whoever consumes it (iteration or `result`)."""
+
+    def __init__(self, request: Request, tokenizer, scheduler: "Scheduler", request_id: int):
+        self.request = request
+        self.id = request_id
+        self._scheduler = scheduler
+        self._tokenizer = tokenizer
+        self._items: queue.SimpleQueue = queue.SimpleQueue()  # (kind, payload) from the device thread
+        self._lock = threading.Lock()  # one consumer at a time
+        self._decoder: IncrementalDecoder | None = None
+        self._ids: list[int] = []  # generated ids, stop token excluded
+        self._pending: list[int] = []  # ids whose text is not yet emitted
+        self._text: list[str] = []
+        self._completion: Completion | None = None
+        self._error: BaseException | None = None
+        self.cancelled = threading.Event()
+
+    # -- device-thread side ---------------------------------------------------------------------
+    def _put_tokens(self, ids: list[int]) -> None:
+        self._items.put((_TOKENS, ids))
+
+    def _put_done(self, reason: str, completion_tokens: int) -> None:
+        self._items.put((_DONE, (reason, completion_tokens)))
+
+    def _put_error(self, error: BaseException) -> None:
+        self._items.put((_ERROR, error))
+
+    # -- consumer side --------------------------------------------------------------------------
+    def _next(self, timeout: float | None) -> StreamEvent | None:
+        """The next event, None once finished; raises TimeoutError, RequestFailed."""
+        with self._lock:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if self._error is not None:
+                    raise self._error
+                if self._completion is not None:
+                    return None
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    kind, payload = self._items.get(timeout=wait)
+                except queue.Empty:
+                    raise TimeoutError(f"request {self.id} not finished within {timeout} s") from None
+                try:
+                    event = self._apply(kind, payload)
+                except RequestFailed as err:
+                    self._error = err
+                    raise
+                except Exception as err:  # e.g. the tokenizer failed on this request's ids
+                    self._error = RequestFailed(f"request {self.id} failed: {err!r}")
+                    self._error.__cause__ = err
+                    self._scheduler._count("requests_failed")
+                    self.cancel()  # stop generating for a stream nobody can read
+                    raise self._error from err
+                if event is not None:
+                    return event
+
+    def _apply(self, kind: str, payload) -> StreamEvent | None:
+        if self._decoder is None:
+            self._decoder = IncrementalDecoder(self._tokenizer)
+        if kind == _ERROR:
+            raise RequestFailed(f"request {self.id} failed: {payload!r}") from payload
+        if kind == _TOKENS:
+            pieces = []
+            for token in payload:
+                self._ids.append(token)
+                self._pending.append(token)
+                pieces.append(self._decoder.push(token))
+            return self._emit("".join(pieces))
+        reason, completion_tokens = payload
+        event = self._emit(self._decoder.flush())
+        self._completion = Completion(
+            text="".join(self._text), token_ids=tuple(self._ids), prompt_tokens=len(self.request.prompt_ids),
+            completion_tokens=completion_tokens, finish_reason=reason)
+        return event
+
+    def _emit(self, text: str) -> StreamEvent | None:
+        if not text:
+            return None
+        self._text.append(text)
+        event = StreamEvent(text=text, token_ids=tuple(self._pending))
+        self._pending = []
+        return event
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        while (event := self._next(None)) is not None:
+            yield event
+
+    def result(self, timeout: float | None = None) -> Completion:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._next(None if deadline is None else max(0.0, deadline - time.monotonic())) is not None:
+            pass
+        return self._completion
+
+    def cancel(self) -> None:
+        """Stop generating: the slot frees before the next dispatch; the result is "cancelled"."""
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            self._scheduler._wake()
+
+
+@dataclasses.dataclass
+class _Slot:
+    """Host bookkeeping of one request in a decode slot."""
+
+    handle: Handle
+    slot: int
+    prompt_len: int
+    limit: int  # most tokens to draw
+    drawn: int = 0  # tokens seen by the host so far (stop token included)
+    bound: int = 0  # upper bound of the slot's device `lengths` after the dispatches enqueued
+    finished: bool = False
+
+
+@dataclasses.dataclass
+class _Queued:
+    handle: Handle
+    limit: int
+    adapter_id: int
+
+
+class Scheduler:
+    """Owns the engine's device from one thread; see the module docstring."""
+
+    def __init__(self, engine: Engine, tokenizer, *, max_queue: int = 256, seed: int | None = None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_queue = int(max_queue)
+        self._rng = np.random.default_rng(seed)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._slots: list[_Slot | None] = [None] * engine.slots
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self._stats = collections.Counter()
+
+    # -- public API -------------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        with self._cond:
+            if self._running:
+                return self
+            self._running = True
+        self._thread = threading.Thread(target=self._loop, name="gemma-jax-device", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the device thread; requests still queued or running fail with RequestFailed."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._cond:
+            pending = [q.handle for q in self._queue] + [s.handle for s in self._slots if s is not None]
+            self._queue.clear()
+            self._slots = [None] * self.engine.slots
+        for handle in pending:
+            handle._put_error(RequestFailed("the scheduler stopped"))
+
+    def __enter__(self) -> "Scheduler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def submit(self, request: Request) -> Handle:
+        """Queue a request. Raises InputTooLong, UnknownAdapter, QueueFull, ValueError at once."""
+        limit = self.engine.check(len(request.prompt_ids), request.max_tokens)
+        adapter_id = 0 if request.adapter is None else self.engine.adapter_id(request.adapter)
+        handle = Handle(request, self.tokenizer, self, next(self._ids))
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            self._queue.append(_Queued(handle, limit, adapter_id))
+            self._stats["requests_submitted"] += 1
+            self._cond.notify_all()
+        return handle
+
+    def stats(self) -> dict:
+        with self._cond:
+            active = sum(s is not None for s in self._slots)
+            out = dict(self._stats)
+            out.update(queue_depth=len(self._queue), active_slots=active, slots=self.engine.slots,
+                       max_queue=self.max_queue, running=self._running,
+                       compiles=sum(self.engine.compile_counts().values()))
+        for key in ("tokens_generated", "requests_completed", "requests_failed", "requests_cancelled",
+                    "dispatches", "prefill_batches"):
+            out.setdefault(key, 0)
+        return out
+
+    # -- internals --------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._cond:
+            self._stats[key] += n
+
+    def _has_work(self) -> bool:
+        return bool(self._queue) or any(s is not None for s in self._slots)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        state = engine.init_state()
+        inflight = None  # (tokens [K, B] on device, owners when enqueued)
+        while True:
+            with self._cond:
+                while self._running and inflight is None and not self._has_work():
+                    self._cond.wait()
+                if not self._running:
+                    return
+            try:
+                state = self._cancel_slots(state)
+                state = self._admit(state)
+                enqueued = None
+                live = [s for s in self._slots if s is not None]
+                if live:
+                    state, tokens = engine.generate(state, max(s.bound for s in live))
+                    for s in live:
+                        s.bound = min(s.bound + engine.steps, s.prompt_len + s.limit - 1)
+                    enqueued = (tokens, list(self._slots))
+                    self._count("dispatches")
+                if inflight is not None:
+                    self._deliver(*inflight)
+                inflight = enqueued
+            except Exception as err:  # a whole dispatch failed: fail its requests, start afresh
+                owners = [s for s in self._slots if s is not None]
+                self._slots = [None] * engine.slots
+                inflight = None
+                for s in owners:
+                    s.handle._put_error(err)
+                self._count("requests_failed", len(owners))
+                state = engine.init_state()
+
+    def _cancel_slots(self, state):
+        freed = []
+        for s in self._slots:
+            if s is not None and s.handle.cancelled.is_set():
+                self._finish(s, "cancelled")
+                freed.append(s.slot)
+        return self.engine.release(state, freed) if freed else state
+
+    def _take_group(self) -> list[_Queued]:
+        """Leading queued requests to prefill together (cancelled ones are finished on the way)."""
+        free = sum(s is None for s in self._slots)
+        with self._cond:
+            while self._queue and self._queue[0].handle.cancelled.is_set():
+                q = self._queue.popleft()
+                q.handle._put_done("cancelled", 0)
+                self._stats["requests_cancelled"] += 1
+            if not free or not self._queue:
+                return []
+            candidates = list(itertools.islice(self._queue, free))
+            candidates = [q for q in candidates if not q.handle.cancelled.is_set()] or candidates[:1]
+            n = self.engine.plan_prefill([len(q.handle.request.prompt_ids) for q in candidates], free)
+            group = candidates[:n]
+            for q in group:
+                self._queue.remove(q)
+        return group
+
+    def _admit(self, state):
+        while group := self._take_group():
+            group = [q for q in group if self._valid(q)]
+            if not group:
+                continue
+            free = [i for i, s in enumerate(self._slots) if s is None][: len(group)]
+            try:
+                prefix = self.engine.prefill_prompts(
+                    [q.handle.request.prompt_ids for q in group], [q.handle.request.sampling for q in group],
+                    [q.limit for q in group], [q.adapter_id for q in group], rng=self._rng)
+            except Exception as err:  # the decode state is untouched: only this group fails
+                for q in group:
+                    q.handle._put_error(err)
+                self._count("requests_failed", len(group))
+                continue
+            state = self.engine.insert(prefix, state, self.engine.pad_slots(free, prefix))
+            self._count("prefill_batches")
+            first = np.asarray(prefix.tokens)
+            for q, slot, token in zip(group, free, first):
+                s = _Slot(q.handle, slot, len(q.handle.request.prompt_ids), q.limit, bound=len(q.handle.request.prompt_ids))
+                self._slots[slot] = s
+                self._take_tokens(s, [int(token)])
+        return state
+
+    def _valid(self, q: _Queued) -> bool:
+        ids = q.handle.request.prompt_ids
+        vocab = self.engine.config.vocab_size
+        if all(0 <= int(i) < vocab for i in ids):
+            return True
+        q.handle._put_error(ValueError(f"prompt token ids must lie in [0, {vocab})"))
+        self._count("requests_failed")
+        return False
+
+    def _deliver(self, tokens, owners) -> None:
+        tokens = np.asarray(tokens)  # [K, B]; its copy started when it was enqueued
+        for slot, s in enumerate(owners):
+            if s is None or s.finished:
+                continue
+            self._take_tokens(s, [int(t) for t in tokens[:, slot] if t >= 0])
+
+    def _take_tokens(self, s: _Slot, tokens: list[int]) -> None:
+        """Hand a slot's newly drawn tokens to its request; finish it on a stop token or its limit."""
+        keep, reason = [], None
+        for token in tokens:
+            s.drawn += 1
+            if token in self.engine.config.stop_ids:
+                reason = "stop"
+                break
+            keep.append(token)
+            if s.drawn >= s.limit:
+                reason = "length"
+                break
+        self._count("tokens_generated", len(keep) + (reason == "stop"))
+        if keep:
+            s.handle._put_tokens(keep)
+        if reason is not None:
+            self._finish(s, reason)
+
+    def _finish(self, s: _Slot, reason: str) -> None:
+        s.finished = True
+        if self._slots[s.slot] is s:
+            self._slots[s.slot] = None
+        s.handle._put_done(reason, s.drawn)
+        self._count("requests_cancelled" if reason == "cancelled" else "requests_completed")

@@ -1,0 +1,86 @@
+"""Shared by the engine and scheduler tests: an independent greedy reference and cached tiny engines.
+
+`naive_greedy` is the reference the engine must match token for token: the plain model `forward`
+with no KV cache, recomputing the whole sequence for every new token (padded to one fixed length so
+it compiles once; causal attention makes the padding after the last real token irrelevant).
+To check the real 270M model, load its params and call
+`assert_engine_matches_naive(config, params, prompts, max_tokens)`.
+
+Params and engines are cached per process (random init compiles slowly on two CPU cores), so both
+test modules share them; the engine is stateless (the decode state belongs to its caller).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_jax import config as config_lib
+from gemma_jax.engine.engine import Engine, run_to_completion
+from gemma_jax.model import forward
+from gemma_jax.params import init_params
+
+# Small limits so the tests use few, small buckets: prompts <= 32 tokens, 64 in all.
+TEST_LIMITS = config_lib.Limits(max_input_tokens=32, max_total_tokens=64, max_batch_prefill_tokens=64)
+ENGINE_KW = dict(slots=4, prefill_buckets=(16, 32), prefill_batches=(1, 4), kv_buckets=(32, 64),
+                 steps_per_call=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _full_forward(config):
+    """Jitted no-cache forward: tokens [B, T] -> logits [B, T, V] (one compile per config and shape)."""
+    positions = lambda t: jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape)
+    return jax.jit(lambda params, t: forward(params, t, positions(t), None, config=config)[0])
+
+
+def naive_greedy(config, params, prompts, max_tokens: int) -> list[list[int]]:
+    """Greedy tokens of each prompt by full recompute (no cache), one prompt at a time, every
+    sequence padded to the model's total-token limit; stops after a stop id (included)."""
+    step, pad_to = _full_forward(config), config.limits.max_total_tokens
+    out = []
+    for prompt in prompts:
+        seq, drawn = list(prompt), []
+        while len(drawn) < max_tokens and not (drawn and drawn[-1] in config.stop_ids):
+            tokens = np.zeros((1, pad_to), np.int32)
+            tokens[0, : len(seq)] = seq
+            drawn.append(int(np.argmax(np.asarray(step(params, tokens))[0, len(seq) - 1])))
+            seq.append(drawn[-1])
+        out.append(drawn)
+    return out
+
+
+def assert_engine_matches_naive(config, params, prompts, max_tokens: int, **engine_kw) -> list[list[int]]:
+    engine = Engine(config, params, **engine_kw)
+    got = run_to_completion(engine, prompts, max_tokens=max_tokens)
+    want = naive_greedy(config, params, prompts, max_tokens)
+    assert got == want
+    return got
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_params(name: str):
+    config = getattr(config_lib, name)().replace(limits=TEST_LIMITS)
+    # unsafe_rbg: the random init compiles in a fraction of threefry's time on CPU.
+    return config, init_params(config, jax.random.key(0, impl="unsafe_rbg"))
+
+
+def prompts_for(lengths, seed: int = 0, vocab: int = 512) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[2] + rng.integers(3, vocab, size=n - 1).tolist() for n in lengths]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_engine(name: str, warm: bool = False):
+    """(config, params, Engine) for a tiny config whose end_of_turn id is a token greedy decoding
+    actually draws (so stop handling is exercised), shared by every test in the process. warm: every
+    bucket compiled up front (`Engine.warmup`)."""
+    config, params = tiny_params(name)
+    probe = naive_greedy(config.replace(eos_id=-1, end_of_turn_id=-1), params, prompts_for([5]), 8)[0]
+    config = config.replace(end_of_turn_id=probe[5])
+    engine = Engine(config, params, **ENGINE_KW)
+    if warm:
+        engine.warmup()
+    return config, params, engine

@@ -1,0 +1,206 @@
+"""The scheduler (continuous batching, streams, cancellation, failures, limits) on a tiny engine,
+with a real sentencepiece tokenizer trained here and the greedy full-recompute reference."""
+
+import threading
+import time
+
+import pytest
+
+from engine_reference import naive_greedy, prompts_for, tiny_engine
+from gemma_jax.engine.api import (
+    InputTooLong, QueueFull, Request, RequestFailed, SamplingParams, UnknownAdapter,
+)
+from gemma_jax.engine.engine import run_to_completion
+from gemma_jax.engine.scheduler import Scheduler
+from gemma_jax.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A 512-piece BPE model (the tiny configs' vocabulary) with byte fallback, so random ids
+    include partial UTF-8 sequences that the stream must never split."""
+    import sentencepiece as spm
+
+    directory = tmp_path_factory.mktemp("spm")
+    corpus = directory / "corpus.txt"
+    words = ("the quick brown fox jumps over the lazy dog; café naïve 日本語 über straße "
+             "hello world tokenizer streaming engine slots gemma jax numbers 0 1 2 3 42 1999").split()
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(400)]
+    corpus.write_text("\n".join(lines), encoding="utf-8")
+    spm.SentencePieceTrainer.Train(
+        input=str(corpus), model_prefix=str(directory / "tok"), model_type="bpe", vocab_size=512,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, minloglevel=2, hard_vocab_limit=False)
+    tok = Tokenizer.from_file(directory / "tok.model")
+    assert tok.vocab_size == 512
+    return tok
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_engine("tiny_gemma3", warm=True)
+
+
+class GatedEngine:
+    """The real engine, but each `generate` dispatch waits for the test to allow it."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.permits = threading.Semaphore(0)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, state, longest=None):
+        assert self.permits.acquire(timeout=60), "the test never allowed this dispatch"
+        return self._engine.generate(state, longest)
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_continuous_batching_gives_each_request_its_solo_tokens(setup, tokenizer):
+    config, params, engine = setup
+    lengths = [5, 8, 1, 12, 30, 17, 25, 5, 9, 20]
+    max_tokens = [10, 20, 12, 3, 20, 25, 9, 40, 1, 15]
+    prompts = prompts_for(lengths, seed=11)
+    prompts[0] = prompts_for([5])[0]  # greedy draws the stop id as its 6th token
+    sampling = [GREEDY] * 10
+    sampling[2] = SamplingParams(temperature=0.9, top_k=30, top_p=0.95, seed=123, repetition_penalty=1.2)
+    sampling[7] = SamplingParams(temperature=1.3, seed=9, frequency_penalty=0.5, presence_penalty=0.5)
+    want = []
+    for p, m, s in zip(prompts, max_tokens, sampling):
+        alone = run_to_completion(engine, [p], max_tokens=m, sampling=s)[0]
+        if s is GREEDY:
+            assert alone == naive_greedy(config, params, [p], m)[0]
+        want.append(alone)
+
+    scheduler = Scheduler(engine, tokenizer, max_queue=16)
+    handles = [scheduler.submit(Request(tuple(p), max_tokens=m, sampling=s))
+               for p, m, s in zip(prompts, max_tokens, sampling)]
+    with scheduler:  # started with all ten queued: the first four short ones prefill together
+        streamed = [list(h) for h in handles[:3]]  # three consumed as streams, the rest by result()
+        results = [h.result(timeout=120) for h in handles]
+        stats = scheduler.stats()
+
+    for r, w, m in zip(results, want, max_tokens):
+        stopped = w[-1] in config.stop_ids
+        assert r.token_ids == tuple(w[:-1] if stopped else w)
+        assert r.finish_reason == ("stop" if stopped else "length") and r.completion_tokens == len(w)
+        assert r.text == tokenizer.decode(r.token_ids)
+    for events, r in zip(streamed, results):
+        assert "".join(e.text for e in events) == r.text
+        assert sum((e.token_ids for e in events), ()) == r.token_ids[: sum(len(e.token_ids) for e in events)]
+        for e in events:  # whole characters only: a piece never ends inside a multi-byte character
+            assert not e.text.endswith("\ufffd") or e is events[-1]
+    assert any(r.finish_reason == "stop" for r in results)
+    assert stats["tokens_generated"] == sum(len(w) for w in want)
+    assert stats["requests_completed"] == 10 and stats["active_slots"] == 0 and stats["queue_depth"] == 0
+    assert stats["prefill_batches"] <= 7  # the first four prompts were prefilled as one batch
+
+
+def test_cancel_frees_the_slot_for_a_waiting_request(setup, tokenizer):
+    config, params, engine = setup
+    gated = GatedEngine(engine)
+    prompts = prompts_for([8, 8, 8, 8, 10], seed=12)
+    max_tokens = [40, 40, 40, 40, 6]
+    scheduler = Scheduler(gated, tokenizer).start()
+    try:
+        handles = [scheduler.submit(Request(tuple(p), max_tokens=m, sampling=GREEDY))
+                   for p, m in zip(prompts, max_tokens)]
+        # All four slots taken, the fifth request waits; the device thread waits for dispatch 1.
+        wait_for(lambda: scheduler.stats()["active_slots"] == 4 and scheduler.stats()["tokens_generated"] >= 4)
+        assert scheduler.stats()["queue_depth"] == 1
+        handles[0].cancel()
+        gated.permits.release()  # dispatch 1; before dispatch 2 the cancelled slot goes to request 5
+        wait_for(lambda: scheduler.stats()["queue_depth"] == 0 and scheduler.stats()["active_slots"] == 4)
+        cancelled = handles[0].result(timeout=60)
+        assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens == 1
+        for _ in range(100):
+            gated.permits.release()
+        results = [h.result(timeout=120) for h in handles[1:]]
+    finally:
+        for _ in range(100):
+            gated.permits.release()
+        scheduler.stop()
+    want = naive_greedy(config, params, prompts[1:], 40)
+    want[-1] = naive_greedy(config, params, prompts[4:], 6)[0]
+    for r, w in zip(results, want):
+        assert r.completion_tokens == len(w) and r.token_ids == tuple(t for t in w if t not in config.stop_ids)
+    assert scheduler.stats()["requests_cancelled"] == 1
+
+
+def test_a_failing_request_fails_alone(setup, tokenizer):
+    config, params, engine = setup
+    candidates = prompts_for([6] * 12, seed=13)
+    firsts = [naive_greedy(config, params, [p], 1)[0][0] for p in candidates]
+    # The poisoned prompt: its first token is drawn by no other prompt we send (in 8 greedy tokens).
+    others = candidates[:3]
+    refs = naive_greedy(config, params, others, 8)
+    poisoned = next(p for p, f in zip(candidates[3:], firsts[3:])
+                    if f not in config.stop_ids and all(f not in r for r in refs))
+    poison = naive_greedy(config, params, [poisoned], 1)[0][0]
+
+    class PoisonedTokenizer:
+        def decode(self, ids):
+            if poison in list(ids):
+                raise RuntimeError("cannot decode")
+            return tokenizer.decode(ids)
+
+    with Scheduler(engine, PoisonedTokenizer()) as scheduler:
+        bad_ids = scheduler.submit(Request((2, 5, config.vocab_size + 7), max_tokens=8, sampling=GREEDY))
+        bad_text = scheduler.submit(Request(tuple(poisoned), max_tokens=30, sampling=GREEDY))
+        good = [scheduler.submit(Request(tuple(p), max_tokens=8, sampling=GREEDY)) for p in others]
+        with pytest.raises(RequestFailed):
+            bad_ids.result(timeout=60)
+        with pytest.raises(RequestFailed):
+            list(bad_text)
+        with pytest.raises(RequestFailed):  # and it stays failed
+            bad_text.result(timeout=60)
+        for h, r in zip(good, refs):
+            assert h.result(timeout=60).completion_tokens == len(r)
+        wait_for(lambda: scheduler.stats()["active_slots"] == 0)  # the failed stream's slot was freed
+        after = scheduler.submit(Request(tuple(others[0]), max_tokens=8, sampling=GREEDY))
+        assert after.result(timeout=60).completion_tokens == len(refs[0])
+        assert scheduler.stats()["requests_failed"] == 2
+
+
+def test_queue_full_limits_adapters_and_stop(setup, tokenizer):
+    config, params, engine = setup
+    scheduler = Scheduler(engine, tokenizer, max_queue=2)  # not started: requests stay queued
+    first = scheduler.submit(Request((2, 10, 11), max_tokens=4))
+    second = scheduler.submit(Request((2, 12), max_tokens=4))
+    with pytest.raises(QueueFull):
+        scheduler.submit(Request((2, 13), max_tokens=4))
+    assert scheduler.stats()["queue_depth"] == 2
+    with pytest.raises(InputTooLong):
+        scheduler.submit(Request(tuple(range(2, 35)), max_tokens=1))  # 33 > 32 input tokens
+    with pytest.raises(InputTooLong):
+        scheduler.submit(Request(tuple(range(2, 22)), max_tokens=45))  # 20 + 45 > 64 total
+    with pytest.raises(UnknownAdapter):
+        scheduler.submit(Request((2, 10), max_tokens=4, adapter="no-such-lora"))
+    scheduler.stop()
+    for h in (first, second):
+        with pytest.raises(RequestFailed):
+            h.result(timeout=10)
+
+    engine.adapter_resolver = {"my-lora": 3}.get  # the hook the LoRA work fills in
+    try:
+        scheduler = Scheduler(engine, tokenizer)
+        cancelled = scheduler.submit(Request((2, 10, 11), max_tokens=4))
+        cancelled.cancel()  # cancelled while queued: never takes a slot
+        done = scheduler.submit(Request((2, 10, 11), max_tokens=4, sampling=GREEDY, adapter="my-lora"))
+        with scheduler:
+            result = done.result(timeout=60)
+            assert cancelled.result(timeout=60).finish_reason == "cancelled"
+    finally:
+        engine.adapter_resolver = None
+    want = naive_greedy(config, params, [[2, 10, 11]], 4)[0]
+    assert result.token_ids == tuple(t for t in want if t not in config.stop_ids)
