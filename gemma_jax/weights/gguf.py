@@ -1,8 +1,10 @@
 """llama.cpp GGUF files (Gemma 1 `gemma`, Gemma 3 `gemma3`) -> (GemmaConfig, our parameter tree).
 
-The `gguf` package reads the file and dequantizes every tensor to float32 numpy
-(`gguf.quants.dequantize`); for the embedded Gemma 3 270M Q4_K_M that takes ~25 s in all, which is
-why `embedded.py` converts once and keeps an orbax checkpoint.
+We walk the GGUF header ourselves (`read_gguf`: metadata, tensor directory, memory-mapped data)
+and let the `gguf` package dequantize each tensor to float32 (`gguf.quants.dequantize`).
+`gguf.GGUFReader` would also work but spends ~13 s building a numpy view per vocabulary string; our
+walk takes ~1 s and dequantizing the embedded Gemma 3 270M Q4_K_M ~5 s. `embedded.py` still converts
+once and keeps an orbax checkpoint, which restores faster still.
 
 What the conversion has to know (checked against transformers' own GGUF loader,
 `modeling_gguf_pytorch_utils.py`, and numerically by `tests/test_gemma3_parity.py`):
@@ -24,7 +26,10 @@ What the conversion has to know (checked against transformers' own GGUF loader,
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import struct
 from typing import Any
 
 import jax
@@ -39,40 +44,113 @@ from gemma_jax.config import GemmaConfig, Limits, gemma3_pattern
 _SUPPORTED = ("gemma", "gemma3")
 
 
+# --- the file: metadata and tensor directory ----------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    dims: tuple[int, ...]  # GGUF order: dims[0] is the contiguous (innermost) one
+    qtype: int  # gguf.GGMLQuantizationType value
+    data: np.ndarray  # raw bytes, [*reversed(dims[1:]), row_bytes] uint8 (a view of the file)
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], list[GGUFTensor]]:
+    """(metadata, tensors) of a little-endian GGUF v2/v3 file; tensor data stays memory-mapped.
+
+    `gguf.GGUFReader` builds a numpy view for every element of every metadata array (262k
+    vocabulary strings here: ~13 s); this walks the header once (~1 s). Numeric arrays come back as
+    numpy arrays, string arrays as lists of str.
+    """
+    import gguf
+
+    buf = np.memmap(os.fspath(path), dtype=np.uint8, mode="r")
+    raw = memoryview(buf)
+    if bytes(raw[:4]) != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", raw, 4)
+    if version not in (2, 3):
+        raise ValueError(f"{path}: unsupported GGUF version {version} (big-endian file?)")
+    pos = 24
+
+    def unpack(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from(fmt, raw, pos)
+        pos += struct.calcsize(fmt)
+        return values[0] if len(values) == 1 else values
+
+    def string() -> str:
+        nonlocal pos
+        n = unpack("<Q")
+        pos += n
+        return bytes(raw[pos - n: pos]).decode("utf-8", "replace")
+
+    def value(kind: int):
+        nonlocal pos
+        if kind == _STRING:
+            return string()
+        if kind == _ARRAY:
+            elem, count = unpack("<IQ")
+            if elem in (_STRING, _ARRAY):
+                return [value(elem) for _ in range(count)]
+            dtype = np.dtype(_SCALARS[elem])
+            out = np.frombuffer(raw, dtype, count, pos).copy()
+            pos += dtype.itemsize * count
+            return out
+        return unpack(_SCALARS[kind])
+
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = string()
+        metadata[key] = value(unpack("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = tuple(int(d) for d in struct.unpack_from(f"<{unpack('<I')}Q", raw, pos))
+        pos += 8 * len(dims)
+        qtype, offset = unpack("<IQ")
+        infos.append((name, dims, qtype, offset))
+    alignment = int(metadata.get("general.alignment", 32))
+    data_start = -(-pos // alignment) * alignment
+    tensors = []
+    for name, dims, qtype, offset in infos:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+        if dims[0] % block:
+            raise ValueError(f"GGUF tensor {name}: row of {dims[0]} is not whole blocks of {block}")
+        row_bytes = dims[0] // block * type_size
+        shape = (*reversed(dims[1:]), row_bytes)
+        begin = data_start + offset
+        data = buf[begin: begin + math.prod(shape)].reshape(shape)
+        tensors.append(GGUFTensor(name, dims, qtype, data))
+    return metadata, tensors
+
+
 # --- metadata -> config ----------------------------------------------------------------------------
-def _field(reader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+def _token_id(metadata: dict[str, Any], piece: str, default: int) -> int:
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if tokens is None or piece not in tokens:
         return default
-    return field.contents()
+    return tokens.index(piece)
 
 
-def _token_id(reader, piece: str, default: int) -> int:
-    """Index of `piece` in tokenizer.ggml.tokens, reading only the one entry we expect it at."""
-    field = reader.fields.get("tokenizer.ggml.tokens")
-    if field is not None and default < len(field.data):
-        if bytes(field.parts[field.data[default]]).decode("utf-8", "replace") == piece:
-            return default
-        for i, index in enumerate(field.data):  # unusual vocabulary: search it
-            if bytes(field.parts[index]) == piece.encode():
-                return i
-    return default
-
-
-def config_from_gguf(reader) -> GemmaConfig:
-    """A GemmaConfig from the metadata of an open `gguf.GGUFReader`."""
-    arch = _field(reader, "general.architecture")
+def config_from_gguf(metadata: dict[str, Any], tensors: list[GGUFTensor]) -> GemmaConfig:
+    """A GemmaConfig from GGUF metadata (and the embedding's shape, for the vocabulary size)."""
+    arch = metadata.get("general.architecture")
     if arch not in _SUPPORTED:
         raise ValueError(f"GGUF architecture {arch!r} is not supported (expected one of {_SUPPORTED})")
 
     def meta(key, default=None, required=False):
-        value = _field(reader, f"{arch}.{key}", default)
+        value = metadata.get(f"{arch}.{key}", default)
         if value is None and required:
             raise ValueError(f"GGUF metadata {arch}.{key} is missing")
         return value
 
-    embed = reader.get_tensor(_tensor_index(reader, "token_embd.weight"))
-    vocab = int(embed.shape[-1])  # gguf shapes are [in, out]: token_embd is [D, V]
+    embed = [t for t in tensors if t.name == "token_embd.weight"]
+    if not embed:
+        raise ValueError("GGUF tensor 'token_embd.weight' is missing")
+    vocab = embed[0].dims[1]  # GGUF dims are [D, V]
     num_layers = int(meta("block_count", required=True))
     embed_dim = int(meta("embedding_length", required=True))
     num_heads = int(meta("attention.head_count", required=True))
@@ -89,16 +167,16 @@ def config_from_gguf(reader) -> GemmaConfig:
         hidden_dim=int(meta("feed_forward_length", required=True)),
         vocab_size=vocab,
         norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
-        pad_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
-        eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 1)),
-        bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
+        pad_id=int(metadata.get("tokenizer.ggml.padding_token_id", 0)),
+        eos_id=int(metadata.get("tokenizer.ggml.eos_token_id", 1)),
+        bos_id=int(metadata.get("tokenizer.ggml.bos_token_id", 2)),
         limits=Limits(),
     )
     if arch == "gemma":
         return GemmaConfig(
             rope_base=float(meta("rope.freq_base", 10_000.0)),
-            start_of_turn_id=_token_id(reader, "<start_of_turn>", 106),
-            end_of_turn_id=_token_id(reader, "<end_of_turn>", 107), **common)
+            start_of_turn_id=_token_id(metadata, "<start_of_turn>", 106),
+            end_of_turn_id=_token_id(metadata, "<end_of_turn>", 107), **common)
     window = meta("attention.sliding_window")
     scaling = meta("rope.scaling.type")
     factor = float(meta("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
@@ -111,8 +189,8 @@ def config_from_gguf(reader) -> GemmaConfig:
         use_qk_norm=True, use_post_attn_norm=True, use_post_ffw_norm=True,
         attention_types=_layer_pattern(meta("attention.sliding_window_pattern"), num_layers),
         sliding_window=int(window) if window is not None else 512,
-        start_of_turn_id=_token_id(reader, "<start_of_turn>", 105),
-        end_of_turn_id=_token_id(reader, "<end_of_turn>", 106), **common)
+        start_of_turn_id=_token_id(metadata, "<start_of_turn>", 105),
+        end_of_turn_id=_token_id(metadata, "<end_of_turn>", 106), **common)
 
 
 def _layer_pattern(pattern, num_layers: int):
@@ -126,13 +204,6 @@ def _layer_pattern(pattern, num_layers: int):
     if len(flags) != num_layers:
         raise ValueError(f"sliding_window_pattern has {len(flags)} entries for {num_layers} layers")
     return tuple("local" if flag else "global" for flag in flags)
-
-
-def _tensor_index(reader, name: str) -> int:
-    for i, tensor in enumerate(reader.tensors):
-        if tensor.name == name:
-            return i
-    raise ValueError(f"GGUF tensor {name!r} is missing")
 
 
 # --- tensors -> our tree -----------------------------------------------------------------------
@@ -212,18 +283,17 @@ def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
     return tree
 
 
-def load_gguf(path: str | os.PathLike | Any, dtype=jnp.float32, mesh: Mesh | None = None,
+def load_gguf(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None,
               progress: bool = True) -> tuple[GemmaConfig, dict]:
     """Read a Gemma GGUF: (config, params) with params in `dtype`, sharded onto `mesh` if given.
 
-    `path` may also be an open `gguf.GGUFReader` (so a caller can share it with the tokenizer).
     Every tensor is checked against `params.param_shapes(config)`; a missing, unexpected or
     misshapen tensor raises ValueError naming it.
     """
     import gguf
 
-    reader = gguf.GGUFReader(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
-    config = config_from_gguf(reader)
+    metadata, tensors = read_gguf(path)
+    config = config_from_gguf(metadata, tensors)
     dtype = jnp.dtype(dtype)
     expected = _flatten(P.param_shapes(config, dtype))
     shardings = _flatten(P.param_shardings(config, mesh)) if mesh is not None else {}
@@ -237,11 +307,12 @@ def load_gguf(path: str | os.PathLike | Any, dtype=jnp.float32, mesh: Mesh | Non
 
     loaded: dict[tuple[str, ...], jax.Array] = {}
     pending: dict[tuple[str, ...], dict[int, np.ndarray]] = {}  # halves of k/v and gate/up
-    for tensor in tqdm(reader.tensors, desc="GGUF tensors", unit="tensor", disable=not progress):
+    for tensor in tqdm(tensors, desc="GGUF tensors", unit="tensor", disable=not progress):
         key, index, kind = _target(tensor.name)
         if key not in expected:
             raise ValueError(f"GGUF tensor {tensor.name!r} -> {'/'.join(key)}, which this config does not have")
-        w = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        w = gguf.quants.dequantize(tensor.data, gguf.GGMLQuantizationType(tensor.qtype))
+        w = w.astype(np.float32, copy=False)
         w = _convert(w, kind, config)
         if index is None:
             if key in loaded:
