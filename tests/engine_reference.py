@@ -13,6 +13,8 @@ test modules share them; the engine is stateless (the decode state belongs to it
 from __future__ import annotations
 
 import functools
+import pathlib
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ from gemma_jax import config as config_lib
 from gemma_jax.engine.engine import Engine, run_to_completion
 from gemma_jax.model import forward
 from gemma_jax.params import init_params
+from gemma_jax.tokenizer import Tokenizer
 
 # Small limits so the tests use few, small buckets: prompts <= 32 tokens, 64 in all.
 TEST_LIMITS = config_lib.Limits(max_input_tokens=32, max_total_tokens=64, max_batch_prefill_tokens=64)
@@ -84,3 +87,24 @@ def tiny_engine(name: str, warm: bool = False):
     if warm:
         engine.warmup()
     return config, params, engine
+
+
+@functools.lru_cache(maxsize=None)
+def trained_tokenizer() -> Tokenizer:
+    """A 512-piece BPE sentencepiece model (the tiny configs' vocabulary) trained here, with byte
+    fallback, so random ids include partial UTF-8 sequences that a stream must never split."""
+    import sentencepiece as spm
+
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="gemma-jax-spm-"))
+    words = ("the quick brown fox jumps over the lazy dog; café naïve 日本語 über straße "
+             "hello world tokenizer streaming engine slots gemma jax numbers 0 1 2 3 42 1999").split()
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(400)]
+    (directory / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
+    spm.SentencePieceTrainer.Train(
+        input=str(directory / "corpus.txt"), model_prefix=str(directory / "tok"), model_type="bpe",
+        vocab_size=512, user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], pad_id=0, eos_id=1,
+        bos_id=2, unk_id=3, byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, minloglevel=2, hard_vocab_limit=False)
+    tok = Tokenizer.from_file(directory / "tok.model")
+    assert tok.vocab_size == 512
+    return tok

@@ -6,37 +6,19 @@ import time
 
 import pytest
 
-from engine_reference import naive_greedy, prompts_for, tiny_engine
+from engine_reference import naive_greedy, prompts_for, tiny_engine, trained_tokenizer
 from gemma_jax.engine.api import (
     InputTooLong, QueueFull, Request, RequestFailed, SamplingParams, UnknownAdapter,
 )
 from gemma_jax.engine.engine import run_to_completion
 from gemma_jax.engine.scheduler import Scheduler
-from gemma_jax.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    """A 512-piece BPE model (the tiny configs' vocabulary) with byte fallback, so random ids
-    include partial UTF-8 sequences that the stream must never split."""
-    import sentencepiece as spm
-
-    directory = tmp_path_factory.mktemp("spm")
-    corpus = directory / "corpus.txt"
-    words = ("the quick brown fox jumps over the lazy dog; café naïve 日本語 über straße "
-             "hello world tokenizer streaming engine slots gemma jax numbers 0 1 2 3 42 1999").split()
-    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(400)]
-    corpus.write_text("\n".join(lines), encoding="utf-8")
-    spm.SentencePieceTrainer.Train(
-        input=str(corpus), model_prefix=str(directory / "tok"), model_type="bpe", vocab_size=512,
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, minloglevel=2, hard_vocab_limit=False)
-    tok = Tokenizer.from_file(directory / "tok.model")
-    assert tok.vocab_size == 512
-    return tok
+def tokenizer():
+    return trained_tokenizer()
 
 
 @pytest.fixture(scope="module")
