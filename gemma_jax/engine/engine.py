@@ -4,6 +4,7 @@
     insert(prefix, state, slots [P]) -> state                        (state donated)
     generate(state, longest) -> (state, tokens [K, B])                (state donated)
     release(state, slots) -> state                                    (state donated)
+    load_adapter(name, adapter) -> id / unload_adapter(name)          (LoRA bank slot, hot)
 
 What makes it fast on a GPU (see shared/BASELINES.md):
 - `generate` runs K decode steps per dispatch in a `lax.fori_loop` and packs the K x B tokens into
@@ -15,6 +16,14 @@ What makes it fast on a GPU (see shared/BASELINES.md):
 - Prefill computes logits only at each prompt's last position (the unembedding of all T positions
   would cost a [P, T, V] tensor: 2 GiB for a 2048-token Gemma 3 prompt).
 - Layers stay unrolled (the model's Python loop); no `lax.scan` over stacked weights.
+
+LoRA: with `adapter_slots` > 0 the engine holds a `lora.AdapterBank` on device and passes it, with
+each row's adapter id, to every prefill and decode step (id 0 = base model), so one batch mixes
+adapters. Loading or unloading an adapter rewrites one bank slot in place (same shapes: nothing that
+takes the bank recompiles). An unloaded adapter's name disappears at once, but its slot keeps its
+weights until a later load reuses it (free slots are reused oldest-freed first), so requests already
+admitted or queued on it finish as they started. With `adapter_slots=0` the model runs with
+lora=None: no per-token LoRA cost at all. See docs/lora.md for the bank vs a merged copy.
 
 Shapes are bucketed so the number of compilations is bounded: prompts pad to `prefill_buckets`
 (T), prefill batches to `prefill_batches` (P, with P * T within the batch prefill budget), the
@@ -29,6 +38,8 @@ from __future__ import annotations
 
 import collections
 import math
+import os
+import threading
 from typing import Callable, Sequence
 
 import jax
@@ -36,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gemma_jax import lora as lora_lib
 from gemma_jax import params as params_lib
 from gemma_jax.config import GemmaConfig
 from gemma_jax.engine.api import InputTooLong, SamplingParams, UnknownAdapter
@@ -55,7 +67,7 @@ def _pow2_buckets(lo: int, hi: int) -> list[int]:
     return out
 
 
-def _final_hidden(params, tokens, positions, cache, config: GemmaConfig):
+def _final_hidden(params, tokens, positions, cache, config: GemmaConfig, lora=None):
     """The model's output after the final norm, [B, T, D], and the new cache (logits not computed).
 
     The full [B, T, V] logits of `forward` are dead code here and XLA removes them.
@@ -63,7 +75,7 @@ def _final_hidden(params, tokens, positions, cache, config: GemmaConfig):
     dtype = params["embedder"]["input_embedding"].dtype
     is_final = lambda module, method: module.name == "final_norm" and method == "__call__"
     (_, cache), captured = Transformer(config, dtype).apply(
-        {"params": params}, tokens, positions, cache, None,
+        {"params": params}, tokens, positions, cache, None, lora,
         capture_intermediates=is_final, mutable=["intermediates"])
     return captured["intermediates"]["final_norm"]["__call__"][0], cache
 
@@ -82,14 +94,18 @@ class Engine:
 
     params: the model's parameter tree (placed on `mesh` with `param_shardings` if not already).
     mesh: a ("data", "model") mesh; None means the first device alone.
-    adapter_resolver: name -> adapter id (> 0) or None; the LoRA work plugs in here.
+    adapter_resolver: name -> adapter id (> 0) or None, consulted for names not loaded here.
+    adapter_slots: how many LoRA adapters the bank holds at once (0: no bank, no LoRA cost);
+    adapter_rank: the bank's maximum rank (higher ranks are refused); adapter_dtype: the bank's
+    dtype (default: the params' dtype).
     """
 
     def __init__(self, config: GemmaConfig, params, *, slots: int, max_len: int | None = None,
                  mesh: Mesh | None = None, prefill_buckets: Sequence[int] | None = None,
                  prefill_batches: Sequence[int] = (1, 2, 4, 8), steps_per_call: int = 8,
                  kv_buckets: Sequence[int] | None = None, cache_dtype=None,
-                 adapter_resolver: Callable[[str], int | None] | None = None):
+                 adapter_resolver: Callable[[str], int | None] | None = None,
+                 adapter_slots: int = 0, adapter_rank: int = lora_lib.DEFAULT_MAX_RANK, adapter_dtype=None):
         limits = config.limits
         self.config = config
         self.slots = int(slots)
@@ -122,9 +138,18 @@ class Engine:
         self._init_jit = jax.jit(self._init_impl, out_shardings=self.state_sharding)
         self._prefill_jit = jax.jit(self._prefill_impl)
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,), out_shardings=self.state_sharding)
-        self._generate_jit = jax.jit(self._generate_impl, static_argnums=(2,), donate_argnums=(1,),
+        self._generate_jit = jax.jit(self._generate_impl, static_argnums=(3,), donate_argnums=(2,),
                                      out_shardings=(self.state_sharding, replicated))
         self._release_jit = jax.jit(self._release_impl, donate_argnums=(0,), out_shardings=self.state_sharding)
+
+        # LoRA bank: slot 0 is "no adapter"; names -> slots; free slots, oldest-freed first.
+        self.bank: lora_lib.AdapterBank | None = None
+        if adapter_slots > 0:
+            dtype = adapter_dtype or params["embedder"]["input_embedding"].dtype
+            self.bank = lora_lib.make_bank(config, int(adapter_slots) + 1, int(adapter_rank), dtype, self.mesh)
+        self._adapters: dict[str, int] = {}
+        self._free = collections.deque(range(1, int(adapter_slots) + 1))
+        self._bank_lock = threading.Lock()  # bank updates (donated) vs dispatches that read it
 
     def _place_params(self, params):
         shardings = params_lib.param_shardings(self.config, self.mesh)
@@ -137,14 +162,15 @@ class Engine:
         self._traces["init"] += 1
         return init_decode_state(self.config, self.slots, self.max_len, self.cache_dtype)
 
-    def _prefill_impl(self, params, tokens, lengths, rows: SamplingRows, limit, adapter_ids) -> Prefix:
+    def _prefill_impl(self, params, bank, tokens, lengths, rows: SamplingRows, limit, adapter_ids) -> Prefix:
         self._traces["prefill"] += 1
         cfg = self.config
         p, t = tokens.shape  # [P, T]
         index = jnp.arange(t)[None, :]
         positions = jnp.where(index < lengths[:, None], index, t)  # padding writes are dropped
         cache = init_cache(cfg, p, t, self.cache_dtype)
-        hidden, cache = _final_hidden(params, tokens, positions, cache, cfg)  # [P, T, D]
+        lora = None if bank is None else (bank, adapter_ids)
+        hidden, cache = _final_hidden(params, tokens, positions, cache, cfg, lora)  # [P, T, D]
         last = hidden[jnp.arange(p), lengths - 1][:, None]  # [P, 1, D]
         logits = _unembed(params, last, cfg)[:, 0]  # [P, V]
         seen = prompt_seen(tokens, lengths, cfg.vocab_size)  # [P, V]
@@ -171,7 +197,7 @@ class Engine:
             adapter_ids=put(state.adapter_ids, prefix.adapter_ids), active=put(state.active, ones.astype(bool)),
             done=put(state.done, prefix.done))
 
-    def _generate_impl(self, params, state: DecodeState, kv_len: int):
+    def _generate_impl(self, params, bank, state: DecodeState, kv_len: int):
         self._traces["generate"] += 1
         cfg, stop = self.config, jnp.asarray(self._stop_ids)
 
@@ -179,7 +205,9 @@ class Engine:
             st, out = carry
             live = st.live  # [B]
             positions = jnp.where(live, st.lengths, self.max_len)[:, None]  # idle slots write nothing
-            logits, cache = forward(params, st.tokens[:, None], positions, st.cache, config=cfg, kv_len=kv_len)
+            lora = None if bank is None else (bank, st.adapter_ids)
+            logits, cache = forward(params, st.tokens[:, None], positions, st.cache, config=cfg, kv_len=kv_len,
+                                    lora=lora)
             drawn = sample(logits[:, 0], st.rows, st.seen, st.counts, st.step)  # [B]
             drawn = jnp.where(live, drawn, -1)
             seen, counts = update_penalty_state(st.seen, st.counts, drawn)  # -1 is ignored
@@ -208,7 +236,8 @@ class Engine:
         lengths = np.asarray(lengths, np.int32)
         limit = self.max_total - lengths if limit is None else np.asarray(limit, np.int32)
         adapter_ids = np.zeros((p,), np.int32) if adapter_ids is None else np.asarray(adapter_ids, np.int32)
-        prefix = self._prefill_jit(self.params, tokens, lengths, rows, limit, adapter_ids)
+        with self._bank_lock:
+            prefix = self._prefill_jit(self.params, self.bank, tokens, lengths, rows, limit, adapter_ids)
         prefix.tokens.copy_to_host_async()
         return prefix
 
@@ -223,7 +252,8 @@ class Engine:
         host has already started. Donates `state`.
         """
         kv_len = self.kv_bucket(self.max_len if longest is None else longest + self.steps)
-        state, tokens = self._generate_jit(self.params, state, kv_len)
+        with self._bank_lock:
+            state, tokens = self._generate_jit(self.params, self.bank, state, kv_len)
         tokens.copy_to_host_async()
         return state, tokens
 
@@ -245,7 +275,8 @@ class Engine:
                     prefix = self.prefill(np.zeros((p, t), np.int32), ones, rows, ones, ones * 0)
                     state = self.insert(prefix, state, np.full((p,), self.slots, np.int32))
         for kv_len in self.kv_buckets:
-            state, _ = self._generate_jit(self.params, state, kv_len)
+            with self._bank_lock:
+                state, _ = self._generate_jit(self.params, self.bank, state, kv_len)
         jax.block_until_ready(self.release(state, []))
 
     # -- host-side planning -----------------------------------------------------------------------
@@ -259,9 +290,50 @@ class Engine:
             raise InputTooLong(prompt_tokens, max_tokens, self.max_input, self.max_total)
         return max_tokens
 
+    # -- LoRA adapters ------------------------------------------------------------------------------
+    def load_adapter(self, name: str, adapter: "lora_lib.Adapter | str | os.PathLike") -> int:
+        """Put an adapter (an `lora.Adapter`, or a PEFT directory, validated here) into a free bank
+        slot under `name`; returns its id. Running requests and compiled functions are unaffected.
+        Raises LoraError (a ValueError) if it does not fit, the name is taken or the bank is full."""
+        if self.bank is None:
+            raise lora_lib.LoraError("this engine has no adapter bank (adapter_slots=0)")
+        if not isinstance(adapter, lora_lib.Adapter):
+            from gemma_jax.weights.peft import load_adapter as load_peft
+
+            adapter = load_peft(adapter, self.config, max_rank=self.bank.rank, dtype=self.bank_dtype)
+        with self._bank_lock:
+            if name in self._adapters:
+                raise lora_lib.LoraError(f"an adapter named {name!r} is already loaded")
+            if not self._free:
+                raise lora_lib.LoraError(f"the adapter bank is full ({len(self._adapters)} adapters loaded)")
+            index = self._free[0]
+            self.bank = lora_lib.bank_add(self.bank, index, adapter)  # validates; donates the old bank
+            self._free.popleft()
+            self._adapters[name] = index
+        return index
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget `name` (UnknownAdapter if not loaded); its slot is reused by a later load."""
+        with self._bank_lock:
+            if name not in self._adapters:
+                raise UnknownAdapter(f"no LoRA adapter named {name!r} is loaded")
+            self._free.append(self._adapters.pop(name))
+
+    def adapters(self) -> dict[str, int]:
+        """Loaded adapters: name -> id."""
+        with self._bank_lock:
+            return dict(self._adapters)
+
+    @property
+    def bank_dtype(self):
+        return None if self.bank is None else next(iter(self.bank.layer(0).values())).a.dtype
+
     def adapter_id(self, name: str) -> int:
         """The device id of a loaded LoRA adapter; UnknownAdapter if there is none by that name."""
-        found = self.adapter_resolver(name) if self.adapter_resolver is not None else None
+        with self._bank_lock:
+            found = self._adapters.get(name)
+        if found is None and self.adapter_resolver is not None:
+            found = self.adapter_resolver(name)
         if not found:
             raise UnknownAdapter(f"no LoRA adapter named {name!r} is loaded")
         return int(found)

@@ -1,0 +1,135 @@
+"""LoRA in the engine: adapters loaded and unloaded while requests run, against merged-weight references.
+
+Reference for a request on adapter X: `naive_greedy` (full recompute, plain model, no cache) on the
+params with X merged by `merge_lora`; the engine instead runs the unmerged bank with per-slot ids.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from engine_reference import ENGINE_KW, naive_greedy, prompts_for, tiny_params
+from gemma_jax import lora
+from gemma_jax.engine.api import SamplingParams, UnknownAdapter
+from gemma_jax.engine.engine import Engine
+from gemma_jax.lora import LoraError, merge_lora
+from gemma_jax.weights.peft import adapter_from_peft
+
+GREEDY = SamplingParams(temperature=0.0)
+ALL = list(lora.TARGETS)
+
+
+def _adapter(cfg, rank, seed, targets=ALL, directory=None):
+    """A random adapter (an Adapter, or written as PEFT files into `directory`, which is returned)."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(cfg.num_layers):
+        for t in targets:
+            lay = lora.target_layout(cfg, t)
+            stem = f"base_model.model.model.layers.{i}.{'mlp' if t.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{t}"
+            tensors[f"{stem}.lora_A.weight"] = rng.normal(0, 0.2, (rank, lay.in_features)).astype(np.float32)
+            tensors[f"{stem}.lora_B.weight"] = rng.normal(0, 0.2, (lay.out_features, rank)).astype(np.float32)
+    adapter_config = {"r": rank, "lora_alpha": rank, "target_modules": list(targets), "model_type": "gemma"}
+    if directory is None:
+        return adapter_from_peft(adapter_config, tensors, cfg)
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps(adapter_config))
+    save_file(tensors, directory / "adapter_model.safetensors")
+    return directory
+
+
+class _Driver:
+    """Admits requests into slots and collects their greedy tokens, dispatch by dispatch."""
+
+    def __init__(self, engine):
+        self.engine, self.state = engine, engine.init_state()
+        self.owner, self.got, self.limit = {}, {}, {}
+
+    def admit(self, key, slot, prompt, max_tokens, adapter=None):
+        ids = [0 if adapter is None else self.engine.adapter_id(adapter)]
+        prefix = self.engine.prefill_prompts([prompt], [GREEDY], [max_tokens], ids)
+        self.state = self.engine.insert(prefix, self.state, self.engine.pad_slots([slot], prefix))
+        self.owner[slot], self.got[key], self.limit[key] = key, [int(np.asarray(prefix.tokens)[0])], max_tokens
+
+    def done(self, key):
+        g = self.got[key]
+        return len(g) >= self.limit[key] or g[-1] in self.engine.config.stop_ids
+
+    def dispatch(self):
+        self.state, tokens = self.engine.generate(self.state)
+        for k_tokens in np.asarray(tokens):
+            for slot, key in self.owner.items():
+                if k_tokens[slot] >= 0 and not self.done(key):
+                    self.got[key].append(int(k_tokens[slot]))
+        self.owner = {s: k for s, k in self.owner.items() if not self.done(k)}
+
+
+def test_adapters_hot_loaded_and_unloaded_while_requests_run(tmp_path):
+    cfg, params = tiny_params("tiny_mha")
+    engine = Engine(cfg, params, **ENGINE_KW, adapter_slots=3, adapter_rank=16)
+    engine.warmup()
+    compiled = engine.compile_counts()
+    a, b, c, d = _adapter(cfg, 16, 1), _adapter(cfg, 4, 2, ["q_proj", "down_proj"]), _adapter(cfg, 8, 3), _adapter(cfg, 2, 4)
+    prompts = prompts_for([7, 12, 5, 9, 20], seed=3)
+    budget = [12, 14, 10, 8, 6]
+
+    drive = _Driver(engine)
+    assert engine.load_adapter("a", a) == 1
+    drive.admit("base", 0, prompts[0], budget[0])
+    drive.admit("on_a", 1, prompts[1], budget[1], "a")
+    drive.dispatch()
+    assert engine.load_adapter("b", b) == 2  # hot add while two requests run
+    drive.admit("on_b", 2, prompts[2], budget[2], "b")
+    drive.dispatch()
+    engine.unload_adapter("a")  # "on_a" is still running: its slot keeps A until reused
+    with pytest.raises(UnknownAdapter) as e:
+        engine.adapter_id("a")
+    assert str(e.value) == "no LoRA adapter named 'a' is loaded"
+    assert engine.load_adapter("c", c) == 3  # never-used slot first
+    drive.admit("on_c", 3, prompts[3], budget[3], "c")
+    while "on_a" in drive.owner.values():
+        drive.dispatch()
+    assert engine.load_adapter("d", d) == 1  # A's slot, reused once free
+    free = next(s for s in range(engine.slots) if s not in drive.owner)
+    drive.admit("on_d", free, prompts[4], budget[4], "d")
+    engine.unload_adapter("b")
+    while drive.owner:
+        drive.dispatch()
+
+    assert engine.compile_counts() == compiled  # no recompilation for any of it
+    assert engine.adapters() == {"c": 3, "d": 1}
+    want = {
+        "base": naive_greedy(cfg, params, [prompts[0]], budget[0])[0],
+        "on_a": naive_greedy(cfg, merge_lora(params, a), [prompts[1]], budget[1])[0],
+        "on_b": naive_greedy(cfg, merge_lora(params, b), [prompts[2]], budget[2])[0],
+        "on_c": naive_greedy(cfg, merge_lora(params, c), [prompts[3]], budget[3])[0],
+        "on_d": naive_greedy(cfg, merge_lora(params, d), [prompts[4]], budget[4])[0],
+    }
+    assert drive.got == want
+    plain = naive_greedy(cfg, params, prompts[1:4], 10)
+    assert sum(w[:10] != p for w, p in zip([want["on_a"], want["on_b"], want["on_c"]], plain)) >= 2  # adapters matter
+
+
+def test_engine_adapter_errors(tmp_path):
+    cfg, params = tiny_params("tiny_mha")
+    engine = Engine(cfg, params, **ENGINE_KW, adapter_slots=1, adapter_rank=8)
+    with pytest.raises(LoraError) as e:
+        engine.load_adapter("big", _adapter(cfg, 16, 1))
+    assert str(e.value) == "adapter rank 16 exceeds the bank's maximum rank 8"
+    assert engine.adapters() == {}  # a refused adapter takes no slot
+    assert engine.load_adapter("x", _adapter(cfg, 8, 1, directory=tmp_path / "x")) == 1  # from PEFT files
+    np.testing.assert_array_equal(engine.bank.layer(0)["q_proj"].a[1], _adapter(cfg, 8, 1).layers["layer_0"]["q_proj"].a)
+    with pytest.raises(LoraError) as e:
+        engine.load_adapter("x", _adapter(cfg, 8, 2))
+    assert str(e.value) == "an adapter named 'x' is already loaded"
+    with pytest.raises(LoraError) as e:
+        engine.load_adapter("y", _adapter(cfg, 8, 2))
+    assert str(e.value) == "the adapter bank is full (1 adapters loaded)"
+    with pytest.raises(UnknownAdapter) as e:
+        engine.unload_adapter("y")
+    assert str(e.value) == "no LoRA adapter named 'y' is loaded"
+    with pytest.raises(LoraError) as e:
+        Engine(cfg, params, **ENGINE_KW).load_adapter("x", _adapter(cfg, 8, 1))
+    assert str(e.value) == "this engine has no adapter bank (adapter_slots=0)"
