@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Iterator, Sequence
+from typing import Sequence
 
 
 # --- generate ------------------------------------------------------------------------------------
@@ -54,55 +54,26 @@ def _load_model(checkpoint: str | None, dtype):
     return config, params, Tokenizer.from_model_proto(proto)
 
 
-def greedy_tokens(config, params, prompt: Sequence[int], max_tokens: int) -> Iterator[int]:
-    """Greedy continuation of `prompt`, yielded token by token; stops after a stop id (yielded).
-
-    One prefill of the whole prompt into a KV cache, then one jit-compiled step per token.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from gemma_jax.model import forward, init_cache
-
-    length = len(prompt)
-    cache_dtype = params["embedder"]["input_embedding"].dtype
-    cache = init_cache(config, 1, length + max_tokens, cache_dtype)
-
-    @jax.jit
-    def step(params, tokens, positions, cache):  # tokens, positions: [1, T]
-        logits, cache = forward(params, tokens, positions, cache, config=config)
-        return jnp.argmax(logits[:, -1], axis=-1), cache  # [1]
-
-    tokens = jnp.asarray([list(prompt)], jnp.int32)
-    next_id, cache = step(params, tokens, jnp.arange(length, dtype=jnp.int32)[None], cache)
-    for i in range(max_tokens):
-        token = int(next_id[0])
-        yield token
-        if token in config.stop_ids or i + 1 == max_tokens:
-            return
-        position = jnp.full((1, 1), length + i, jnp.int32)
-        next_id, cache = step(params, next_id[:, None], position, cache)
-
-
 def _run_generate(args) -> int:
+    """Greedy text through the notebook API (`generate.stream`: engine + scheduler, one slot)."""
     import jax.numpy as jnp
 
-    from gemma_jax.tokenizer import IncrementalDecoder, encode_chat
+    from gemma_jax.engine.api import EngineError
+    from gemma_jax.generate import Model, stream
 
     if args.max_tokens < 1:
         raise SystemExit("gemma-jax: --max-tokens must be at least 1")
     config, params, tokenizer = _load_model(args.checkpoint, jnp.dtype(args.dtype))
-    if args.raw:
-        prompt = tokenizer.encode(args.prompt, add_bos=True)
-    else:
-        prompt = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}])
-    decoder = IncrementalDecoder(tokenizer)
-    for token in greedy_tokens(config, params, prompt, args.max_tokens):
-        if token in config.stop_ids:
-            break
-        sys.stdout.write(decoder.push(token))
-        sys.stdout.flush()
-    sys.stdout.write(decoder.flush() + "\n")
+    model = Model(config, params, tokenizer, engine_options={"slots": 1})
+    try:
+        for piece in stream(model, args.prompt, max_tokens=args.max_tokens, chat=not args.raw, temperature=0.0):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except EngineError as error:  # e.g. a prompt longer than the model's input limit
+        raise SystemExit(f"gemma-jax: {error}") from None
+    finally:
+        model.close()
+    sys.stdout.write("\n")
     sys.stdout.flush()
     return 0
 
