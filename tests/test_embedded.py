@@ -41,6 +41,13 @@ def first_load(cache):
     return embedded.load_embedded(cache=cache)
 
 
+def test_repo_notice_passes_on_the_gemma_terms():
+    notice = (REPO / "NOTICE").read_text()
+    assert "Apache License, Version 2.0" in notice
+    assert embedded.GEMMA_NOTICE in notice
+    assert embedded.embedded_gguf.notice_path().read_text() in notice
+
+
 def _leaves(params):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
 
