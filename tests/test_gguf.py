@@ -114,7 +114,6 @@ def test_gemma1_gguf_matches_transformers(tmp_path):
 
 @pytest.mark.parametrize("pattern", [None, 3, [True, False, True, True, False, True]])
 def test_gemma3_gguf_matches_transformers(tmp_path, pattern):
-    period_or_flags = pattern
     if pattern is None:
         types = gemma3_pattern(6)  # the default: every 6th layer global
     elif isinstance(pattern, int):
@@ -124,7 +123,7 @@ def test_gemma3_gguf_matches_transformers(tmp_path, pattern):
     # What a GGUF can express: query_pre_attn_scalar = head_dim, local RoPE base 10000.
     cfg = tiny_gemma3().replace(query_pre_attn_scalar=32, attention_types=types, sliding_window=4)
     hf = random_hf_gemma3(cfg)
-    path = write_gguf(tmp_path / "g3.gguf", "gemma3", cfg, hf, pattern=period_or_flags)
+    path = write_gguf(tmp_path / "g3.gguf", "gemma3", cfg, hf, pattern=pattern)
     config, params = load_gguf(path, progress=False)
     assert config.layer_types == types
     assert config == cfg.replace(norm_eps=config.norm_eps)
