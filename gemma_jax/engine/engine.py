@@ -291,7 +291,8 @@ class Engine:
         return max_tokens
 
     # -- LoRA adapters ------------------------------------------------------------------------------
-    def load_adapter(self, name: str, adapter: "lora_lib.Adapter | str | os.PathLike") -> int:
+    def load_adapter(self, name: str, adapter: "lora_lib.Adapter | str | os.PathLike", *,
+                     require_model_type: bool = False) -> int:
         """Put an adapter (an `lora.Adapter`, or a PEFT directory, validated here) into a free bank
         slot under `name`; returns its id. Running requests and compiled functions are unaffected.
         Raises LoraError (a ValueError) if it does not fit, the name is taken or the bank is full."""
@@ -300,7 +301,8 @@ class Engine:
         if not isinstance(adapter, lora_lib.Adapter):
             from gemma_jax.weights.peft import load_adapter as load_peft
 
-            adapter = load_peft(adapter, self.config, max_rank=self.bank.rank, dtype=self.bank_dtype)
+            adapter = load_peft(adapter, self.config, max_rank=self.bank.rank, dtype=self.bank_dtype,
+                                require_model_type=require_model_type)
         with self._bank_lock:
             if name in self._adapters:
                 raise lora_lib.LoraError(f"an adapter named {name!r} is already loaded")
