@@ -186,11 +186,11 @@ def test_mixed_batch_rows_equal_rows_alone(gqa):
         np.testing.assert_array_equal(greedy[row], alone_greedy[0])
         # ... and what the row gets from a merged copy of its adapter (or the plain base model).
         merged = params if row == 0 else merge_lora(params, adapters[row - 1])
-        merged_logits, merged_greedy = _greedy(merged, cfg, one, 6)
+        merged_logits, _ = _fwd(merged, one, _positions(one), config=cfg)
         assert rel_err(logits[row], merged_logits[0]) <= 1e-5
-        np.testing.assert_array_equal(greedy[row], merged_greedy[0])
-    base_logits, _ = _greedy(params, cfg, tokens[1:2], 1)
-    assert rel_err(logits[1], base_logits[0]) > 0.05  # adapters do change their rows
+        if row:
+            base_logits, _ = _fwd(params, one, _positions(one), config=cfg)
+            assert rel_err(logits[row], base_logits[0]) > 0.05  # adapters do change their rows
 
 
 def test_lora_none_and_id_zero_are_the_base_model(gqa):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from engine_reference import ENGINE_KW, naive_greedy, prompts_for, tiny_params
+from engine_reference import naive_greedy, prompts_for, tiny_params
 from gemma_jax import lora
 from gemma_jax.engine.api import SamplingParams, UnknownAdapter
 from gemma_jax.engine.engine import Engine
@@ -18,6 +18,8 @@ from gemma_jax.lora import LoraError, merge_lora
 from gemma_jax.weights.peft import adapter_from_peft
 
 GREEDY = SamplingParams(temperature=0.0)
+# One bucket of each kind (prompts <= 32 tokens, one prompt per prefill, 64 cache positions): few compiles.
+ENGINE_KW = dict(slots=4, prefill_buckets=(32,), prefill_batches=(1,), kv_buckets=(64,), steps_per_call=4)
 ALL = list(lora.TARGETS)
 
 
