@@ -208,7 +208,7 @@ def merge_lora(params, adapter: Adapter, scale: float = 1.0):
             want = _get(params_lib.param_shapes(adapter.config)[name], path).shape
             if w.shape != want:
                 raise LoraError(f"{name}/{'/'.join(path)} has shape {w.shape}, the adapter's base model needs {want}")
-            weights[name][path] = w
+            weights[name][path] = w if isinstance(w, jax.Array) else jnp.asarray(w)
     out_shardings = jax.tree.map(lambda w: w.sharding, weights)
     merged = _merge_jit(_Hashable(out_shardings))(weights, adapter, jnp.float32(scale))
     out = jax.tree.map(lambda x: x, params, is_leaf=lambda x: not isinstance(x, dict))  # new dicts, same leaves

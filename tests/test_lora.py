@@ -370,6 +370,8 @@ def test_refuses_missing_files(tmp_path):
     ({"rank_pattern": {"q_proj": 40}}, "adapter rank rank_pattern['q_proj']=40 exceeds the maximum rank 32"),
     ({"r": 0}, "adapter rank r must be a positive integer, got 0"),
     ({"lora_alpha": "16"}, "adapter lora_alpha must be a number, got '16'"),
+    ({"rank_pattern": {"q_proj(": 4}}, "invalid rank_pattern / alpha_pattern key 'q_proj(': "
+                                      "missing ), unterminated subpattern at position 7"),
     ({"model_type": "gemma3"}, "adapter model_type 'gemma3' does not match the base model (expected 'gemma')"),
     ({"model_type": "llama"}, "adapter model_type 'llama' does not match the base model (expected 'gemma')"),
 ])

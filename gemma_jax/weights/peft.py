@@ -146,8 +146,11 @@ def validate_config(adapter_config: Mapping, config: GemmaConfig, *, max_rank: i
 def _pattern_key(patterns: Iterable[str], module: str) -> str | None:
     """peft's `get_pattern_key`: the first pattern matching a dotted suffix of the module name."""
     for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return pattern
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return pattern
+        except re.error as e:
+            raise LoraError(f"invalid rank_pattern / alpha_pattern key {pattern!r}: {e}") from None
     return None
 
 
