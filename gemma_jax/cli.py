@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 # --- generate ------------------------------------------------------------------------------------
@@ -33,7 +33,7 @@ def _add_generate(subparsers) -> None:
     p.set_defaults(func=_run_generate)
 
 
-def _load_model(checkpoint: str | None, dtype):
+def load_model(checkpoint: str | None, dtype):
     """(config, params, tokenizer) from a native checkpoint, a GGUF file, or the embedded model."""
     from gemma_jax.tokenizer import Tokenizer
 
@@ -63,7 +63,7 @@ def _run_generate(args) -> int:
 
     if args.max_tokens < 1:
         raise SystemExit("gemma-jax: --max-tokens must be at least 1")
-    config, params, tokenizer = _load_model(args.checkpoint, jnp.dtype(args.dtype))
+    config, params, tokenizer = load_model(args.checkpoint, jnp.dtype(args.dtype))
     model = Model(config, params, tokenizer, engine_options={"slots": 1})
     try:
         for piece in stream(model, args.prompt, max_tokens=args.max_tokens, chat=not args.raw, temperature=0.0):
@@ -85,21 +85,21 @@ def _add_convert(subparsers) -> None:
     add_convert_command(subparsers)
 
 
-# --- serve: registered by the serving work (`_add_serve`) ------------------------------------------
+# `serve` lives in the serving package (serving/cli.py), which adds it to these commands: imports
+# point one way, so the core never imports Flask. The console script is `serving.cli:main`.
+COMMANDS = (_add_generate, _add_convert)
 
-_COMMANDS = [_add_generate, _add_convert]  # convert and serve append their `_add_*` here
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[Callable] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-jax", description=__doc__.split("\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in _COMMANDS:
+    for add in commands:
         add(subparsers)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, commands: Sequence[Callable] = COMMANDS) -> int:
+    args = build_parser(commands).parse_args(argv)
     return args.func(args)
 
 

@@ -1,7 +1,7 @@
-"""`gemma-jax serve` flags (each with a GEMMA_JAX_* environment variable) and the call into gunicorn.
+"""The `gemma-jax` console script: the core's commands (generate, convert) plus `serve`.
 
-The product CLI (gemma_jax/cli.py) owns what a backend is made of (embedded 270M, `--checkpoint`,
-`--random-weights`); this module only declares the flags and runs the server:
+`serve` flags each have a GEMMA_JAX_* environment variable; `serving/factory.py` says what a
+backend is made of (embedded 270M, `--checkpoint`, `--random-weights`):
 
     add_serve_arguments(parser)
     run_serve(args, backend_factory)   # backend_factory(args) -> serving.backend.Backend, in the worker
@@ -58,6 +58,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--graceful-timeout", type=float, default=float(_env("GRACEFUL_TIMEOUT", "30")),
       help="seconds in-flight requests get after SIGTERM [GEMMA_JAX_GRACEFUL_TIMEOUT] (default 30)")
     a("--log-level", default=_env("LOG_LEVEL", "info"), help="[GEMMA_JAX_LOG_LEVEL] (default info)")
+    a("--dtype", choices=("float32", "bfloat16"), default=_env("DTYPE", "float32"),
+      help="parameter / activation dtype [GEMMA_JAX_DTYPE] (default float32; bfloat16 on accelerators)")
+    a("--lora-slots", type=int, default=int(_env("LORA_SLOTS", "8")),
+      help="LoRA adapters held on device at once, mixed per batch row [GEMMA_JAX_LORA_SLOTS] (default 8; 0 = no LoRA)")
+    a("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", "32")),
+      help="largest adapter rank accepted [GEMMA_JAX_MAX_LORA_RANK] (default 32)")
+    a("--warmup", action="store_true", default=_env_bool("WARMUP", False),
+      help="compile every prefill/decode bucket before serving [GEMMA_JAX_WARMUP] (default: compile on first use)")
     return parser
 
 
@@ -73,3 +81,25 @@ def run_serve(args: argparse.Namespace, backend_factory: Callable[[argparse.Name
 
     serve(lambda: backend_factory(args), host=args.host, port=args.port, threads=args.threads,
           app_kwargs=app_kwargs(args), graceful_timeout=args.graceful_timeout, log_level=args.log_level)
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve the Workers AI text-generation API (and OpenAI routes) under gunicorn",
+        description="Serve the model over HTTP: POST /client/v4/accounts/<id>/ai/run/<model>, finetunes, "
+                    "/v1/chat/completions, /metrics, and a playground at /.")
+    add_serve_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from serving.factory import build_backend  # noqa: PLC0415 - jax is imported in the worker only
+
+    run_serve(args, build_backend)
+    return 0
+
+
+def main(argv=None) -> int:
+    from gemma_jax import cli  # noqa: PLC0415
+
+    return cli.main(argv, commands=(*cli.COMMANDS, _add_serve))
