@@ -322,9 +322,15 @@ class Scheduler:
                     q.handle._put_error(err)
                 self._count("requests_failed", len(group))
                 continue
-            state = self.engine.insert(prefix, state, self.engine.pad_slots(free, prefix))
+            try:
+                state = self.engine.insert(prefix, state, self.engine.pad_slots(free, prefix))
+                first = np.asarray(prefix.tokens)
+            except Exception as err:  # the state was donated: the loop starts a fresh one
+                for q in group:
+                    q.handle._put_error(err)
+                self._count("requests_failed", len(group))
+                raise
             self._count("prefill_batches")
-            first = np.asarray(prefix.tokens)
             for q, slot, token in zip(group, free, first):
                 s = _Slot(q.handle, slot, len(q.handle.request.prompt_ids), q.limit, bound=len(q.handle.request.prompt_ids))
                 self._slots[slot] = s
