@@ -151,7 +151,9 @@ def test_a_failing_request_fails_alone(setup, tokenizer):
         wait_for(lambda: scheduler.stats()["active_slots"] == 0)  # the failed stream's slot was freed
         after = scheduler.submit(Request(tuple(others[0]), max_tokens=8, sampling=GREEDY))
         assert after.result(timeout=60).completion_tokens == len(refs[0])
-        assert scheduler.stats()["requests_failed"] == 2
+        stats = scheduler.stats()
+        assert stats["requests_failed"] == 2 and stats["requests_cancelled"] == 0
+        assert stats["requests_completed"] == 4
 
 
 def test_queue_full_limits_adapters_and_stop(setup, tokenizer):

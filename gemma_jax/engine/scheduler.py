@@ -376,4 +376,5 @@ class Scheduler:
         if self._slots[s.slot] is s:
             self._slots[s.slot] = None
         s.handle._put_done(reason, s.drawn)
-        self._count("requests_cancelled" if reason == "cancelled" else "requests_completed")
+        if s.handle._error is None:  # a stream that failed in its consumer was counted there
+            self._count("requests_cancelled" if reason == "cancelled" else "requests_completed")
