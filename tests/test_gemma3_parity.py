@@ -74,10 +74,25 @@ def long_logits(ours, prompts):
 
 @pytest.fixture(scope="module")
 def hf_model(gguf_file):
+    import gguf
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
+    # transformers opens the file with gguf.GGUFReader twice (config, then tensors), ~13 s each;
+    # the second open reuses the first reader (read-only), nothing else changes.
+    readers = {}
+    reader_class = gguf.GGUFReader
+
+    def shared_reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader_class(path, *args, **kwargs)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", shared_reader)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
+    assert len(readers) == 1
     return model.eval()
 
 
@@ -125,12 +140,16 @@ def _step(ours, token: int, position: int, cache):
 
 
 def _our_greedy(ours, ids, n: int) -> list[int]:
+    """Prompt and continuation both go through the cache one token at a time (one compiled step
+    function for every call; short prompts make this cheaper than compiling a prefill)."""
     config, _ = ours
-    logits, cache = _prefill(ours, ids, init_cache(config, 1, CACHE_LEN))
-    out = [int(np.argmax(logits[-1]))]
+    cache = init_cache(config, 1, CACHE_LEN)
+    for position, token in enumerate(ids):
+        logits, cache = _step(ours, token, position, cache)
+    out = [int(np.argmax(logits))]
     while len(out) < n:
-        step_logits, cache = _step(ours, out[-1], len(ids) + len(out) - 1, cache)
-        out.append(int(np.argmax(step_logits)))
+        logits, cache = _step(ours, out[-1], len(ids) + len(out) - 1, cache)
+        out.append(int(np.argmax(logits)))
     return out
 
 
