@@ -171,11 +171,13 @@ def _greedy(params, cfg, tokens, steps, lora_arg=None):
     return np.asarray(first), np.stack([np.asarray(o) for o in out], 1)
 
 
-def test_mixed_batch_rows_equal_rows_alone(gqa):
+@pytest.mark.parametrize("capacity", [4, 5], ids=["one-hot (C <= B)", "per-row gather (C > B)"])
+def test_mixed_batch_rows_equal_rows_alone(gqa, capacity):
+    """Both ways `layers.lora_delta` applies a bank give each row its own adapter's logits."""
     cfg, params = gqa
     adapters = [_random_adapter(cfg, 4, 1), _random_adapter(cfg, 8, 2, targets=["q_proj", "v_proj", "down_proj"]),
                 _random_adapter(cfg, 32, 3, alpha=8)]
-    bank = bank_from_adapters(cfg, adapters, capacity=5, max_rank=32)
+    bank = bank_from_adapters(cfg, adapters, capacity=capacity, max_rank=32)
     tokens = _tokens(cfg, batch=4, length=9, seed=7)
     ids = jnp.array([0, 1, 2, 3], jnp.int32)
     logits, greedy = _greedy(params, cfg, tokens, 6, (bank, ids))
