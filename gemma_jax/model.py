@@ -16,7 +16,9 @@ With lora=None nothing is added and the computation is the plain model's.
 
 Cache semantics: row b's token at position p writes its key/value at cache index p; a query at
 position q attends the cache indices j <= q (and j > q - window on sliding-window layers). Writes at
-positions >= S are dropped, so padding tokens can be given position S and cost nothing.
+positions >= S are dropped, so padding tokens can be given position S and cost nothing. The cache is
+laid out [B, K, S, H] so that both attention einsums are plain batched matmuls over (B, K): with the
+sequence axis outside the heads, XLA would transpose the whole cache on every decode step.
 """
 
 from __future__ import annotations
@@ -36,18 +38,18 @@ _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 @flax.struct.dataclass
 class LayerCache:
-    k: jax.Array  # [B, S, K, H]
-    v: jax.Array  # [B, S, K, H]
+    k: jax.Array  # [B, K, S, H]
+    v: jax.Array  # [B, K, S, H]
 
 
 Cache = dict[str, LayerCache]  # "layer_0" ... "layer_{L-1}"
 
-CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 
 
 def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
     """An all-zeros cache for `batch` rows of `max_len` positions (see `sharding` to place it)."""
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     return {f"layer_{i}": LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
             for i in range(config.num_layers)}
 
@@ -89,26 +91,27 @@ class Attention(nn.Module):
         key = apply_rope(key, positions, base, factor)
 
         if cache is None:  # attend only the tokens given
-            keys, values, k_pos, new_cache = key, value, positions, None
+            keys, values = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, K, T, H]
+            k_pos, new_cache = positions, None
         else:  # write this step's keys/values at their positions, attend the cache
-            rows = jnp.arange(x.shape[0])[:, None]
+            rows = jnp.arange(x.shape[0])[:, None]  # [B, 1] with positions [B, T]: indexes [B, T, K, H]
             new_cache = LayerCache(
-                k=cache.k.at[rows, positions].set(key.astype(cache.k.dtype), mode="drop"),
-                v=cache.v.at[rows, positions].set(value.astype(cache.v.dtype), mode="drop"),
+                k=cache.k.at[rows, :, positions].set(key.astype(cache.k.dtype), mode="drop"),
+                v=cache.v.at[rows, :, positions].set(value.astype(cache.v.dtype), mode="drop"),
             )
-            span = kv_len or cache.k.shape[1]
-            keys, values = new_cache.k[:, :span], new_cache.v[:, :span]
+            span = kv_len or cache.k.shape[2]
+            keys, values = new_cache.k[:, :, :span], new_cache.v[:, :, :span]
             k_pos = jnp.broadcast_to(jnp.arange(span), (x.shape[0], span))
 
         b, t = q.shape[:2]
         q = (q * jnp.asarray(cfg.query_scale, q.dtype)).reshape(b, t, k, n // k, h)
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
         if cfg.attn_logit_softcap:
             logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
         mask = _attention_mask(positions, k_pos, cfg.sliding_window if self.local else None)
         logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
         probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-        encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h).astype(x.dtype)
+        encoded = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values).reshape(b, t, n, h).astype(x.dtype)
         out = Einsum((n, h, d), ("heads", "head_dim", "embed"), dt, name="attn_vec_einsum")("BTNH,NHD->BTD", encoded)
         if lora is not None:
             out = _plus(out, lora_delta(lora, "o_proj", encoded, "BTNH,BNHR->BTR", "BTR,BRD->BTD"))

@@ -66,7 +66,7 @@ def test_padding_positions_are_dropped_from_the_cache(pair):
     _, c2 = forward(params, padded, pos, init_cache(cfg, 1, 32), config=cfg)
     for a, b in zip(jax.tree.leaves(c1), jax.tree.leaves(c2)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # different T: matmul order differs
-        assert not np.any(np.asarray(b)[:, 6:])  # nothing written past the real tokens
+        assert not np.any(np.asarray(b)[:, :, 6:])  # [B, K, S, H]: nothing written past the real tokens
 
 
 def test_save_pretrained_roundtrip(tmp_path, pair):

@@ -186,9 +186,9 @@ class Engine:
         put = lambda dst, src: dst.at[slots].set(src, mode="drop")  # slot == B: a padding row
         cache = {}
         for name, layer in state.cache.items():
-            t = prefix.cache[name].k.shape[1]
-            cache[name] = LayerCache(k=layer.k.at[slots, :t].set(prefix.cache[name].k, mode="drop"),
-                                     v=layer.v.at[slots, :t].set(prefix.cache[name].v, mode="drop"))
+            t = prefix.cache[name].k.shape[2]  # [P, K, T, H] into [B, K, S, H]
+            cache[name] = LayerCache(k=layer.k.at[slots, :, :t].set(prefix.cache[name].k, mode="drop"),
+                                     v=layer.v.at[slots, :, :t].set(prefix.cache[name].v, mode="drop"))
         ones = jnp.ones_like(prefix.lengths)
         return state.replace(
             cache=cache, lengths=put(state.lengths, prefix.lengths), tokens=put(state.tokens, prefix.tokens),
