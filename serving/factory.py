@@ -3,22 +3,25 @@
 Runs inside the gunicorn worker (the process that owns the device). The model comes from, in order:
 `--random-weights CONFIG` (a named config with random weights, for benchmarks), `--checkpoint PATH`
 (a native checkpoint directory from `gemma-jax convert`, or a .gguf file), or the embedded Gemma 3
-270M. Finetunes uploaded through the API are loaded into the engine's LoRA bank under their id.
+270M. Finetunes uploaded through the API are loaded into the engine's LoRA bank under their id
+(`make_backend`); as on Workers AI, an adapter_config.json must name its `model_type`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 
 from gemma_jax import config as config_lib
+from gemma_jax.config import Limits
 from gemma_jax.engine.engine import Engine
 from gemma_jax.engine.scheduler import Scheduler
 from gemma_jax.tokenizer import Tokenizer
-from serving.backend import Backend
+from serving.backend import DEFAULT_MODEL, Backend
 
 log = logging.getLogger("serving.factory")
 
@@ -41,9 +44,12 @@ def load_model(args: argparse.Namespace):
             raise SystemExit(f"gemma-jax: --random-weights must be one of {sorted(RANDOM_CONFIGS)}")
         tokenizer = Tokenizer.from_gguf(gguf_path())  # any real tokenizer: the text is noise anyway
         config = RANDOM_CONFIGS[args.random_weights]()
-        # Token ids must index the embedding: widen the vocabulary to the tokenizer's if needed.
-        config = config.replace(vocab_size=max(config.vocab_size, tokenizer.vocab_size))
-        return config, init_params(config, jax.random.key(0), dtype), tokenizer
+        # Token ids must index the embedding: widen the vocabulary to the tokenizer's if needed; the
+        # chat turn markers (stop ids) are the tokenizer's (Gemma 3: 105/106, Gemma 1 configs: 106/107).
+        config = config.replace(vocab_size=max(config.vocab_size, tokenizer.vocab_size),
+                                start_of_turn_id=tokenizer.start_of_turn_id, end_of_turn_id=tokenizer.end_of_turn_id)
+        # unsafe_rbg: random init compiles and runs several times faster than threefry on CPU.
+        return config, init_params(config, jax.random.key(0, impl="unsafe_rbg"), dtype), tokenizer
     if args.checkpoint:
         from gemma_jax.cli import load_model as load_checkpoint_model
 
@@ -58,6 +64,17 @@ def build_backend(args: argparse.Namespace) -> Backend:
     if args.warmup:
         log.info("compiling every prefill / decode bucket (--warmup)")
         engine.warmup()
-    scheduler = Scheduler(engine, tokenizer)
-    return Backend(scheduler, tokenizer, model_name=args.model_name, limits=config.limits,
-                   load_adapter_fn=engine.load_adapter, unload_adapter_fn=engine.unload_adapter)
+    return make_backend(engine, tokenizer, model_name=args.model_name)
+
+
+def make_backend(engine: Engine, tokenizer: Tokenizer, *, model_name: str = DEFAULT_MODEL) -> Backend:
+    """A new scheduler over `engine`, as a Backend. Adapters load into the engine's LoRA bank with
+    `model_type` required (Workers AI's rule); an engine without a bank serves no finetunes. The
+    limits are the engine's own (its prefill buckets may cap the input below the config's)."""
+    config = engine.config
+    limits = Limits(max_input_tokens=engine.max_input, max_total_tokens=engine.max_total,
+                    max_batch_prefill_tokens=config.limits.max_batch_prefill_tokens)
+    lora = engine.bank is not None
+    return Backend(Scheduler(engine, tokenizer), tokenizer, model_name=model_name, limits=limits,
+                   load_adapter_fn=functools.partial(engine.load_adapter, require_model_type=True) if lora else None,
+                   unload_adapter_fn=engine.unload_adapter if lora else None)
