@@ -21,6 +21,7 @@ not a valid adapter for this model; `unload_adapter_fn(key)` frees the bank entr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -117,7 +118,15 @@ class Backend:
         self.scheduler.start()
 
     def stop(self) -> None:
+        """Stop the scheduler, then release the adapters this backend loaded: the engine (and its
+        bank) may outlive it, and a new app over the same engine reloads them from its data dir."""
         self.scheduler.stop()
+        with self._lock:
+            loaded, self._adapters = list(self._adapters), {}
+        if self._unload_fn is not None:
+            for finetune_id in loaded:
+                with contextlib.suppress(UnknownAdapter):  # already gone: nothing to release
+                    self._unload_fn(finetune_id)
 
     def serves(self, model: str) -> bool:
         return model == self.model_name or model in self.aliases
