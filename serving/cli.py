@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 
 from serving.backend import DEFAULT_MODEL, Backend
@@ -103,3 +104,7 @@ def main(argv=None) -> int:
     from gemma_jax import cli  # noqa: PLC0415
 
     return cli.main(argv, commands=(*cli.COMMANDS, _add_serve))
+
+
+if __name__ == "__main__":  # python -m serving.cli serve ... (what the console script runs)
+    sys.exit(main())
