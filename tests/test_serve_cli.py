@@ -1,0 +1,128 @@
+"""The real `gemma-jax serve` command as a subprocess: gunicorn, the backend factory, a real Engine.
+
+`python -m serving.cli serve --random-weights tiny_gemma3 --max-batch 2` (what the console script
+runs) on a free loopback port: random weights start fast, the tokenizer is the embedded GGUF's (the
+cache dir given by GEMMA_JAX_CACHE). Checked: the readiness line, a Workers AI run (envelope, usage
+counted with the same tokenizer here), the same run streamed (event format, padding, usage, [DONE];
+greedy, so the pieces concatenate to the non-stream text), an OpenAI chat request (one user turn is
+the same prompt as Workers AI's default scoped prompt, so the same greedy text), auth, /metrics
+counting the generated tokens, then SIGTERM -> exit 0 within the graceful timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import tomllib
+from pathlib import Path
+
+import pytest
+import requests
+
+from gemma_jax.tokenizer import Tokenizer, encode_chat, format_prompt
+from serving_fakes import MODEL, run_url
+from test_serving_gunicorn import free_port, metric
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "cli-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+GRACEFUL = 5
+
+
+def test_console_script_is_serving_cli():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["gemma-jax"] == "serving.cli:main"
+
+
+@pytest.fixture(scope="module")
+def server(gguf_file, tmp_path_factory):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", GEMMA_JAX_CACHE=str(gguf_file.parent),
+               GEMMA_JAX_API_TOKEN=TOKEN)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "serve", "--random-weights", "tiny_gemma3", "--max-batch", "2",
+         "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path_factory.mktemp("data")),
+         "--threads", "4", "--graceful-timeout", str(GRACEFUL)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def drain():
+        for line in proc.stderr:
+            lines.append(line)
+            if "gemma-jax ready" in line:
+                ready.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(150), "".join(lines)
+        yield proc, f"http://127.0.0.1:{port}", lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=5)
+
+
+def test_serve_answers_workers_ai_and_openai_then_stops_on_sigterm(server, gguf_file):
+    proc, base, lines = server
+    tok = Tokenizer.from_gguf(gguf_file)
+    ready = next(line for line in lines if "gemma-jax ready" in line)
+    assert f"serving {MODEL} on {base}" in ready
+
+    assert requests.post(run_url(base), json={"prompt": "hi"}, timeout=10).status_code == 401
+    body = {"prompt": "Why is the sky blue?", "max_tokens": 8, "temperature": 0}
+    prompt_tokens = len(tok.encode(format_prompt(body["prompt"])))
+    r = requests.post(run_url(base), json=body, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert set(answer) == {"result", "success", "errors", "messages"}
+    assert answer["success"] is True and answer["errors"] == [] and answer["messages"] == []
+    result = answer["result"]
+    assert set(result) == {"response", "usage"} and isinstance(result["response"], str)
+    n = result["usage"]["completion_tokens"]
+    assert 1 <= n <= 8
+    assert result["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                               "total_tokens": prompt_tokens + n}
+
+    r = requests.post(run_url(base), json={**body, "stream": True}, headers=AUTH, timeout=120)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+    assert r.headers["Cache-Control"] == "no-cache" and r.headers["X-Accel-Buffering"] == "no"
+    blocks = r.text.split("\n\n")
+    assert blocks[-1] == "" and all(b.startswith("data: ") for b in blocks[:-1])
+    assert blocks[-2] == "data: [DONE]"
+    events = [json.loads(b[len("data: "):]) for b in blocks[:-2]]
+    assert all(re.fullmatch(r"[A-Za-z0-9]+", e.pop("p")) for e in events)  # padding on by default
+    assert events[-1] == {"response": "", "usage": result["usage"]}
+    assert all(set(e) == {"response"} and e["response"] for e in events[:-1])
+    assert "".join(e["response"] for e in events) == result["response"]
+
+    messages = [{"role": "user", "content": body["prompt"]}]
+    r = requests.post(f"{base}/v1/chat/completions", headers=AUTH, timeout=120,
+                      json={"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    chat = r.json()
+    assert chat["object"] == "chat.completion" and chat["model"] == MODEL
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": result["response"]}
+    assert chat["choices"][0]["finish_reason"] in ("stop", "length")
+    assert len(encode_chat(tok, messages)) == prompt_tokens
+    assert chat["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                             "total_tokens": prompt_tokens + n}
+
+    assert metric(base, "gemma_jax_scheduler_tokens_generated") == 3 * n
+    assert metric(base, "gemma_jax_generated_tokens_total") == 3 * n
+    assert metric(base, "gemma_jax_prompt_tokens_total") == 3 * prompt_tokens
+    assert metric(base, "gemma_jax_time_to_first_token_seconds_count") == 3
+    assert metric(base, "gemma_jax_scheduler_active_slots") == 0 and metric(base, "gemma_jax_scheduler_slots") == 2
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=GRACEFUL + 10) == 0
+    log = "".join(lines)
+    assert "gemma-jax stopped" in log and "Traceback" not in log
