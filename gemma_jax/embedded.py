@@ -10,8 +10,9 @@ the first `load_embedded()` does it once and saves our native orbax checkpoint n
 
 `<cache>` is `embedded_gguf.cache_dir()`: `$GEMMA_JAX_CACHE`, else `$XDG_CACHE_HOME/gemma-jax`, else
 `~/.cache/gemma-jax`. The checkpoint keeps float32 (the exact dequantized values); a smaller
-`dtype` is a cast on restore. The weights are under the Gemma Terms of Use, so the checkpoint
-carries a NOTICE (see `notice_text`).
+`dtype` is a cast on restore. A cached checkpoint that this version cannot read (an older format
+or parameter layout) is converted again. The weights are under the Gemma Terms of Use, so the
+checkpoint carries a NOTICE (see `notice_text`).
 """
 
 from __future__ import annotations
@@ -64,16 +65,23 @@ def load_embedded(dtype=jnp.float32, cache: str | os.PathLike | None = None,
     directory = checkpoint_dir(cache)
     if not native.is_native_checkpoint(directory):
         convert_embedded(cache)
-    config, params, proto = native.load_checkpoint(directory, dtype=dtype, mesh=mesh)
+    try:
+        config, params, proto = native.load_checkpoint(directory, dtype=dtype, mesh=mesh)
+    except ValueError as error:  # written by another gemma-jax version: a format or layout change
+        print(f"gemma-jax: the cached checkpoint does not fit this version ({error}); converting again",
+              file=sys.stderr, flush=True)
+        convert_embedded(cache, overwrite=True)
+        config, params, proto = native.load_checkpoint(directory, dtype=dtype, mesh=mesh)
     if proto is None:
         raise ValueError(f"{directory} has no tokenizer.model; delete the directory to convert again")
     return config, params, Tokenizer.from_model_proto(proto)
 
 
-def convert_embedded(cache: str | os.PathLike | None = None) -> Path:
+def convert_embedded(cache: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Assemble the GGUF if needed, convert it and save the native checkpoint. Returns its path.
 
-    If another process finishes the same conversion first, its checkpoint is kept.
+    Without `overwrite`, if another process finishes the same conversion first, its checkpoint is
+    kept; with it, an existing checkpoint is replaced (atomically).
     """
     directory = checkpoint_dir(cache)
     gguf_file = embedded_gguf.gguf_path(Path(cache) if cache is not None else None)
@@ -84,7 +92,7 @@ def convert_embedded(cache: str | os.PathLike | None = None) -> Path:
         raise ValueError(f"GGUF vocabulary has {tokenizer.vocab_size} pieces, embedding {config.vocab_size} rows")
     try:
         native.save_checkpoint(directory, config, params, tokenizer.sp.serialized_model_proto(),
-                               notice=notice_text())
+                               notice=notice_text(), overwrite=overwrite)
     except (FileExistsError, OSError):
         if not native.is_native_checkpoint(directory):  # not a lost race: a real failure
             raise

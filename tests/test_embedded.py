@@ -145,3 +145,17 @@ def test_cli_generate_raw(first_load, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out == tokenizer.decode(expected) + "\n"
     assert out.strip()
+
+
+def test_stale_checkpoint_is_converted_again(cache, first_load):
+    """A cached checkpoint another gemma-jax version wrote (here: a different format version) is
+    replaced by a fresh conversion instead of failing."""
+    config_file = cache / embedded.CHECKPOINT_NAME / "config.json"
+    config_file.write_text(config_file.read_text().replace('"format_version": 1', '"format_version": 0'))
+    with pytest.raises(ValueError, match="format_version"):
+        native.load_checkpoint(cache / embedded.CHECKPOINT_NAME)
+    config, params, _ = embedded.load_embedded(cache=cache)
+    assert config == first_load[0]
+    np.testing.assert_array_equal(np.asarray(params["final_norm"]["scale"]),
+                                  np.asarray(first_load[1]["final_norm"]["scale"]))
+    assert native.read_config(cache / embedded.CHECKPOINT_NAME) == config
