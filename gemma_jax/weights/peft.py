@@ -63,7 +63,10 @@ def load_adapter(source: str | os.PathLike | tuple, config: GemmaConfig, *, max_
             adapter_config = json.load(f)
     except json.JSONDecodeError as e:
         raise LoraError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
-    tensors = dict(read_safetensors(weights_path))
+    try:
+        tensors = dict(read_safetensors(weights_path))
+    except (KeyError, TypeError, ValueError) as e:  # a header that is JSON but not safetensors' layout
+        raise LoraError(f"{WEIGHTS_NAME} is not a valid safetensors file ({type(e).__name__}: {e})") from None
     return adapter_from_peft(adapter_config, tensors, config, max_rank=max_rank, dtype=dtype,
                              require_model_type=require_model_type)
 
