@@ -56,7 +56,7 @@ def test_greedy_raw_prompt_matches_the_notebook_api(stack):
                         "messages": []}
 
     r = requests.post(run_url(server.url), json={**body, "stream": True}, timeout=300)
-    events = [b[len("data: "):] for b in r.text.split("\n\n") if b]
+    events = [b[len("data: "):] for b in r.text.split("\n\n") if b.startswith("data: ")]
     assert events[-1] == "[DONE]"
     parsed = [json.loads(e) for e in events[:-1]]
     assert "".join(e["response"] for e in parsed) == want
