@@ -8,9 +8,9 @@ index matrix through its `to_ours` reshape: whatever axes of our weight come fro
 whatever come from `out` go to B. For this code base that gives
 
     target      weight (ours)                A              B
-    q_proj      attn/q_einsum     [N, D, H]  [D, r]         [r, N, H]
-    k_proj      attn/kv_einsum[0] [K, D, H]  [D, r]         [r, K, H]
-    v_proj      attn/kv_einsum[1] [K, D, H]  [D, r]         [r, K, H]
+    q_proj      attn/q_einsum     [D, N, H]  [D, r]         [r, N, H]
+    k_proj      attn/kv_einsum[:, 0] [D, K, H]  [D, r]      [r, K, H]
+    v_proj      attn/kv_einsum[:, 1] [D, K, H]  [D, r]      [r, K, H]
     o_proj      attn/attn_vec_einsum [N,H,D] [N, H, r]      [r, D]
     gate_proj   mlp/gating_einsum[0] [D, F]  [D, r]         [r, F]
     up_proj     mlp/gating_einsum[1] [D, F]  [D, r]         [r, F]
@@ -66,7 +66,7 @@ class TargetLayout:
 
     target: str
     path: tuple[str, ...]  # the weight inside layer_i
-    index: int | None  # position in the weight's stacked first axis, if any
+    index: int | None  # position in the weight's stacked axis (params.STACK_AXIS), if any
     in_features: int
     out_features: int
     in_shape: tuple[int, ...]  # A is [*in_shape, r]
@@ -179,7 +179,7 @@ def _merge_impl(weights: dict, adapter: Adapter, scale: jax.Array) -> dict:
             delta = jnp.einsum(lay.merge_eqn, lw.a.astype(jnp.float32), lw.b.astype(jnp.float32),
                                precision=jax.lax.Precision.HIGHEST) * (lw.scale * scale)
             w = merged[lay.path]
-            merged[lay.path] = w + delta if lay.index is None else w.at[lay.index].add(delta)
+            merged[lay.path] = w + delta if lay.index is None else w.at[:, lay.index].add(delta)
         out[name] = {path: merged[path].astype(w.dtype) for path, w in weights[name].items()}
     return out
 
@@ -391,7 +391,10 @@ def _weight_slice(config: GemmaConfig, linear) -> tuple[tuple[int, ...], tuple[s
     """Shape and logical axes of the weight a projection writes (its slice, for a stacked pair)."""
     shape = _get(params_lib.param_shapes(config)["layer_0"], linear.path).shape
     names = _get(params_lib.param_axes(config)["layer_0"], linear.path)
-    return (shape, names) if linear.index is None else (shape[1:], names[1:])
+    if linear.index is None:
+        return shape, names
+    drop = params_lib.STACK_AXIS
+    return shape[:drop] + shape[drop + 1:], names[:drop] + names[drop + 1:]
 
 
 def _get(tree, path):

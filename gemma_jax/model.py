@@ -72,10 +72,11 @@ class Attention(nn.Module):
         cfg = self.config
         n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
         dt = self.param_dtype
-        q = Einsum((n, d, h), ("heads", "embed", "head_dim"), dt, name="q_einsum")("BTD,NDH->BTNH", x)
-        kv = Einsum((2, k, d, h), ("stack", "kv_heads", "embed", "head_dim"), dt, name="kv_einsum")(
-            "BTD,CKDH->CBTKH", x)
-        key, value = kv[0], kv[1]
+        # Weights are [in, out...] so each projection is one plain matmul with no weight transpose.
+        q = Einsum((d, n, h), ("embed", "heads", "head_dim"), dt, name="q_einsum")("BTD,DNH->BTNH", x)
+        kv = Einsum((d, 2, k, h), ("embed", "stack", "kv_heads", "head_dim"), dt, name="kv_einsum")(
+            "BTD,DCKH->BTCKH", x)
+        key, value = kv[:, :, 0], kv[:, :, 1]
         if lora is not None:
             q = _plus(q, lora_delta(lora, "q_proj", x, "BTD,BDR->BTR", "BTR,BRNH->BTNH"))
             key = _plus(key, lora_delta(lora, "k_proj", x, "BTD,BDR->BTR", "BTR,BRKH->BTKH"))
@@ -119,7 +120,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GeGLU: gelu_tanh(x W_gate) * (x W_up), then W_down. gating_einsum[0] is the gate."""
+    """GeGLU: gelu_tanh(x W_gate) * (x W_up), then W_down. gating_einsum[:, 0] is the gate."""
 
     config: GemmaConfig
     param_dtype: jnp.dtype = jnp.float32
@@ -127,8 +128,8 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x, lora=None):
         d, f, dt = self.config.embed_dim, self.config.hidden_dim, self.param_dtype
-        gate_up = Einsum((2, d, f), ("stack", "embed", "mlp"), dt, name="gating_einsum")("BTD,CDF->CBTF", x)
-        gate, up = gate_up[0], gate_up[1]
+        gate_up = Einsum((d, 2, f), ("embed", "stack", "mlp"), dt, name="gating_einsum")("BTD,DCF->BTCF", x)
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
         if lora is not None:
             gate = _plus(gate, lora_delta(lora, "gate_proj", x, "BTD,BDR->BTR", "BTR,BRF->BTF"))
             up = _plus(up, lora_delta(lora, "up_proj", x, "BTD,BDR->BTR", "BTR,BRF->BTF"))

@@ -4,19 +4,23 @@ The tree is the one `Transformer.init` builds, without the "params" wrapper:
 
     embedder/input_embedding                [V, D]
     layer_i/pre_attention_norm/scale        [D]
-    layer_i/attn/q_einsum/w                 [N, D, H]
-    layer_i/attn/kv_einsum/w                [2, K, D, H]     k = [0], v = [1]
+    layer_i/attn/q_einsum/w                 [D, N, H]
+    layer_i/attn/kv_einsum/w                [D, 2, K, H]     k = [:, 0], v = [:, 1]
     layer_i/attn/attn_vec_einsum/w          [N, H, D]
     layer_i/attn/{query,key}_norm/scale     [H]              (Gemma 3)
     layer_i/post_attention_norm/scale       [D]              (Gemma 3)
     layer_i/pre_ffw_norm/scale              [D]
-    layer_i/mlp/gating_einsum/w             [2, D, F]        gate = [0], up = [1]
+    layer_i/mlp/gating_einsum/w             [D, 2, F]        gate = [:, 0], up = [:, 1]
     layer_i/mlp/linear/w                    [F, D]
     layer_i/post_ffw_norm/scale             [D]              (Gemma 3)
     final_norm/scale                        [D]
 
-This is DeepMind's Flax layout (gemma-llm 1.0) with MHA's fused `qkv_einsum` always split into
-`q_einsum` + `kv_einsum`, so one tree serves MHA, MQA and GQA.
+This is DeepMind's Flax layout (gemma-llm 1.0) with two changes: MHA's fused `qkv_einsum` is always
+split into `q_einsum` + `kv_einsum`, so one tree serves MHA, MQA and GQA; and every projection puts
+its input dimension D first (q [D, N, H], kv [D, 2, K, H], gating [D, 2, F], where DeepMind has
+[N, D, H], [2, K, D, H], [2, D, F]), so that each is one plain [in, out] matmul, the stacked pair
+included. With D in the middle XLA transposes the weight on every call, which in memory-bound
+decoding costs as much as reading it again. The Kaggle loader transposes once, at load time.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from jax.sharding import Mesh
 from gemma_jax import sharding
 from gemma_jax.config import GemmaConfig
 from gemma_jax.model import CACHE_AXES, Cache, LayerCache, Transformer, init_cache
+
+STACK_AXIS = 1  # the axis of a stacked pair (k/v in kv_einsum, gate/up in gating_einsum)
 
 
 def _boxed_init(config: GemmaConfig, dtype, key):

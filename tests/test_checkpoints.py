@@ -71,8 +71,8 @@ def test_native_restore_into_mesh_and_dtype(tmp_path):
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
         assert got.sharding == want
     # heads / vocab / mlp really are split over the 4-way model axis
-    assert restored["layer_0"]["attn"]["q_einsum"]["w"].sharding.spec[0] == "model"
-    assert restored["layer_0"]["attn"]["q_einsum"]["w"].addressable_shards[0].data.shape == (1, 64, 16)
+    assert restored["layer_0"]["attn"]["q_einsum"]["w"].sharding.spec[1] == "model"  # [D, N, H]
+    assert restored["layer_0"]["attn"]["q_einsum"]["w"].addressable_shards[0].data.shape == (64, 1, 16)
 
     # Another dtype on restore: bf16 on disk -> f32 in memory, values exactly the bf16 ones.
     mesh18 = make_mesh(data=1, model=8)
@@ -124,7 +124,9 @@ def deepmind_tree(params, config, padded_vocab=None, seed=0):
     tree = {"embedder": {"input_embedding": emb}, "final_norm": np_params["final_norm"]}
     for i in range(config.num_layers):
         ours = np_params[f"layer_{i}"]
-        q, kv = ours["attn"]["q_einsum"]["w"], ours["attn"]["kv_einsum"]["w"]
+        # DeepMind's layout: q [N, D, H], kv [2, K, D, H], gating [2, D, F] (ours put D first).
+        q = ours["attn"]["q_einsum"]["w"].transpose(1, 0, 2)
+        kv = ours["attn"]["kv_einsum"]["w"].transpose(1, 2, 0, 3)
         if config.num_kv_heads == config.num_heads:
             attn = {"qkv_einsum": {"w": np.stack([q, kv[0], kv[1]])}}
         else:
@@ -132,7 +134,8 @@ def deepmind_tree(params, config, padded_vocab=None, seed=0):
         attn["attn_vec_einsum"] = ours["attn"]["attn_vec_einsum"]
         tree[f"layer_{i}"] = {
             "pre_attention_norm": ours["pre_attention_norm"], "attn": attn, "pre_ffw_norm": ours["pre_ffw_norm"],
-            "mlp": {"gating_einsum": ours["mlp"]["gating_einsum"]["w"], "linear": ours["mlp"]["linear"]["w"]},
+            "mlp": {"gating_einsum": ours["mlp"]["gating_einsum"]["w"].transpose(1, 0, 2),
+                    "linear": ours["mlp"]["linear"]["w"]},
         }
     return tree
 

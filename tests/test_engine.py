@@ -87,7 +87,7 @@ def test_sharded_engine_on_8_devices_matches_one_device():
     config, params, engine = tiny_engine("tiny_gemma3", warm=True)
     sharded = Engine(config, params, mesh=make_mesh(data=2, model=4), **ENGINE_KW)
     leaf = sharded.params["layer_0"]["attn"]["q_einsum"]["w"]
-    assert len(leaf.sharding.device_set) == 8 and leaf.sharding.spec[0] == "model"  # heads split
+    assert len(leaf.sharding.device_set) == 8 and leaf.sharding.spec[1] == "model"  # [D, N, H]: heads split
     prompts = prompts_for([4, 13, 30, 9], seed=4)
     sampling = [GREEDY, SAMPLED, GREEDY, SamplingParams(temperature=1.2, top_k=5, seed=5)]
     want = run_to_completion(engine, prompts, sampling=sampling, max_tokens=12)

@@ -276,7 +276,7 @@ def test_merge_keeps_shardings_on_a_mesh(gqa):
     for m, s in zip(jax.tree.leaves(merged), jax.tree.leaves(shardings)):
         assert m.sharding == s, (m.sharding, s)
     q = merged["layer_0"]["attn"]["q_einsum"]["w"]
-    assert len(q.sharding.device_set) == 8 and q.sharding.spec[0] == "model"  # really split over heads
+    assert len(q.sharding.device_set) == 8 and q.sharding.spec[1] == "model"  # [D, N, H]: split over heads
     for m, ref in zip(jax.tree.leaves(merged), jax.tree.leaves(merge_lora(params, adapter))):
         np.testing.assert_allclose(m, ref, rtol=1e-6, atol=1e-7)
     # A bank on the mesh is sharded like the weights it modifies, and forward runs with it.
@@ -462,5 +462,5 @@ def test_bank_and_merge_errors(gqa):
     mha_params = params_from_hf_state(state_numpy(random_hf_gemma(MHA)), MHA)
     with pytest.raises(LoraError) as e:
         merge_lora(mha_params, small)
-    assert str(e.value) == "layer_0/attn/q_einsum/w has shape (4, 64, 16), the adapter's base model needs (8, 48, 32)"
+    assert str(e.value) == "layer_0/attn/q_einsum/w has shape (64, 4, 16), the adapter's base model needs (48, 8, 32)"
     assert isinstance(e.value, ValueError)

@@ -207,7 +207,7 @@ def _layer_pattern(pattern, num_layers: int):
 
 
 # --- tensors -> our tree -----------------------------------------------------------------------
-# GGUF per-layer tensor -> (path inside layer_i, index in a stacked first axis, kind)
+# GGUF per-layer tensor -> (path inside layer_i, index in the stacked axis params.STACK_AXIS, kind)
 _LAYER = {
     "attn_norm": (("pre_attention_norm", "scale"), None, "norm"),
     "attn_q": (("attn", "q_einsum", "w"), None, "q"),
@@ -252,10 +252,8 @@ def _convert(w: np.ndarray, kind: str, config: GemmaConfig) -> np.ndarray:
         return w - np.float32(1.0)  # GGUF stores 1 + w
     if kind == "embed":
         return w  # [V, D]
-    if kind == "q":  # [N*H, D] -> [N, D, H]
-        return w.reshape(-1, h, d).transpose(0, 2, 1)
-    if kind == "kv":  # [K*H, D] -> [K, D, H]
-        return w.reshape(-1, h, d).transpose(0, 2, 1)
+    if kind in ("q", "kv"):  # [N*H, D] -> [D, N, H]; [K*H, D] -> [D, K, H]
+        return w.reshape(-1, h, d).transpose(2, 0, 1)
     if kind == "o":  # [D, N*H] -> [N, H, D]
         return w.T.reshape(-1, h, d)
     if kind == "in":  # [out, in] -> [in, out]: gate/up [F, D] -> [D, F]; down [D, F] -> [F, D]
@@ -322,7 +320,7 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = No
         parts = pending.setdefault(key, {})
         parts[index] = w
         if len(parts) == 2:
-            loaded[key] = place(key, np.stack([parts[0], parts[1]]))
+            loaded[key] = place(key, np.stack([parts[0], parts[1]], axis=P.STACK_AXIS))
             del pending[key]
     missing = sorted("/".join(k) for k in expected if k not in loaded)
     if missing:

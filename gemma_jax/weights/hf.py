@@ -39,19 +39,19 @@ class LinearTarget:
     """Where one HF projection of a layer lives in our tree, and how its [out, in] matrix maps there."""
 
     path: tuple[str, ...]  # inside layer_i, e.g. ("attn", "q_einsum", "w")
-    index: int | None  # position in a stacked first axis (kv: k=0 v=1; gating: gate=0 up=1)
+    index: int | None  # position in the stacked axis params.STACK_AXIS (kv: k=0 v=1; gating: gate=0 up=1)
     to_ours: Callable[[np.ndarray, GemmaConfig], np.ndarray]
     from_ours: Callable[[np.ndarray, GemmaConfig], np.ndarray]
 
 
 def _heads_in(n_attr: str):
-    """[n*H, D] (out = heads) <-> [n, D, H]."""
+    """[n*H, D] (out = heads) <-> [D, n, H]."""
     def to(w, c):
         n = getattr(c, n_attr)
-        return w.reshape(n, c.head_dim, c.embed_dim).transpose(0, 2, 1)
+        return w.reshape(n, c.head_dim, c.embed_dim).transpose(2, 0, 1)
 
     def back(w, c):
-        return w.transpose(0, 2, 1).reshape(-1, c.embed_dim)
+        return w.transpose(1, 2, 0).reshape(-1, c.embed_dim)
     return to, back
 
 
@@ -166,7 +166,7 @@ def params_from_hf_state(state: Mapping[str, np.ndarray] | Iterator[tuple[str, n
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     out: dict = {}
     for path, parts in staged.items():
-        array = parts[None] if None in parts else np.stack([parts[i] for i in sorted(parts)])
+        array = parts[None] if None in parts else np.stack([parts[i] for i in sorted(parts)], axis=P.STACK_AXIS)
         expected = _get(shapes, path).shape
         if array.shape != expected:
             raise ValueError(f"{'/'.join(path)}: checkpoint shape {array.shape}, config expects {expected}")
@@ -182,7 +182,7 @@ def hf_state_from_params(params, config: GemmaConfig) -> dict[str, np.ndarray]:
     for short, slot in hf_names(config).items():
         array = np.asarray(_get(params, slot.path))
         if slot.index is not None:
-            array = array[slot.index]
+            array = np.take(array, slot.index, axis=P.STACK_AXIS)
         if slot.linear is not None:
             array = slot.linear.from_ours(array, config)
         out[f"model.{short}"] = np.ascontiguousarray(array)

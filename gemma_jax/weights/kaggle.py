@@ -16,7 +16,9 @@ keys are flat paths under a `transformer` root, e.g.
 `gating_einsum` / `linear` as bare params), and `Transformer.init` returns the tree without the
 `transformer` root. We accept all of these: every path is flattened, the `params` / `transformer`
 root is stripped and a bare `mlp/gating_einsum` / `mlp/linear` gets its `w` back. Our tree is the
-same layout with MHA's `qkv_einsum` split into `q_einsum` + `kv_einsum[0:2]` (see `params.py`).
+same layout with MHA's `qkv_einsum` split into `q_einsum` + `kv_einsum[0:2]`, and the q/k/v weights
+and MLP weights transposed to put D first (q [N, D, H] -> [D, N, H], kv [2, K, D, H] -> [D, 2, K, H],
+gating [2, D, F] -> [D, 2, F]; see `params.py`).
 
 Config: never inferred from the tree (layer counts do not name a model). The caller passes a config
 or a variant name ("2b" / "7b" -> our named factories).
@@ -151,11 +153,11 @@ def load_kaggle(ckpt_dir: str | os.PathLike, config: GemmaConfig | None = None, 
                 problems.append(f"{path}: fused qkv (MHA) in the checkpoint, but the config has "
                                 f"{config.num_heads} heads and {config.num_kv_heads} kv heads")
                 continue
-            expected = (3, *want[q_path].shape)
+            expected = (3, *_from_ours(want[q_path].shape, _DM_PERM["q_einsum"]))
             if shape != expected:
                 problems.append(f"{path}: shape {shape}, config expects {expected}")
                 continue
-            plan[path] = (place(("stack", *axes[q_path]), shape),
+            plan[path] = (place(("stack", *_from_ours(axes[q_path], _DM_PERM["q_einsum"])), shape),
                           _qkv_split(q_path, kv_path, target_sharding[q_path], target_sharding[kv_path]))
             covered |= {q_path, kv_path}
         elif path == "embedder/input_embedding":
@@ -164,6 +166,15 @@ def load_kaggle(ckpt_dir: str | os.PathLike, config: GemmaConfig | None = None, 
                 problems.append(f"{path}: shape {shape}, config expects ({v}, {d}) or more rows (padded vocab)")
                 continue
             plan[path] = (place(axes[path], shape), _vocab_slice(path, v, target_sharding[path]))
+            covered.add(path)
+        elif path in want and _perm_of(path) is not None:  # DeepMind's [.., D, H] -> ours [D, .., H]
+            perm = _perm_of(path)
+            expected = _from_ours(want[path].shape, perm)
+            if shape != expected:
+                problems.append(f"{path}: shape {shape}, config expects {expected}")
+                continue
+            plan[path] = (place(_from_ours(axes[path], perm), shape),
+                          _transposed(path, perm, target_sharding[path]))
             covered.add(path)
         elif path in want:
             if shape != want[path].shape:
@@ -199,6 +210,32 @@ def _identity(path):
     return lambda x: {path: x}
 
 
+# DeepMind layout -> ours: ours = deepmind.transpose(perm).
+_DM_PERM = {"q_einsum": (1, 0, 2), "kv_einsum": (2, 0, 1, 3), "gating_einsum": (1, 0, 2)}
+
+
+def _perm_of(path: str):
+    parts = path.split("/")
+    return _DM_PERM.get(parts[-2]) if len(parts) >= 2 and parts[-1] == "w" else None
+
+
+def _from_ours(seq, perm):
+    """The DeepMind-layout order of `seq` (a shape or axes given in our order)."""
+    out = [None] * len(perm)
+    for i, p in enumerate(perm):
+        out[p] = seq[i]
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _transpose_fn(perm, out_sharding):
+    return jax.jit(lambda x: x.transpose(perm), out_shardings=out_sharding)
+
+
+def _transposed(path, perm, out_sharding):
+    return lambda x: {path: _transpose_fn(perm, out_sharding)(x)}
+
+
 @functools.lru_cache(maxsize=None)
 def _slice_rows_fn(rows: int, out_sharding):
     return jax.jit(lambda x: x[:rows], out_shardings=out_sharding)
@@ -206,7 +243,9 @@ def _slice_rows_fn(rows: int, out_sharding):
 
 @functools.lru_cache(maxsize=None)
 def _split_qkv_fn(q_sharding, kv_sharding):  # one compile shared by every layer
-    return jax.jit(lambda w: (w[0], w[1:]), out_shardings=(q_sharding, kv_sharding))
+    q_perm, kv_perm = _DM_PERM["q_einsum"], _DM_PERM["kv_einsum"]
+    return jax.jit(lambda w: (w[0].transpose(q_perm), w[1:].transpose(kv_perm)),
+                   out_shardings=(q_sharding, kv_sharding))
 
 
 def _vocab_slice(path, vocab, out_sharding):
@@ -214,7 +253,7 @@ def _vocab_slice(path, vocab, out_sharding):
 
 
 def _qkv_split(q_path, kv_path, q_sharding, kv_sharding):
-    def split(w):  # [3, N, D, H] -> q [N, D, H], kv [2, N, D, H]
+    def split(w):  # [3, N, D, H] -> q [D, N, H], kv [D, 2, N, H]
         q, kv = _split_qkv_fn(q_sharding, kv_sharding)(w)
         return {q_path: q, kv_path: kv}
     return split
