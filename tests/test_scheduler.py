@@ -91,7 +91,11 @@ def test_continuous_batching_gives_each_request_its_solo_tokens(setup, tokenizer
 def test_cancel_frees_the_slot_for_a_waiting_request(setup, tokenizer):
     config, params, engine = setup
     gated = GatedEngine(engine)
-    prompts = prompts_for([8, 8, 8, 8, 10], seed=12)
+    # Four prompts that do not stop at their first token (a stop at prefill would free a slot early).
+    candidates = prompts_for([8] * 12, seed=12)
+    firsts = naive_greedy(config, params, candidates, 1)
+    prompts = [p for p, f in zip(candidates, firsts) if f[0] not in config.stop_ids][:4]
+    prompts += prompts_for([10], seed=13)
     max_tokens = [40, 40, 40, 40, 6]
     scheduler = Scheduler(gated, tokenizer).start()
     try:
