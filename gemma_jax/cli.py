@@ -35,23 +35,12 @@ def _add_generate(subparsers) -> None:
 
 def load_model(checkpoint: str | None, dtype):
     """(config, params, tokenizer) from a native checkpoint, a GGUF file, or the embedded model."""
-    from gemma_jax.tokenizer import Tokenizer
+    from gemma_jax.notebook import load_parts
 
-    if checkpoint is None:
-        from gemma_jax.embedded import load_embedded
-
-        return load_embedded(dtype=dtype)
-    if checkpoint.endswith(".gguf"):
-        from gemma_jax.weights.gguf import load_gguf
-
-        config, params = load_gguf(checkpoint, dtype=dtype)
-        return config, params, Tokenizer.from_gguf(checkpoint)
-    from gemma_jax.weights import native
-
-    config, params, proto = native.load_checkpoint(checkpoint, dtype=dtype)
-    if proto is None:
-        raise SystemExit(f"gemma-jax: {checkpoint} has no tokenizer.model; cannot generate text")
-    return config, params, Tokenizer.from_model_proto(proto)
+    try:
+        return load_parts(checkpoint, dtype)
+    except ValueError as error:
+        raise SystemExit(f"gemma-jax: {error}") from None
 
 
 def _run_generate(args) -> int:
@@ -59,7 +48,7 @@ def _run_generate(args) -> int:
     import jax.numpy as jnp
 
     from gemma_jax.engine.api import EngineError
-    from gemma_jax.generate import Model, stream
+    from gemma_jax.notebook import Model, stream
 
     if args.max_tokens < 1:
         raise SystemExit("gemma-jax: --max-tokens must be at least 1")

@@ -40,7 +40,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from gemma_jax import params as params_lib
 from gemma_jax import sharding

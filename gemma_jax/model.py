@@ -198,7 +198,8 @@ class Transformer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: Cache | None = None, kv_len: int | None = None, lora=None):
+    def __call__(self, tokens, positions, cache: Cache | None = None, kv_len: int | None = None, lora=None,
+                 logits_at: jax.Array | None = None):
         cfg, dt = self.config, self.param_dtype
         embedder = Embedder(cfg, dt, name="embedder")
         x = embedder.encode(tokens)
@@ -210,6 +211,8 @@ class Transformer(nn.Module):
                 x, positions, None if cache is None else cache[name], kv_len, layer_lora)
             if cache is not None:
                 new_cache[name] = layer_cache
+        if logits_at is not None:  # only one position per row needs logits (e.g. a prompt's last)
+            x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
         x = RMSNorm("embed", cfg.norm_eps, dt, name="final_norm")(x)
         logits = embedder.decode(x)
         if cfg.final_logit_softcap:
@@ -218,14 +221,16 @@ class Transformer(nn.Module):
 
 
 def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, *,
-            config: GemmaConfig, kv_len: int | None = None, lora=None):
+            config: GemmaConfig, kv_len: int | None = None, lora=None, logits_at: jax.Array | None = None):
     """Pure forward pass. params: the tree `params.init_params` returns (no "params" wrapper).
 
     tokens, positions: [B, T] int32. cache: from `init_cache` or a previous call, or None to run
     without one. kv_len (static): attend only the first kv_len cache entries (must exceed every
     position in this call). lora: None, or (bank, adapter_ids [B] int32) to add each row's LoRA
-    adapter from an `lora.AdapterBank` (id 0 = no adapter). Returns (logits [B, T, V] float32,
-    new cache or None).
+    adapter from an `lora.AdapterBank` (id 0 = no adapter). logits_at: None, or [B] int positions:
+    then only those positions are unembedded and logits are [B, 1, V] (a prefill needs only each
+    prompt's last position; the full [B, T, V] would be 2 GiB for one 2048-token Gemma 3 prompt).
+    Returns (logits [B, T, V] float32, new cache or None).
     """
     dtype = params["embedder"]["input_embedding"].dtype
-    return Transformer(config, dtype).apply({"params": params}, tokens, positions, cache, kv_len, lora)
+    return Transformer(config, dtype).apply({"params": params}, tokens, positions, cache, kv_len, lora, logits_at)

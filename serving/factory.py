@@ -33,8 +33,8 @@ RANDOM_CONFIGS = {
 
 def load_model(args: argparse.Namespace):
     """(config, params, tokenizer) as the flags ask."""
-    from gemma_jax.embedded import load_embedded
     from gemma_jax.embedded_gguf import gguf_path
+    from gemma_jax.notebook import load_parts
 
     dtype = jnp.dtype(args.dtype)
     if args.random_weights:
@@ -50,11 +50,7 @@ def load_model(args: argparse.Namespace):
                                 start_of_turn_id=tokenizer.start_of_turn_id, end_of_turn_id=tokenizer.end_of_turn_id)
         # unsafe_rbg: random init compiles and runs several times faster than threefry on CPU.
         return config, init_params(config, jax.random.key(0, impl="unsafe_rbg"), dtype), tokenizer
-    if args.checkpoint:
-        from gemma_jax.cli import load_model as load_checkpoint_model
-
-        return load_checkpoint_model(args.checkpoint, dtype)
-    return load_embedded(dtype=dtype)
+    return load_parts(args.checkpoint, dtype)  # a checkpoint dir, a .gguf, or (None) the embedded model
 
 
 def build_backend(args: argparse.Namespace) -> Backend:

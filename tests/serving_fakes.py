@@ -25,7 +25,6 @@ import os
 import queue
 import sys
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

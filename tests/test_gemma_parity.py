@@ -155,3 +155,13 @@ def test_gemma3_config_json_roundtrip(tmp_path, gemma3_pair):
     tokens = _tokens(cfg, seed=8)
     ours, _ = forward(loaded, tokens, _positions(tokens), config=loaded_cfg)
     assert rel_err(ours, hf_logits(hf, tokens)) <= 1e-5
+
+
+def test_logits_at_equals_the_full_forward_at_those_positions(pair):
+    cfg, _, params = pair
+    tokens = _tokens(cfg, batch=2, length=12, seed=9)
+    full, _ = forward(params, tokens, _positions(tokens), config=cfg)
+    at = jnp.array([11, 4])
+    picked, _ = forward(params, tokens, _positions(tokens), config=cfg, logits_at=at)
+    assert picked.shape == (2, 1, cfg.vocab_size)
+    np.testing.assert_allclose(picked[:, 0], np.asarray(full)[[0, 1], [11, 4]], rtol=1e-6, atol=1e-6)

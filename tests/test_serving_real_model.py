@@ -1,6 +1,6 @@
 """The real embedded Gemma 3 270M behind HTTP (werkzeug in a thread, the backend `gemma-jax serve`
 builds): a greedy raw prompt through `/ai/run` returns exactly the notebook API's text
-(`gemma_jax.generate.generate` on the same model and ids), with the usage of the prompt ids and of an
+(`gemma_jax.notebook.generate` on the same model and ids), with the usage of the prompt ids and of an
 independent greedy loop over the full forward (`test_embedded._reference_greedy`, no cache); the
 same request streamed concatenates to the same text.
 
@@ -18,7 +18,7 @@ import requests
 
 from gemma_jax.embedded import load_embedded
 from gemma_jax.engine.engine import Engine
-from gemma_jax.generate import Model, generate
+from gemma_jax.notebook import Model, generate
 from real_backend import serve
 from serving_fakes import run_url
 from test_embedded import _reference_greedy

@@ -37,7 +37,6 @@ function pins its output shardings so a steady state never sees a new layout (or
 from __future__ import annotations
 
 import collections
-import math
 import os
 import threading
 from typing import Callable, Sequence
@@ -52,7 +51,7 @@ from gemma_jax import params as params_lib
 from gemma_jax.config import GemmaConfig
 from gemma_jax.engine.api import InputTooLong, SamplingParams, UnknownAdapter
 from gemma_jax.engine.state import DecodeState, Prefix, init_decode_state, state_shardings
-from gemma_jax.model import Embedder, LayerCache, Transformer, forward, init_cache
+from gemma_jax.model import LayerCache, forward, init_cache
 from gemma_jax.sampling import SamplingRows, prompt_seen, rows_from_params, sample, update_penalty_state
 from gemma_jax.sharding import make_mesh
 
@@ -65,28 +64,6 @@ def _pow2_buckets(lo: int, hi: int) -> list[int]:
         out.append(b)
         b *= 2
     return out
-
-
-def _final_hidden(params, tokens, positions, cache, config: GemmaConfig, lora=None):
-    """The model's output after the final norm, [B, T, D], and the new cache (logits not computed).
-
-    The full [B, T, V] logits of `forward` are dead code here and XLA removes them.
-    """
-    dtype = params["embedder"]["input_embedding"].dtype
-    is_final = lambda module, method: module.name == "final_norm" and method == "__call__"
-    (_, cache), captured = Transformer(config, dtype).apply(
-        {"params": params}, tokens, positions, cache, None, lora,
-        capture_intermediates=is_final, mutable=["intermediates"])
-    return captured["intermediates"]["final_norm"]["__call__"][0], cache
-
-
-def _unembed(params, x, config: GemmaConfig):
-    """[B, T, D] -> logits [B, T, V] float32, exactly as the model's tail computes them."""
-    dtype = params["embedder"]["input_embedding"].dtype
-    logits = Embedder(config, dtype).apply({"params": params["embedder"]}, x, method="decode")
-    if config.final_logit_softcap:
-        logits = jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
-    return logits
 
 
 class Engine:
@@ -170,9 +147,8 @@ class Engine:
         positions = jnp.where(index < lengths[:, None], index, t)  # padding writes are dropped
         cache = init_cache(cfg, p, t, self.cache_dtype)
         lora = None if bank is None else (bank, adapter_ids)
-        hidden, cache = _final_hidden(params, tokens, positions, cache, cfg, lora)  # [P, T, D]
-        last = hidden[jnp.arange(p), lengths - 1][:, None]  # [P, 1, D]
-        logits = _unembed(params, last, cfg)[:, 0]  # [P, V]
+        logits, cache = forward(params, tokens, positions, cache, config=cfg, lora=lora, logits_at=lengths - 1)
+        logits = logits[:, 0]  # [P, V]: each prompt's last position only
         seen = prompt_seen(tokens, lengths, cfg.vocab_size)  # [P, V]
         counts = jnp.zeros((p, cfg.vocab_size), jnp.int32)
         first = sample(logits, rows, seen, counts, jnp.zeros((p,), jnp.int32))  # [P]

@@ -3,7 +3,7 @@
 import numpy as np
 
 from engine_reference import _full_forward, naive_greedy, tiny_engine, trained_tokenizer
-from gemma_jax.generate import Model, encode, generate, logits, stream
+from gemma_jax.notebook import Model, encode, generate, logits, stream
 
 
 def test_generate_stream_and_logits():
@@ -34,3 +34,11 @@ def test_generate_stream_and_logits():
         assert int(np.argmax(out[-1])) == want[1][0]
     finally:
         model.close()
+
+
+def test_top_level_exports_are_the_notebook_api():
+    import gemma_jax
+    from gemma_jax import notebook
+
+    for name in ("Model", "load", "generate", "stream", "logits", "encode"):
+        assert getattr(gemma_jax, name) is getattr(notebook, name)

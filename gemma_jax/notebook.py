@@ -1,6 +1,7 @@
 """The notebook API: text in, text out, on top of the engine and its scheduler.
 
-    model = Model(config, params, tokenizer)
+    model = gemma_jax.load()                               # embedded 270M, or load("ckpt-dir")
+    model = Model(config, params, tokenizer)               # or from parts
     generate(model, ["Why is the sky blue?", "Write a haiku"], temperature=0, max_tokens=64)
     for piece in stream(model, "Tell me a story", seed=7): print(piece, end="")
     logits(model, "The capital of France is")          # np.ndarray [T, V] float32
@@ -60,6 +61,37 @@ class Model:
         if self._scheduler is not None:
             self._scheduler.stop()
             self._scheduler = None
+
+
+def load_parts(checkpoint: str | None = None, dtype="float32"):
+    """(config, params, tokenizer) from a native checkpoint directory, a .gguf file, or (None) the
+    embedded Gemma 3 270M, which is converted into the cache directory on first use."""
+    import jax.numpy as jnp
+
+    from gemma_jax.tokenizer import Tokenizer
+
+    dtype = jnp.dtype(dtype)
+    if checkpoint is None:
+        from gemma_jax.embedded import load_embedded
+
+        return load_embedded(dtype=dtype)
+    if str(checkpoint).endswith(".gguf"):
+        from gemma_jax.weights.gguf import load_gguf
+
+        config, params = load_gguf(checkpoint, dtype=dtype)
+        return config, params, Tokenizer.from_gguf(checkpoint)
+    from gemma_jax.weights import native
+
+    config, params, proto = native.load_checkpoint(checkpoint, dtype=dtype)
+    if proto is None:
+        raise ValueError(f"{checkpoint} has no tokenizer.model; cannot turn text into tokens")
+    return config, params, Tokenizer.from_model_proto(proto)
+
+
+def load(checkpoint: str | None = None, dtype="float32", **engine_options) -> Model:
+    """A ready Model: `load()` is the embedded 270M; `load("checkpoints/gemma-7b-it", "bfloat16")`."""
+    config, params, tokenizer = load_parts(checkpoint, dtype)
+    return Model(config, params, tokenizer, engine_options={"slots": 4, **engine_options})
 
 
 def encode(model: Model, prompt: Prompt, chat: bool = False) -> list[int]:
