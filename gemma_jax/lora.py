@@ -204,8 +204,8 @@ def merge_lora(params, adapter: Adapter, scale: float = 1.0):
             raise LoraError(f"the adapter has {name} but the base model has {len(_layers(params))} layers")
         weights[name] = {}
         for path in paths:
-            w = _get(params[name], path)
-            want = _get(params_lib.param_shapes(adapter.config)[name], path).shape
+            w = params_lib.get_path(params[name], path)
+            want = params_lib.get_path(params_lib.param_shapes(adapter.config)[name], path).shape
             if w.shape != want:
                 raise LoraError(f"{name}/{'/'.join(path)} has shape {w.shape}, the adapter's base model needs {want}")
             weights[name][path] = w if isinstance(w, jax.Array) else jnp.asarray(w)
@@ -214,7 +214,7 @@ def merge_lora(params, adapter: Adapter, scale: float = 1.0):
     out = jax.tree.map(lambda x: x, params, is_leaf=lambda x: not isinstance(x, dict))  # new dicts, same leaves
     for name, paths in merged.items():
         for path, w in paths.items():
-            _set(out[name], path, w)
+            params_lib.set_path(out[name], path, w)
     return out
 
 
@@ -389,24 +389,12 @@ class _Hashable:
 
 def _weight_slice(config: GemmaConfig, linear) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """Shape and logical axes of the weight a projection writes (its slice, for a stacked pair)."""
-    shape = _get(params_lib.param_shapes(config)["layer_0"], linear.path).shape
-    names = _get(params_lib.param_axes(config)["layer_0"], linear.path)
+    shape = params_lib.get_path(params_lib.param_shapes(config)["layer_0"], linear.path).shape
+    names = params_lib.get_path(params_lib.param_axes(config)["layer_0"], linear.path)
     if linear.index is None:
         return shape, names
     drop = params_lib.STACK_AXIS
     return shape[:drop] + shape[drop + 1:], names[:drop] + names[drop + 1:]
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path, value) -> None:
-    for key in path[:-1]:
-        tree = tree[key]
-    tree[path[-1]] = value
 
 
 def _layers(params) -> list[str]:

@@ -40,6 +40,20 @@ from gemma_jax.model import CACHE_AXES, Cache, LayerCache, Transformer, init_cac
 STACK_AXIS = 1  # the axis of a stacked pair (k/v in kv_einsum, gate/up in gating_einsum)
 
 
+def get_path(tree, path):
+    """tree[path[0]][path[1]]... for a path of keys into the parameter tree."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path, value) -> None:
+    """Set tree[path[0]]...[path[-1]] = value, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
 def _boxed_init(config: GemmaConfig, dtype, key):
     tokens = jnp.zeros((1, 1), jnp.int32)
     return Transformer(config, dtype).init(key, tokens, tokens)["params"]

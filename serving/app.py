@@ -154,11 +154,7 @@ def _install_workers_ai_routes(app: Flask) -> None:
         body = validation.validate_input(read_json(st.max_body_bytes))
         run = start_generation(st.backend.input_from_body(body))
         if body.get("stream"):
-            try:
-                items = sse.first_then_rest(run)
-            except BaseException:
-                run.close()
-                raise
+            items = sse.first_then_rest(run)
             return Response(sse.workers_ai_stream(run, items, st.stream_padding),
                             mimetype="text/event-stream", headers=sse.HEADERS)
         try:

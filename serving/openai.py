@@ -125,11 +125,7 @@ def _respond(run: Run, body: dict, model: str, kind: str) -> Response:
         return {"text": text, "logprobs": None, "finish_reason": finish}
 
     if body.get("stream"):
-        try:
-            items = sse.first_then_rest(run)
-        except BaseException:
-            run.close()
-            raise
+        items = sse.first_then_rest(run)
 
         def on_done(r: Run):
             yield chunk(piece("", r.completion.finish_reason))

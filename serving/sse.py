@@ -48,13 +48,18 @@ def event(obj: dict[str, Any], pad: bool = False) -> bytes:
 def first_then_rest(run: Run) -> Iterator[StreamEvent | None]:
     """Wait for the first text event (or the end) before anything is sent, so that errors found
     before generation starts (queue full, too long, unknown adapter) still get their HTTP status.
-    Returns an iterator that replays that first item."""
+    Returns an iterator that replays that first item. If waiting fails, the run is closed (its
+    generation cancelled) before the error propagates."""
     items = run.items()
     head: list[StreamEvent] = []
-    for item in items:  # raises ApiError here, before the response starts
-        if item is not None:
-            head.append(item)
-            break
+    try:
+        for item in items:  # raises ApiError here, before the response starts
+            if item is not None:
+                head.append(item)
+                break
+    except BaseException:
+        run.close()
+        raise
     return _chain(head, items)
 
 

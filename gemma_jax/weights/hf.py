@@ -167,12 +167,12 @@ def params_from_hf_state(state: Mapping[str, np.ndarray] | Iterator[tuple[str, n
     out: dict = {}
     for path, parts in staged.items():
         array = parts[None] if None in parts else np.stack([parts[i] for i in sorted(parts)], axis=P.STACK_AXIS)
-        expected = _get(shapes, path).shape
+        expected = P.get_path(shapes, path).shape
         if array.shape != expected:
             raise ValueError(f"{'/'.join(path)}: checkpoint shape {array.shape}, config expects {expected}")
         array = array.astype(dtype)
-        placed = jax.device_put(array, _get(shardings, path)) if shardings is not None else jnp.asarray(array)
-        _set(out, path, placed)
+        placed = jax.device_put(array, P.get_path(shardings, path)) if shardings is not None else jnp.asarray(array)
+        P.set_path(out, path, placed)
     return out
 
 
@@ -180,7 +180,7 @@ def hf_state_from_params(params, config: GemmaConfig) -> dict[str, np.ndarray]:
     """Our tree -> HF tensor names (with the `model.` prefix), for writing HF checkpoints in tests."""
     out = {}
     for short, slot in hf_names(config).items():
-        array = np.asarray(_get(params, slot.path))
+        array = np.asarray(P.get_path(params, slot.path))
         if slot.index is not None:
             array = np.take(array, slot.index, axis=P.STACK_AXIS)
         if slot.linear is not None:
@@ -209,15 +209,3 @@ def _header(path: str) -> dict:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(n))
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value

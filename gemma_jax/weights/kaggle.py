@@ -201,7 +201,7 @@ def load_kaggle(ckpt_dir: str | os.PathLike, config: GemmaConfig | None = None, 
     out: dict = {}
     for i, array in enumerate(arrays):
         for path, value in plan[index_to_path[i]][1](array).items():
-            _set(out, path.split("/"), value)
+            P.set_path(out, path.split("/"), value)
         arrays[i] = None  # drop the source as soon as it is converted
     return config, out
 
@@ -257,12 +257,6 @@ def _qkv_split(q_path, kv_path, q_sharding, kv_sharding):
         q, kv = _split_qkv_fn(q_sharding, kv_sharding)(w)
         return {q_path: q, kv_path: kv}
     return split
-
-
-def _set(tree: dict, path, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def find_tokenizer(ckpt_dir: str | os.PathLike) -> str | None:
