@@ -34,7 +34,7 @@ from gemma_jax.sampling import SamplingRows, empty_rows
 class Prefix:
     """P prompts after prefill, ready to be inserted into decode slots (padding rows included)."""
 
-    cache: Cache  # [P, T, K, H] per layer, T = the prompt bucket
+    cache: Cache  # [P, K, T, H] per layer, T = the prompt bucket
     lengths: jax.Array  # [P] int32, true prompt lengths
     tokens: jax.Array  # [P] int32, the first drawn token
     rows: SamplingRows  # [P] per-row sampling parameters (keys included)
@@ -49,7 +49,7 @@ class Prefix:
 class DecodeState:
     """B fixed decode slots (see the module docstring for the meaning of each field)."""
 
-    cache: Cache  # [B, S, K, H] per layer
+    cache: Cache  # [B, K, S, H] per layer
     lengths: jax.Array  # [B] int32
     tokens: jax.Array  # [B] int32
     rows: SamplingRows  # [B]
