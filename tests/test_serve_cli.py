@@ -15,9 +15,7 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 import tomllib
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import requests
 
 from gemma_jax.tokenizer import Tokenizer, encode_chat, format_prompt
 from serving_fakes import MODEL, run_url
-from test_serving_gunicorn import free_port, metric
+from test_serving_gunicorn import free_port, metric, server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "cli-token"
@@ -45,30 +43,11 @@ def server(gguf_file, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
     env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", GEMMA_JAX_CACHE=str(gguf_file.parent),
                GEMMA_JAX_API_TOKEN=TOKEN)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "serve", "--random-weights", "tiny_gemma3", "--max-batch", "2",
-         "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path_factory.mktemp("data")),
-         "--threads", "4", "--graceful-timeout", str(GRACEFUL)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def drain():
-        for line in proc.stderr:
-            lines.append(line)
-            if "gemma-jax ready" in line:
-                ready.set()
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        assert ready.wait(150), "".join(lines)
+    argv = [sys.executable, "-m", "serving.cli", "serve", "--random-weights", "tiny_gemma3", "--max-batch", "2",
+            "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path_factory.mktemp("data")),
+            "--threads", "4", "--graceful-timeout", str(GRACEFUL)]
+    with server_process(argv, env, 150, cwd=ROOT) as (proc, lines):
         yield proc, f"http://127.0.0.1:{port}", lines
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=5)
 
 
 def test_serve_answers_workers_ai_and_openai_then_stops_on_sigterm(server, gguf_file):

@@ -6,6 +6,7 @@ the JSON access log, then SIGTERM -> the scheduler is stopped in the worker and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -30,19 +31,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def metric(base: str, name: str) -> float | None:
-    text = requests.get(f"{base}/metrics", timeout=10).text
-    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
-    return float(found.group(1)) if found else None
-
-
-def test_gunicorn_serves_and_stops_cleanly_on_sigterm(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GEMMA_JAX_API_TOKEN": "tok", "FAKE_DELAY": "0.01"}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "serving_fakes.py"), "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(tmp_path), "--threads", "4", "--graceful-timeout", "5"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def server_process(argv, env, ready_timeout: float, cwd=None):
+    """Run a server subprocess until its 'gemma-jax ready' line; yields (proc, stderr lines so far,
+    still filling). Afterwards the process is killed if it still runs and its stderr is drained."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     ready = threading.Event()
 
@@ -55,7 +48,27 @@ def test_gunicorn_serves_and_stops_cleanly_on_sigterm(tmp_path):
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        assert ready.wait(30), "".join(lines)
+        assert ready.wait(ready_timeout), "".join(lines)
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=5)
+
+
+def metric(base: str, name: str) -> float | None:
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
+def test_gunicorn_serves_and_stops_cleanly_on_sigterm(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GEMMA_JAX_API_TOKEN": "tok", "FAKE_DELAY": "0.01"}
+    argv = [sys.executable, str(ROOT / "tests" / "serving_fakes.py"), "--host", "127.0.0.1", "--port", str(port),
+            "--data-dir", str(tmp_path), "--threads", "4", "--graceful-timeout", "5"]
+    with server_process(argv, env, 30) as (proc, lines):
         base = f"http://127.0.0.1:{port}"
         auth = {"Authorization": "Bearer tok"}
         r = requests.post(run_url(base), json={"prompt": "served", "raw": True}, headers=auth, timeout=10)
@@ -81,11 +94,6 @@ def test_gunicorn_serves_and_stops_cleanly_on_sigterm(tmp_path):
         assert metric(base, "gemma_jax_scheduler_tokens_generated") < 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(timeout=5)
     log = "".join(lines)
     ready_line = next(line for line in lines if "gemma-jax ready" in line)
     assert f"serving @hf/google/gemma-7b-it on http://127.0.0.1:{port}" in ready_line
