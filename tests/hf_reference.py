@@ -22,7 +22,11 @@ def hf_gemma_config(cfg: GemmaConfig) -> transformers.GemmaConfig:
 def random_hf_gemma(cfg: GemmaConfig, seed: int = 0) -> transformers.GemmaForCausalLM:
     """GemmaForCausalLM in float32 with every parameter random (norms too, so (1 + w) matters)."""
     torch.manual_seed(seed)
-    model = transformers.GemmaForCausalLM(hf_gemma_config(cfg)).eval().float()
+    return _randomized(transformers.GemmaForCausalLM(hf_gemma_config(cfg)).eval().float())
+
+
+def _randomized(model):
+    """Every parameter random, norms too (std 0.1), projections std 0.05."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0.0, 0.1 if "norm" in name else 0.05)
@@ -62,8 +66,4 @@ def hf_gemma3_config(cfg: GemmaConfig) -> transformers.Gemma3TextConfig:
 
 def random_hf_gemma3(cfg: GemmaConfig, seed: int = 0):
     torch.manual_seed(seed)
-    model = transformers.Gemma3ForCausalLM(hf_gemma3_config(cfg)).eval().float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.1 if "norm" in name else 0.05)
-    return model
+    return _randomized(transformers.Gemma3ForCausalLM(hf_gemma3_config(cfg)).eval().float())
