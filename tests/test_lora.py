@@ -25,7 +25,7 @@ from gemma_jax.params import param_shardings
 from gemma_jax.sharding import make_mesh
 from gemma_jax.weights.hf import params_from_hf_state
 from gemma_jax.weights.peft import load_adapter
-from hf_reference import hf_logits, random_hf_gemma, random_hf_gemma3, rel_err, state_numpy
+from hf_reference import hf_logits, random_hf_gemma, random_hf_gemma3, random_lora_tensors, rel_err, state_numpy
 
 ALL = list(lora.TARGETS)
 _fwd = jax.jit(forward, static_argnames=("config", "kv_len"))
@@ -139,15 +139,7 @@ def _random_adapter(cfg, rank, seed, targets=ALL, alpha=None):
     """An Adapter with random A and B (torch layout in, like a PEFT file)."""
     from gemma_jax.weights.peft import adapter_from_peft
 
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for i in range(cfg.num_layers):
-        for t in targets:
-            lay = lora.target_layout(cfg, t)
-            parent = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            stem = f"base_model.model.model.layers.{i}.{parent}.{t}"
-            tensors[f"{stem}.lora_A.weight"] = rng.normal(0, 0.1, (rank, lay.in_features)).astype(np.float32)
-            tensors[f"{stem}.lora_B.weight"] = rng.normal(0, 0.1, (lay.out_features, rank)).astype(np.float32)
+    tensors = random_lora_tensors(cfg, rank, seed, targets, std=0.1)
     return adapter_from_peft({"r": rank, "lora_alpha": alpha or rank, "target_modules": list(targets)}, tensors, cfg)
 
 

@@ -16,6 +16,7 @@ from gemma_jax.engine.api import SamplingParams, UnknownAdapter
 from gemma_jax.engine.engine import Engine
 from gemma_jax.lora import LoraError, merge_lora
 from gemma_jax.weights.peft import adapter_from_peft
+from hf_reference import random_lora_tensors
 
 GREEDY = SamplingParams(temperature=0.0)
 # One bucket of each kind (prompts <= 32 tokens, one prompt per prefill, 64 cache positions): few compiles.
@@ -25,14 +26,7 @@ ALL = list(lora.TARGETS)
 
 def _adapter(cfg, rank, seed, targets=ALL, directory=None):
     """A random adapter (an Adapter, or written as PEFT files into `directory`, which is returned)."""
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for i in range(cfg.num_layers):
-        for t in targets:
-            lay = lora.target_layout(cfg, t)
-            stem = f"base_model.model.model.layers.{i}.{'mlp' if t.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{t}"
-            tensors[f"{stem}.lora_A.weight"] = rng.normal(0, 0.2, (rank, lay.in_features)).astype(np.float32)
-            tensors[f"{stem}.lora_B.weight"] = rng.normal(0, 0.2, (lay.out_features, rank)).astype(np.float32)
+    tensors = random_lora_tensors(cfg, rank, seed, targets, std=0.2)
     adapter_config = {"r": rank, "lora_alpha": rank, "target_modules": list(targets), "model_type": "gemma"}
     if directory is None:
         return adapter_from_peft(adapter_config, tensors, cfg)
