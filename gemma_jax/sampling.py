@@ -43,20 +43,39 @@ and inputs gets the same tokens whatever other rows share the batch and whicheve
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+import dataclasses
+from typing import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:  # type only: sampling sits below the engine and must not import it at run time
-    from gemma_jax.engine.api import SamplingParams
-
 MAX_TOP_K = 50  # Workers AI's top_k maximum; the fast top-k path is one lax.top_k(logits, 50)
 MIN_DIVISOR = 1e-6  # smallest temperature / repetition_penalty we divide by (keeps logits finite)
 KEY_IMPL = "threefry2x32"  # raw key data is uint32 [2]
 _NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling, with Workers AI's ranges (validated by the server's schema).
+
+    temperature 0 means greedy. top_p >= 1 means no nucleus filter and top_p 0 means greedy (the
+    smallest nucleus); top_k None means none.
+    repetition_penalty follows transformers/TGI over prompt + generated tokens (1 = off; 0 is treated
+    as off rather than divided by). frequency/presence penalties follow OpenAI over generated tokens.
+    seed None: the engine draws one. The same seed and inputs give the same tokens whatever else is
+    in the batch.
+    """
+
+    temperature: float = 0.6
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 @flax.struct.dataclass

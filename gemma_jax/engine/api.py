@@ -9,26 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Protocol
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling, with Workers AI's ranges (validated by the server's schema).
-
-    temperature 0 means greedy. top_p >= 1 means no nucleus filter and top_p 0 means greedy (the
-    smallest nucleus); top_k None means none.
-    repetition_penalty follows transformers/TGI over prompt + generated tokens (1 = off; 0 is treated
-    as off rather than divided by). frequency/presence penalties follow OpenAI over generated tokens.
-    seed None: the engine draws one. The same seed and inputs give the same tokens whatever else is
-    in the batch.
-    """
-
-    temperature: float = 0.6
-    top_p: float = 1.0
-    top_k: int | None = None
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+from gemma_jax.sampling import SamplingParams  # re-export: the engine boundary speaks it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +54,24 @@ class InputTooLong(EngineError):
         super().__init__(
             f"the input ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context "
             f"window: max input tokens {limit_input}, max total tokens {limit_total}")
+
+
+def check_limits(prompt_tokens: int, max_tokens: int, max_input: int, max_total: int, *, clip: bool = False) -> int:
+    """The one rule for a request's size: how many tokens it may draw, or why it may not run.
+
+    ValueError if prompt_tokens or max_tokens is below 1; InputTooLong if the prompt is over
+    `max_input` or prompt + max_tokens over `max_total`. clip: cut max_tokens to the room the prompt
+    leaves (at least 1) instead of refusing it. Returns max_tokens (clipped if asked).
+    """
+    if prompt_tokens < 1:
+        raise ValueError("a prompt needs at least one token (BOS)")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    if clip:
+        max_tokens = max(1, min(max_tokens, max_total - prompt_tokens))
+    if prompt_tokens > max_input or prompt_tokens + max_tokens > max_total:
+        raise InputTooLong(prompt_tokens, max_tokens, max_input, max_total)
+    return max_tokens
 
 
 class QueueFull(EngineError):
