@@ -10,7 +10,9 @@ Prompts are text (`chat=True` wraps each in Gemma's chat template as one user tu
 does for `prompt`; `chat=False`, the default, sends it verbatim after BOS), a list of chat messages
 (`[{"role": "user", "content": ...}]`, always templated) or token ids. Sampling keywords are those
 of `SamplingParams` (temperature, top_p, top_k, seed, repetition_penalty, frequency_penalty,
-presence_penalty). `max_tokens` is cut to what the context window leaves, rather than refused.
+presence_penalty). `max_tokens` is cut to what the context window leaves, rather than refused
+(`Engine.check(..., clip=True)`, the engine's one limits rule); a prompt over the input limit is
+refused with `InputTooLong`.
 
 The model starts its engine and scheduler thread on first use (a daemon thread, so a notebook exits
 cleanly); `model.close()` stops it. `logits` runs the plain model forward, no engine involved.
@@ -108,11 +110,9 @@ def encode(model: Model, prompt: Prompt, chat: bool = False) -> list[int]:
 def _request(model: Model, prompt: Prompt, chat: bool, max_tokens: int, adapter: str | None,
              sampling: Mapping[str, Any]) -> Request:
     ids = encode(model, prompt, chat)
-    room = model.config.limits.max_total_tokens - len(ids)
-    if model.engine is not None:
-        room = model.engine.max_total - len(ids)
-    return Request(prompt_ids=tuple(ids), max_tokens=max(1, min(max_tokens, room)),
-                   sampling=SamplingParams(**sampling), adapter=adapter)
+    model.scheduler()  # builds the engine: its limits are the ones that count
+    max_tokens = model.engine.check(len(ids), max_tokens, clip=True)
+    return Request(prompt_ids=tuple(ids), max_tokens=max_tokens, sampling=SamplingParams(**sampling), adapter=adapter)
 
 
 def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_tokens: int = 256, chat: bool = False,

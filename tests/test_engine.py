@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from engine_reference import ENGINE_KW, naive_greedy, prompts_for, tiny_engine
-from gemma_jax.engine.api import InputTooLong, SamplingParams
+from gemma_jax.engine.api import InputTooLong, SamplingParams, check_limits
 from gemma_jax.engine.engine import Engine, run_to_completion
 from gemma_jax.sharding import make_mesh
 
@@ -119,6 +119,16 @@ def test_limits_refuse_over_long_requests():
         engine.check(33, 1)  # over max input tokens
     with pytest.raises(InputTooLong):
         engine.check(30, 35)  # input + max_tokens over max total tokens
+    assert engine.check(30, 35, clip=True) == 34  # cut to the room the prompt leaves: 64 - 30
+    with pytest.raises(InputTooLong):
+        engine.check(33, 5, clip=True)  # clipping never admits an over-long prompt
+    assert check_limits(10, 5, 10, 15) == 5  # exactly at both limits
+    with pytest.raises(InputTooLong):
+        check_limits(10, 6, 10, 15)
+    with pytest.raises(ValueError):
+        check_limits(0, 5, 32, 64)  # no BOS
+    with pytest.raises(ValueError):
+        check_limits(3, 0, 32, 64, clip=True)  # max_tokens < 1 is an error, not clipped up
     assert engine.plan_prefill([5, 6, 20, 3], free_slots=4) == 2  # 4 x 32 would pass the budget of 64
     assert engine.plan_prefill([5, 6, 7, 3], free_slots=3) == 3  # padded to a batch of 4 x 16
     tokens, lengths = engine.pack([[2, 7], [2, 8, 9]])

@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gemma_jax import lora as lora_lib
 from gemma_jax import params as params_lib
 from gemma_jax.config import GemmaConfig
-from gemma_jax.engine.api import InputTooLong, SamplingParams, UnknownAdapter
+from gemma_jax.engine.api import SamplingParams, UnknownAdapter, check_limits
 from gemma_jax.engine.state import DecodeState, Prefix, init_decode_state, state_shardings
 from gemma_jax.model import LayerCache, forward, init_cache
 from gemma_jax.sampling import SamplingRows, prompt_seen, rows_from_params, sample, update_penalty_state
@@ -256,15 +256,10 @@ class Engine:
         jax.block_until_ready(self.release(state, []))
 
     # -- host-side planning -----------------------------------------------------------------------
-    def check(self, prompt_tokens: int, max_tokens: int) -> int:
-        """Refuse over-limit requests (InputTooLong); return how many tokens the request may draw."""
-        if prompt_tokens < 1:
-            raise ValueError("a prompt needs at least one token (BOS)")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        if prompt_tokens > self.max_input or prompt_tokens + max_tokens > self.max_total:
-            raise InputTooLong(prompt_tokens, max_tokens, self.max_input, self.max_total)
-        return max_tokens
+    def check(self, prompt_tokens: int, max_tokens: int, *, clip: bool = False) -> int:
+        """`api.check_limits` with this engine's limits (its prefill buckets may cap the input below
+        the config's): how many tokens the request may draw, else ValueError / InputTooLong."""
+        return check_limits(prompt_tokens, max_tokens, self.max_input, self.max_total, clip=clip)
 
     # -- LoRA adapters ------------------------------------------------------------------------------
     def load_adapter(self, name: str, adapter: "lora_lib.Adapter | str | os.PathLike", *,
