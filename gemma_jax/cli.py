@@ -35,7 +35,7 @@ def _add_generate(subparsers) -> None:
 
 def load_model(checkpoint: str | None, dtype):
     """(config, params, tokenizer) from a native checkpoint, a GGUF file, or the embedded model."""
-    from gemma_jax.notebook import load_parts
+    from gemma_jax.weights.load import load_parts
 
     try:
         return load_parts(checkpoint, dtype)

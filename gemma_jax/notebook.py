@@ -33,6 +33,7 @@ from gemma_jax.engine.api import Request, SamplingParams
 from gemma_jax.engine.engine import Engine
 from gemma_jax.engine.scheduler import Scheduler
 from gemma_jax.model import forward
+from gemma_jax.weights.load import load_parts
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
 
@@ -63,31 +64,6 @@ class Model:
         if self._scheduler is not None:
             self._scheduler.stop()
             self._scheduler = None
-
-
-def load_parts(checkpoint: str | None = None, dtype="float32"):
-    """(config, params, tokenizer) from a native checkpoint directory, a .gguf file, or (None) the
-    embedded Gemma 3 270M, which is converted into the cache directory on first use."""
-    import jax.numpy as jnp
-
-    from gemma_jax.tokenizer import Tokenizer
-
-    dtype = jnp.dtype(dtype)
-    if checkpoint is None:
-        from gemma_jax.embedded import load_embedded
-
-        return load_embedded(dtype=dtype)
-    if str(checkpoint).endswith(".gguf"):
-        from gemma_jax.weights.gguf import load_gguf
-
-        config, params = load_gguf(checkpoint, dtype=dtype)
-        return config, params, Tokenizer.from_gguf(checkpoint)
-    from gemma_jax.weights import native
-
-    config, params, proto = native.load_checkpoint(checkpoint, dtype=dtype)
-    if proto is None:
-        raise ValueError(f"{checkpoint} has no tokenizer.model; cannot turn text into tokens")
-    return config, params, Tokenizer.from_model_proto(proto)
 
 
 def load(checkpoint: str | None = None, dtype="float32", **engine_options) -> Model:

@@ -34,7 +34,7 @@ RANDOM_CONFIGS = {
 def load_model(args: argparse.Namespace):
     """(config, params, tokenizer) as the flags ask."""
     from gemma_jax.embedded_gguf import gguf_path
-    from gemma_jax.notebook import load_parts
+    from gemma_jax.weights.load import load_parts
 
     dtype = jnp.dtype(args.dtype)
     if args.random_weights:
