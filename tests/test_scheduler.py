@@ -36,9 +36,9 @@ class GatedEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate(self, state, longest=None):
+    def generate(self, state, longest=None, **kw):
         assert self.permits.acquire(timeout=60), "the test never allowed this dispatch"
-        return self._engine.generate(state, longest)
+        return self._engine.generate(state, longest, **kw)
 
 
 def wait_for(predicate, timeout=60.0):
@@ -160,6 +160,66 @@ def test_a_failing_request_fails_alone(setup, tokenizer):
         assert stats["requests_completed"] == 4
 
 
+def test_a_text_failure_after_the_device_finished_counts_once(setup):
+    config, params, engine = setup
+    prompt = tuple(prompts_for([6], seed=21)[0])
+
+    class BrokenTokenizer:
+        def decode(self, ids):
+            raise RuntimeError("cannot decode")
+
+    with Scheduler(engine, BrokenTokenizer()) as scheduler:
+        handle = scheduler.submit(Request(prompt, max_tokens=5, sampling=GREEDY))
+        # The device thread never decodes: it finishes the request and counts it completed...
+        wait_for(lambda: scheduler.stats()["requests_completed"] == 1)
+        assert scheduler.stats()["active_slots"] == 0
+        # ...then its consumer fails on the text: the same request now counts as failed instead.
+        with pytest.raises(RequestFailed, match="cannot decode"):
+            handle.result(timeout=60)
+        with pytest.raises(RequestFailed):  # it stays failed, and is not counted again
+            handle.next(0)
+        stats = scheduler.stats()
+    assert stats["requests_submitted"] == 1 and stats["requests_failed"] == 1
+    assert stats["requests_completed"] == 0 and stats["requests_cancelled"] == 0
+
+
+def test_next_waits_at_most_its_timeout_and_ends_with_none(setup, tokenizer):
+    config, params, engine = setup
+    prompt = prompts_for([7], seed=22)[0]
+    want = naive_greedy(config, params, [prompt], 6)[0]
+    scheduler = Scheduler(engine, tokenizer)  # not started yet: nothing can arrive
+    handle = scheduler.submit(Request(tuple(prompt), max_tokens=6, sampling=GREEDY))
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        handle.next(0.2)
+    assert 0.2 <= time.monotonic() - start < 5
+    with scheduler:
+        events = []
+        while (event := handle.next(60)) is not None:
+            events.append(event)
+        assert handle.next(0) is None and handle.next(None) is None  # finished stays finished
+        result = handle.result(timeout=0)
+    assert result.token_ids == tuple(t for t in want if t not in config.stop_ids)
+    assert "".join(e.text for e in events) == result.text == tokenizer.decode(result.token_ids)
+    assert sum((e.token_ids for e in events), ()) == result.token_ids
+
+
+def test_check_is_the_engines_and_none_means_the_rest_of_the_context(setup, tokenizer):
+    config, params, engine = setup
+    scheduler = Scheduler(engine, tokenizer)
+    assert (engine.max_input, engine.max_total) == (32, 64)
+    assert scheduler.check(20, 44) == 44 == engine.check(20, 44)
+    assert scheduler.check(20, None) == 44  # 64 - 20
+    for prompt_tokens, max_tokens in ((33, 1), (20, 45), (33, None)):
+        with pytest.raises(InputTooLong):
+            engine.check(prompt_tokens, max_tokens or 1)
+        with pytest.raises(InputTooLong):
+            scheduler.check(prompt_tokens, max_tokens)
+    for prompt_tokens, max_tokens in ((0, 4), (4, 0), (4, -1)):
+        with pytest.raises(ValueError):
+            scheduler.check(prompt_tokens, max_tokens)
+
+
 def test_queue_full_limits_adapters_and_stop(setup, tokenizer):
     config, params, engine = setup
     scheduler = Scheduler(engine, tokenizer, max_queue=2)  # not started: requests stay queued
@@ -178,17 +238,16 @@ def test_queue_full_limits_adapters_and_stop(setup, tokenizer):
     for h in (first, second):
         with pytest.raises(RequestFailed):
             h.result(timeout=10)
+    assert scheduler.stats()["requests_failed"] == 2
 
-    engine.adapter_resolver = {"my-lora": 3}.get  # the hook the LoRA work fills in
-    try:
-        scheduler = Scheduler(engine, tokenizer)
-        cancelled = scheduler.submit(Request((2, 10, 11), max_tokens=4))
-        cancelled.cancel()  # cancelled while queued: never takes a slot
-        done = scheduler.submit(Request((2, 10, 11), max_tokens=4, sampling=GREEDY, adapter="my-lora"))
-        with scheduler:
-            result = done.result(timeout=60)
-            assert cancelled.result(timeout=60).finish_reason == "cancelled"
-    finally:
-        engine.adapter_resolver = None
+    scheduler = Scheduler(engine, tokenizer)
+    cancelled = scheduler.submit(Request((2, 10, 11), max_tokens=4))
+    cancelled.cancel()  # cancelled while queued: never takes a slot
+    done = scheduler.submit(Request((2, 10, 11), max_tokens=4, sampling=GREEDY))
+    with scheduler:
+        result = done.result(timeout=60)
+        assert cancelled.result(timeout=60).finish_reason == "cancelled"
+        stats = scheduler.stats()
+    assert stats["requests_cancelled"] == 1 and stats["requests_completed"] == 1
     want = naive_greedy(config, params, [[2, 10, 11]], 4)[0]
     assert result.token_ids == tuple(t for t in want if t not in config.stop_ids)

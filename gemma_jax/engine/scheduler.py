@@ -2,6 +2,7 @@
 
     Scheduler(engine, tokenizer).start(); handle = scheduler.submit(Request(...))
     for event in handle: ...          # StreamEvents of whole UTF-8 characters
+    handle.next(timeout)              # or one at a time: the next event, None at the end
     handle.result(timeout)            # or wait for the Completion; handle.cancel() to stop early
 
 Continuous batching: whenever a slot frees (stop token, max_tokens, cancellation), queued requests
@@ -15,7 +16,8 @@ The device thread only moves token ids: each request's handle turns them into te
 (`IncrementalDecoder`, in whichever thread consumes the handle), so detokenizing never delays the
 device. An error while preparing one request, or while decoding its text, fails that request alone
 with `RequestFailed`; a failure of a whole dispatch fails the requests in it, and the loop goes on
-with a fresh decode state.
+with a fresh decode state. `stats()` counts each request once, as what it ended as (completed,
+cancelled or failed), even when its text fails to decode after the device finished with it.
 
 Token accounting: `completion_tokens` counts every drawn token, a final stop token included (as TGI
 counts `generated_tokens`); the stop token is neither in `token_ids` nor in the text.
@@ -29,7 +31,7 @@ import itertools
 import queue
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -40,41 +42,66 @@ from gemma_jax.engine.engine import Engine
 from gemma_jax.tokenizer import IncrementalDecoder
 
 _TOKENS, _DONE, _ERROR = "tokens", "done", "error"
+_STAT = {"completed": "requests_completed", "cancelled": "requests_cancelled", "failed": "requests_failed"}
 
 
 class Handle:
-    """A request's stream (the api.RequestHandle protocol). Filled by the device thread with token
-    ids; decoded to text by whoever consumes it (iteration or `result`)."""
+    """A request's stream (the api.RequestHandle protocol).
 
-    def __init__(self, request: Request, tokenizer, scheduler: "Scheduler", request_id: int):
+    The device thread fills it with token ids (`push`, `finish`, `fail`); whoever consumes it
+    (`next`, iteration or `result`, one consumer at a time) turns them into text. The request's
+    outcome ("completed", "cancelled" or "failed") is settled under the handle's own lock and reported
+    to `on_outcome(previous, outcome)`: if the text fails to decode after the device finished, the
+    consumer turns "completed" into "failed", so every request is counted once, as what it ended as.
+    """
+
+    def __init__(self, request: Request, tokenizer, request_id: int, *, on_cancel: Callable[[], None],
+                 on_outcome: Callable[[str | None, str], None]):
         self.request = request
         self.id = request_id
-        self._scheduler = scheduler
-        self._tokenizer = tokenizer
+        self.cancelled = threading.Event()
+        self._on_cancel, self._on_outcome = on_cancel, on_outcome
         self._items: queue.SimpleQueue = queue.SimpleQueue()  # (kind, payload) from the device thread
-        self._lock = threading.Lock()  # one consumer at a time
-        self._decoder: IncrementalDecoder | None = None
+        self._outcome_lock = threading.Lock()
+        self._outcome: str | None = None
+        # The consumer's state, guarded by `_consumer` (one consumer at a time):
+        self._consumer = threading.Lock()
+        self._decoder = IncrementalDecoder(tokenizer)
         self._ids: list[int] = []  # generated ids, stop token excluded
         self._pending: list[int] = []  # ids whose text is not yet emitted
         self._text: list[str] = []
         self._completion: Completion | None = None
-        self._error: BaseException | None = None
-        self.cancelled = threading.Event()
+        self._error: RequestFailed | None = None
 
-    # -- device-thread side ---------------------------------------------------------------------
-    def _put_tokens(self, ids: list[int]) -> None:
+    # -- the device thread's side ---------------------------------------------------------------
+    def push(self, ids: list[int]) -> None:
+        """Newly drawn ids (stop token excluded)."""
         self._items.put((_TOKENS, ids))
 
-    def _put_done(self, reason: str, completion_tokens: int) -> None:
+    def finish(self, reason: str, completion_tokens: int) -> None:
+        """The device is done with the request: "stop", "length" or "cancelled"."""
+        self._settle("cancelled" if reason == "cancelled" else "completed")
         self._items.put((_DONE, (reason, completion_tokens)))
 
-    def _put_error(self, error: BaseException) -> None:
+    def fail(self, error: BaseException) -> None:
+        """The request failed on the device side (its prefill, its dispatch, the scheduler stopped)."""
+        self._settle("failed")
         self._items.put((_ERROR, error))
 
-    # -- consumer side --------------------------------------------------------------------------
-    def _next(self, timeout: float | None) -> StreamEvent | None:
-        """The next event, None once finished; raises TimeoutError, RequestFailed."""
-        with self._lock:
+    def _settle(self, outcome: str) -> None:
+        """Record the outcome once; only "failed" may replace an earlier one (see the class docstring)."""
+        with self._outcome_lock:
+            previous = self._outcome
+            if previous == "failed" or (previous is not None and outcome != "failed"):
+                return
+            self._outcome = outcome
+            self._on_outcome(previous, outcome)
+
+    # -- the consumer's side --------------------------------------------------------------------
+    def next(self, timeout: float | None = None) -> StreamEvent | None:
+        """The next piece of text, None once the request finished. Raises TimeoutError if nothing
+        arrives within `timeout` seconds (the request goes on), RequestFailed if it failed."""
+        with self._consumer:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 if self._error is not None:
@@ -85,26 +112,21 @@ class Handle:
                 try:
                     kind, payload = self._items.get(timeout=wait)
                 except queue.Empty:
-                    raise TimeoutError(f"request {self.id} not finished within {timeout} s") from None
+                    raise TimeoutError(f"request {self.id}: nothing within {timeout} s") from None
+                if kind == _ERROR:
+                    self._error = RequestFailed(f"request {self.id} failed: {payload!r}")
+                    raise self._error from payload
                 try:
                     event = self._apply(kind, payload)
-                except RequestFailed as err:
-                    self._error = err
-                    raise
                 except Exception as err:  # e.g. the tokenizer failed on this request's ids
                     self._error = RequestFailed(f"request {self.id} failed: {err!r}")
-                    self._error.__cause__ = err
-                    self._scheduler._count("requests_failed")
+                    self._settle("failed")
                     self.cancel()  # stop generating for a stream nobody can read
                     raise self._error from err
                 if event is not None:
                     return event
 
     def _apply(self, kind: str, payload) -> StreamEvent | None:
-        if self._decoder is None:
-            self._decoder = IncrementalDecoder(self._tokenizer)
-        if kind == _ERROR:
-            raise RequestFailed(f"request {self.id} failed: {payload!r}") from payload
         if kind == _TOKENS:
             pieces = []
             for token in payload:
@@ -128,20 +150,22 @@ class Handle:
         return event
 
     def __iter__(self) -> Iterator[StreamEvent]:
-        while (event := self._next(None)) is not None:
+        while (event := self.next(None)) is not None:
             yield event
 
     def result(self, timeout: float | None = None) -> Completion:
+        """The whole completion (what the stream has not consumed yet is consumed here)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._next(None if deadline is None else max(0.0, deadline - time.monotonic())) is not None:
+        while self.next(None if deadline is None else max(0.0, deadline - time.monotonic())) is not None:
             pass
-        return self._completion
+        with self._consumer:
+            return self._completion
 
     def cancel(self) -> None:
         """Stop generating: the slot frees before the next dispatch; the result is "cancelled"."""
         if not self.cancelled.is_set():
             self.cancelled.set()
-            self._scheduler._wake()
+            self._on_cancel()
 
 
 @dataclasses.dataclass
@@ -203,7 +227,7 @@ class Scheduler:
             self._queue.clear()
             self._slots = [None] * self.engine.slots
         for handle in pending:
-            handle._put_error(RequestFailed("the scheduler stopped"))
+            handle.fail(RequestFailed("the scheduler stopped"))
 
     def __enter__(self) -> "Scheduler":
         return self.start()
@@ -211,11 +235,18 @@ class Scheduler:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def check(self, prompt_tokens: int, max_tokens: int | None = None) -> int:
+        """The engine's limits check (`Engine.check`: InputTooLong, ValueError); returns how many
+        tokens the request may draw. max_tokens None: what the context window leaves (at least 1)."""
+        if max_tokens is None:
+            max_tokens = max(1, self.engine.max_total - prompt_tokens)
+        return self.engine.check(prompt_tokens, max_tokens)
+
     def submit(self, request: Request) -> Handle:
         """Queue a request. Raises InputTooLong, UnknownAdapter, QueueFull, ValueError at once."""
-        limit = self.engine.check(len(request.prompt_ids), request.max_tokens)
+        limit = self.check(len(request.prompt_ids), request.max_tokens)
         adapter_id = 0 if request.adapter is None else self.engine.adapter_id(request.adapter)
-        handle = Handle(request, self.tokenizer, self, next(self._ids))
+        handle = Handle(request, self.tokenizer, next(self._ids), on_cancel=self._wake, on_outcome=self._counted)
         with self._cond:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
@@ -245,13 +276,20 @@ class Scheduler:
         with self._cond:
             self._stats[key] += n
 
+    def _counted(self, previous: str | None, outcome: str) -> None:
+        """A handle settled its outcome (see Handle): count it, uncounting what it was before."""
+        with self._cond:
+            if previous is not None:
+                self._stats[_STAT[previous]] -= 1
+            self._stats[_STAT[outcome]] += 1
+
     def _has_work(self) -> bool:
         return bool(self._queue) or any(s is not None for s in self._slots)
 
     def _loop(self) -> None:
         engine = self.engine
         state = engine.init_state()
-        inflight = None  # (tokens [K, B] on device, owners when enqueued)
+        inflight = None  # (tokens [steps, B] on device, owners when enqueued)
         while True:
             with self._cond:
                 while self._running and inflight is None and not self._has_work():
@@ -277,8 +315,7 @@ class Scheduler:
                 self._slots = [None] * engine.slots
                 inflight = None
                 for s in owners:
-                    s.handle._put_error(err)
-                self._count("requests_failed", len(owners))
+                    s.handle.fail(err)
                 state = engine.init_state()
 
     def _cancel_slots(self, state):
@@ -292,19 +329,19 @@ class Scheduler:
     def _take_group(self) -> list[_Queued]:
         """Leading queued requests to prefill together (cancelled ones are finished on the way)."""
         free = sum(s is None for s in self._slots)
+        cancelled, group = [], []
         with self._cond:
             while self._queue and self._queue[0].handle.cancelled.is_set():
-                q = self._queue.popleft()
-                q.handle._put_done("cancelled", 0)
-                self._stats["requests_cancelled"] += 1
-            if not free or not self._queue:
-                return []
-            candidates = list(itertools.islice(self._queue, free))
-            candidates = [q for q in candidates if not q.handle.cancelled.is_set()] or candidates[:1]
-            n = self.engine.plan_prefill([len(q.handle.request.prompt_ids) for q in candidates], free)
-            group = candidates[:n]
-            for q in group:
-                self._queue.remove(q)
+                cancelled.append(self._queue.popleft().handle)
+            if free and self._queue:
+                candidates = list(itertools.islice(self._queue, free))
+                candidates = [q for q in candidates if not q.handle.cancelled.is_set()] or candidates[:1]
+                n = self.engine.plan_prefill([len(q.handle.request.prompt_ids) for q in candidates], free)
+                group = candidates[:n]
+                for q in group:
+                    self._queue.remove(q)
+        for handle in cancelled:  # outside the lock: a handle reports its outcome under it
+            handle.finish("cancelled", 0)
         return group
 
     def _admit(self, state):
@@ -319,16 +356,14 @@ class Scheduler:
                     [q.limit for q in group], [q.adapter_id for q in group], rng=self._rng)
             except Exception as err:  # the decode state is untouched: only this group fails
                 for q in group:
-                    q.handle._put_error(err)
-                self._count("requests_failed", len(group))
+                    q.handle.fail(err)
                 continue
             try:
                 state = self.engine.insert(prefix, state, self.engine.pad_slots(free, prefix))
                 first = np.asarray(prefix.tokens)
             except Exception as err:  # the state was donated: the loop starts a fresh one
                 for q in group:
-                    q.handle._put_error(err)
-                self._count("requests_failed", len(group))
+                    q.handle.fail(err)
                 raise
             self._count("prefill_batches")
             for q, slot, token in zip(group, free, first):
@@ -342,12 +377,11 @@ class Scheduler:
         vocab = self.engine.config.vocab_size
         if all(0 <= int(i) < vocab for i in ids):
             return True
-        q.handle._put_error(ValueError(f"prompt token ids must lie in [0, {vocab})"))
-        self._count("requests_failed")
+        q.handle.fail(ValueError(f"prompt token ids must lie in [0, {vocab})"))
         return False
 
     def _deliver(self, tokens, owners) -> None:
-        tokens = np.asarray(tokens)  # [K, B]; its copy started when it was enqueued
+        tokens = np.asarray(tokens)  # [steps, B]; its copy started when it was enqueued
         for slot, s in enumerate(owners):
             if s is None or s.finished:
                 continue
@@ -367,7 +401,7 @@ class Scheduler:
                 break
         self._count("tokens_generated", len(keep) + (reason == "stop"))
         if keep:
-            s.handle._put_tokens(keep)
+            s.handle.push(keep)
         if reason is not None:
             self._finish(s, reason)
 
@@ -375,6 +409,4 @@ class Scheduler:
         s.finished = True
         if self._slots[s.slot] is s:
             self._slots[s.slot] = None
-        s.handle._put_done(reason, s.drawn)
-        if s.handle._error is None:  # a stream that failed in its consumer was counted there
-            self._count("requests_cancelled" if reason == "cancelled" else "requests_completed")
+        s.handle.finish(reason, s.drawn)
