@@ -1,8 +1,8 @@
 """Per-row logits processors and the seeded draw, all jit-able with B (slots) and V (vocab) static.
 
 Every decode slot carries its own sampling parameters (`SamplingRows`, device arrays resident in the
-engine's decode state), so one compiled `sample` serves any mix of requests: no recompiles when a
-request with other parameters joins, and no host round trip per step.
+engine's decode state), so one compiled `sample` per mode (three at most, below) serves any mix of
+requests: no recompiles when a request with other parameters joins, and no host round trip per step.
 
 Shape legend: B rows (decode slots), V vocabulary, P prompts, T padded prompt length.
 
@@ -16,23 +16,35 @@ Order of the processors (TGI's, which is transformers' logits-processor chain):
   3. temperature: logits / t. t == 0 means greedy (argmax of the penalised logits); a positive t is
      clamped to `MIN_DIVISOR` for the same reason as above (JSON admits 1e-40).
   4. top_k: keep logits >= the k-th largest (ties at the k-th value are kept, as transformers does).
-     0 means no filter. Up to `MAX_TOP_K` (Workers AI's maximum, 50) the threshold comes from one
-     `lax.top_k(logits, 50)`; a larger k (notebook use) takes the full-sort path below.
+     0 means no filter.
   5. top_p (nucleus) over the distribution left after top_k: keep the smallest set of most likely
      tokens whose cumulative probability is >= top_p, always at least the top token (ties at the
      boundary value are kept). top_p >= 1 means no filter (Workers AI admits up to 2); top_p == 0
      means greedy, the limit of an ever smaller nucleus (Workers AI admits 0; a literal nucleus of
      probability 0 is just the top token).
-  6. draw: Gumbel-max via `jax.random.categorical`, one key per row.
+  6. draw: Gumbel-max via `jax.random.categorical`, one key per row; greedy rows take the argmax.
 
 Filtered logits are -inf (as in transformers); kept ones are always finite for every value Workers
 AI's schema admits (temperature 0..5, top_p 0..2, top_k 1..50, penalties 0..2), so no NaN appears.
 Greedy rows (temperature 0 or top_p 0) come out of `process_logits` with only their argmax kept,
 so its output is exactly the distribution `sample` draws from, for every row.
 
-The full-vocabulary sort that top_p needs (V = 256000 on the 7B model) sits under a `lax.cond` and
-runs only when some non-greedy row has 0 < top_p < 1 or top_k > MAX_TOP_K. (Under `vmap` a cond
-becomes a select and both branches run; the engine does not vmap `sample`.)
+Modes: `sample(..., mode)` has three static variants (`MODES`), so a dispatch has no data-dependent
+control flow (no `lax.cond`, whose predicate a GPU copies to the host) and no sort over V (256000
+on the 7B model). The host picks the least general mode serving every row with `mode_for`:
+  - "greedy" (every row greedy): the penalised argmax; no temperature, top-k or noise at all.
+  - "sampled" (no row with 0 < top_p < 1 or top_k > MAX_TOP_K): top-k from an exact two-stage
+    top-50 (`_top_values`: chunk maxima, the 50 best chunks, then 50 of their values), the same
+    threshold a full sort gives. Greedy rows in the batch select their argmax (no noise used).
+  - "top_p" (any row): top-k and top-p over the N = MAX_TOP_P_CANDIDATES (1024) most likely tokens
+    of each row, from the same two-stage selection. Identical to the full-vocabulary rule whenever
+    top_k <= N and the nucleus has at most N tokens (always when V <= N); otherwise the result is
+    capped at the N most likely (ties at the N-th value kept): a top_k above N acts as N, and a
+    nucleus that would need more than N tokens is those N. The nucleus is normalised over every
+    token top-k kept, not only the candidates, so the cap never shrinks a nucleus that fits.
+    Each token the cap drops is no more likely than each of the N kept, so its probability is
+    at most 1/N; Workers AI's top_k is <= 50, so the top_k cap is notebook use only.
+A mode serves only rows `mode_for` allows it (e.g. "sampled" ignores top_p).
 
 Seeds: a request's key is derived on the host from its whole seed (Workers AI seeds go up to
 9_999_999_999 > 2**32) as the threefry key data [seed >> 32, seed & 0xffffffff]; that is what
@@ -51,7 +63,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_TOP_K = 50  # Workers AI's top_k maximum; the fast top-k path is one lax.top_k(logits, 50)
+MODES = ("greedy", "sampled", "top_p")  # static variants of `sample`, least general first
+MAX_TOP_K = 50  # Workers AI's top_k maximum: the largest k "sampled" mode serves
+MAX_TOP_P_CANDIDATES = 1024  # "top_p" mode's candidate set: top-k and top-p act on the N most likely
+TOP_K_CHUNK = 64  # chunk width of the two-stage top-k (sorts 50 of V/64 maxima, then 50 of 3200)
+TOP_P_CHUNK = 16  # chunk width for the top_p candidates (sorts 1024 of V/16 maxima, then 1024 of 16384)
 MIN_DIVISOR = 1e-6  # smallest temperature / repetition_penalty we divide by (keeps logits finite)
 KEY_IMPL = "threefry2x32"  # raw key data is uint32 [2]
 _NEG_INF = -jnp.inf
@@ -162,52 +178,98 @@ def _penalise(logits: jax.Array, rows: SamplingRows, seen: jax.Array, counts: ja
     return x - c * rows.frequency_penalty[:, None] - (c > 0) * rows.presence_penalty[:, None]
 
 
-def _top_k_fast(x: jax.Array, top_k: jax.Array) -> jax.Array:
-    """Top-k for k <= MAX_TOP_K from one lax.top_k; rows with k == 0 (or k > MAX_TOP_K) untouched."""
-    kmax = min(MAX_TOP_K, x.shape[-1])
-    vals = jax.lax.top_k(x, kmax)[0]  # [B, kmax] descending
-    kth = jnp.take_along_axis(vals, jnp.clip(top_k, 1, kmax)[:, None] - 1, axis=-1)  # [B, 1]
-    on = ((top_k > 0) & (top_k <= kmax))[:, None]
-    return jnp.where(on & (x < kth), _NEG_INF, x)
+def _top_values(x: jax.Array, n: int, chunk: int) -> jax.Array:
+    """The n largest values of each row, descending, exactly (as a full sort would give). [B, V] -> [B, n].
+
+    Two stages, no sort over V: the row is cut into chunks of `chunk` (padded with -inf to a
+    multiple), each chunk reduced to its maximum, and the n chunks with the largest maxima gathered
+    [B, n, chunk]; the n largest values of those candidates are the answer. Exact because every
+    chunk holding one of the n largest values has a maximum among the n largest maxima (fewer than n
+    chunks can have a strictly larger maximum: each such maximum is a distinct value above it), and
+    with ties every chunk reaching the n-th value is either gathered or replaced by one with an
+    equal maximum. Sorts: n of V/chunk maxima, then n of n * chunk candidates.
+    """
+    batch, vocab = x.shape
+    n = min(n, vocab)
+    n_chunks = -(-vocab // chunk)
+    xc = jnp.pad(x, ((0, 0), (0, n_chunks * chunk - vocab)), constant_values=_NEG_INF)
+    xc = xc.reshape(batch, n_chunks, chunk)  # [B, V/C, C]
+    take = min(n, n_chunks)
+    idx = jax.lax.top_k(jnp.max(xc, axis=-1), take)[1]  # [B, take] chunks with the largest maxima
+    cand = jnp.take_along_axis(xc, idx[:, :, None], axis=1).reshape(batch, take * chunk)
+    return jax.lax.top_k(cand, n)[0]  # [B, n]
 
 
-def _top_k_top_p_sorted(x: jax.Array, top_k: jax.Array, top_p: jax.Array, p_on: jax.Array) -> jax.Array:
-    """Top-k (any k) then top-p for rows with p_on, from one full descending sort of each row."""
+def _kth(vals: jax.Array, k: jax.Array) -> jax.Array:
+    """[B, 1]: the k-th value of each descending row of vals [B, n], k clipped to 1..n."""
+    return jnp.take_along_axis(vals, jnp.clip(k, 1, vals.shape[-1])[:, None] - 1, axis=-1)
+
+
+def _top_k_small(x: jax.Array, top_k: jax.Array) -> jax.Array:
+    """"sampled" mode's top-k, k <= MAX_TOP_K; rows with k == 0 (or k > min(MAX_TOP_K, V)) untouched."""
+    vals = _top_values(x, MAX_TOP_K, TOP_K_CHUNK)  # [B, min(50, V)] descending
+    on = ((top_k > 0) & (top_k <= vals.shape[-1]))[:, None]
+    return jnp.where(on & (x < _kth(vals, top_k)), _NEG_INF, x)
+
+
+def _top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array, p_on: jax.Array) -> jax.Array:
+    """"top_p" mode: top-k (any k, capped at N) then top-p for rows with p_on, over the top N candidates.
+
+    N = min(MAX_TOP_P_CANDIDATES, V). The rule, exactly: k' = min(top_k, N) (0 or k >= V: no top-k);
+    keep x >= the k'-th largest value; over what is left, the nucleus is the smallest prefix of the
+    descending candidates whose probability (normalised over every token kept, not only candidates)
+    reaches top_p, capped at the N candidates; keep x >= its smallest value (ties kept).
+    """
     vocab = x.shape[-1]
-    srt = jnp.flip(jnp.sort(x, axis=-1), axis=-1)  # [B, V] descending
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(srt, k[:, None] - 1, axis=-1)  # [B, 1]
+    vals = _top_values(x, MAX_TOP_P_CANDIDATES, TOP_P_CHUNK)  # [B, N] descending
+    k_on = ((top_k > 0) & (top_k < vocab))[:, None]
+    kth = jnp.where(k_on, _kth(vals, top_k), _NEG_INF)  # [B, 1]
     x = jnp.where(x < kth, _NEG_INF, x)
-    srt = jnp.where(srt < kth, _NEG_INF, srt)
-    probs = jax.nn.softmax(srt, axis=-1)  # [B, V]
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-    n_keep = jnp.maximum(jnp.sum(before < top_p[:, None], axis=-1), 1)  # [B]; a prefix of srt
-    thr = jnp.take_along_axis(srt, n_keep[:, None] - 1, axis=-1)  # [B, 1] smallest kept value
+    vals = jnp.where(vals < kth, _NEG_INF, vals)
+    top = vals[:, :1]  # [B, 1] the row maximum
+    total = jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True)  # [B, 1] softmax normaliser over V
+    probs = jnp.exp(vals - top) / total  # [B, N]
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely candidates
+    n_keep = jnp.maximum(jnp.sum(before < top_p[:, None], axis=-1), 1)  # [B]; <= N
+    thr = _kth(vals, n_keep)  # [B, 1] smallest kept value
     return jnp.where(p_on[:, None] & (x < thr), _NEG_INF, x)
 
 
-def process_logits(logits: jax.Array, rows: SamplingRows, seen: jax.Array, counts: jax.Array) -> jax.Array:
+def mode_for(params: Sequence[SamplingParams]) -> str:
+    """Host side: the least general of MODES whose compiled `sample` serves every row of `params`."""
+    sampled = [p for p in params if not (p.temperature <= 0 or p.top_p <= 0)]
+    if not sampled:
+        return "greedy"
+    if any(p.top_p < 1 or (p.top_k or 0) > MAX_TOP_K for p in sampled):
+        return "top_p"
+    return "sampled"
+
+
+def process_logits(logits: jax.Array, rows: SamplingRows, seen: jax.Array, counts: jax.Array,
+                   mode: str = "top_p") -> jax.Array:
     """Penalties, temperature, top-k, top-p in TGI's order. f32 [B, V] -> f32 [B, V] (filtered = -inf).
 
     Greedy rows keep only the argmax of their penalised logits, so the result is, for every row,
-    the logits of the distribution `sample` draws from.
+    the logits of the distribution `sample` draws from. `mode` (static, one of MODES) must serve
+    every row (see `mode_for`); "greedy" treats every row as greedy.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     logits = logits.astype(jnp.float32)  # [B, V]
     vocab = logits.shape[-1]
     pen = _penalise(logits, rows, seen, counts)  # [B, V]
+    best = jnp.arange(vocab)[None, :] == jnp.argmax(pen, axis=-1)[:, None]  # [B, V]
+    only_best = jnp.where(best, pen, _NEG_INF)
+    if mode == "greedy":
+        return only_best
     greedy = _greedy(rows)  # [B]
     t = jnp.where(greedy, 1.0, jnp.maximum(rows.temperature, MIN_DIVISOR))
     x = pen / t[:, None]
-    p_on = ~greedy & (rows.top_p < 1)
-    big_k = ~greedy & (rows.top_k > min(MAX_TOP_K, vocab))
-    x = jax.lax.cond(
-        jnp.any(p_on | big_k),
-        lambda x: _top_k_top_p_sorted(x, rows.top_k, rows.top_p, p_on),
-        lambda x: _top_k_fast(x, rows.top_k),
-        x,
-    )
-    best = jnp.arange(vocab)[None, :] == jnp.argmax(pen, axis=-1)[:, None]  # [B, V]
-    return jnp.where(greedy[:, None], jnp.where(best, pen, _NEG_INF), x)
+    if mode == "sampled":
+        x = _top_k_small(x, rows.top_k)
+    else:
+        x = _top_k_top_p(x, rows.top_k, rows.top_p, ~greedy & (rows.top_p < 1))
+    return jnp.where(greedy[:, None], only_best, x)
 
 
 def row_keys(rows: SamplingRows, step: jax.Array) -> jax.Array:
@@ -216,8 +278,16 @@ def row_keys(rows: SamplingRows, step: jax.Array) -> jax.Array:
     return jax.vmap(fold)(rows.key, step)
 
 
-def sample(logits: jax.Array, rows: SamplingRows, seen: jax.Array, counts: jax.Array, step: jax.Array) -> jax.Array:
-    """Draw one token per row. logits f32 [B, V], step i32 [B] (token index within its request) -> i32 [B]."""
-    x = process_logits(logits, rows, seen, counts)  # [B, V]
+def sample(logits: jax.Array, rows: SamplingRows, seen: jax.Array, counts: jax.Array, step: jax.Array,
+           mode: str = "top_p") -> jax.Array:
+    """Draw one token per row. logits f32 [B, V], step i32 [B] (token index within its request) -> i32 [B].
+
+    `mode` is static (one of MODES, see `mode_for`): "greedy" is the penalised argmax of every row,
+    with no noise drawn; the other modes draw the non-greedy rows and select argmax for greedy ones.
+    """
+    if mode == "greedy":
+        return jnp.argmax(_penalise(logits.astype(jnp.float32), rows, seen, counts), axis=-1).astype(jnp.int32)
+    x = process_logits(logits, rows, seen, counts, mode)  # [B, V]
+    best = jnp.argmax(x, axis=-1)  # [B]
     drawn = jax.vmap(jax.random.categorical)(row_keys(rows, step), x)  # [B]
-    return jnp.where(_greedy(rows), jnp.argmax(x, axis=-1), drawn).astype(jnp.int32)
+    return jnp.where(_greedy(rows), best, drawn).astype(jnp.int32)
