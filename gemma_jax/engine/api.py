@@ -91,6 +91,9 @@ class RequestHandle(Protocol):
 
     def __iter__(self) -> Iterator[StreamEvent]: ...
 
+    def next(self, timeout: float | None = None) -> StreamEvent | None:
+        """The next event, None once finished; TimeoutError if none within `timeout`, RequestFailed."""
+
     def result(self, timeout: float | None = None) -> Completion: ...
 
     def cancel(self) -> None: ...
