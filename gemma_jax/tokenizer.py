@@ -221,38 +221,63 @@ def read_gguf_metadata(path: str | os.PathLike, prefix: str = "") -> dict[str, A
 
 # -- streaming detokenization ---------------------------------------------------------------------
 class IncrementalDecoder:
-    """Turns a stream of ids into text pieces that never split a UTF-8 character.
+    """Turns a stream of ids into text pieces that never split a UTF-8 character, in O(1) per id.
 
-    `"".join(push(i) for i in ids) + flush() == tokenizer.decode(ids)`, exactly. It keeps all ids,
-    decodes the whole prefix after each push and emits what is new, holding back a trailing run of
-    U+FFFD (an incomplete byte-fallback sequence such as `<0xF0><0x9F>`) until it completes. Whole
-    prefix decoding keeps sentencepiece's leading-space rules right; it costs O(n) per token in C++,
-    negligible at Gemma's context lengths.
+    `"".join(push(i) for i in ids) + flush() == tokenizer.decode(ids)`, exactly. As with the
+    prefix / read offsets of TGI and vLLM, it keeps two short runs of ids: `_prefix`, the ids of the
+    last piece emitted, kept as context, and `_pending`, the ids not emitted yet. A push decodes
+    `_prefix + _pending` up to the last id whose text is final and emits what that adds to the
+    decoded `_prefix`; the emitted ids then become the new `_prefix`. Each push decodes a few ids,
+    not the whole text.
+
+    Sentencepiece's decode is final at every cut except inside a UTF-8 character spelled by
+    byte-fallback ids (`<0xF0><0x9F>...`): the trailing bytes of a character that later bytes could
+    still complete (at most 3 ids) are held back until it completes, or until a non-byte id or
+    `flush()` settles them as U+FFFD, as `decode` does. Invalid bytes that nothing can complete are
+    emitted at once. The prefix keeps the leading-space rule right: with `add_dummy_prefix`, decode
+    drops the "▁" of the first piece only while nothing has produced text yet, and a prefix that
+    produced text in context is past that point on its own too. Control ids (bos, eos, pad) decode
+    to nothing and, with nothing pending, settle nothing, so they are skipped.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._emitted = 0  # characters of decode(ids) already handed out
+        self._prefix: list[int] = []  # ids of the last emitted piece (context for the next decode)
+        self._prefix_text = ""  # tokenizer.decode(self._prefix)
+        self._pending: list[int] = []  # ids not emitted yet
 
     def push(self, token_id: int) -> str:
         """Append one id; returns the text that is now final (maybe "")."""
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        end = len(text.rstrip("\ufffd"))
-        return self._emit(text, end)
+        token_id = int(token_id)
+        if not self._pending and self.tokenizer.sp.IsControl(token_id):
+            return ""
+        self._pending.append(token_id)
+        cut = len(self._pending) - self._incomplete_tail()
+        return self._emit(cut) if cut else ""
 
     def flush(self) -> str:
-        """Everything not yet emitted, including held-back replacement characters."""
-        text = self.tokenizer.decode(self.ids)
-        return self._emit(text, len(text))
+        """Everything not yet emitted, including held-back bytes (as U+FFFD, like decode)."""
+        return self._emit(len(self._pending)) if self._pending else ""
 
-    def _emit(self, text: str, end: int) -> str:
-        if end <= self._emitted:
-            return ""
-        piece = text[self._emitted : end]
-        self._emitted = end
+    def _emit(self, cut: int) -> str:
+        text = self.tokenizer.decode(self._prefix + self._pending[:cut])
+        piece = text[len(self._prefix_text) :]
+        self._prefix, self._pending = self._pending[:cut], self._pending[cut:]
+        self._prefix_text = self.tokenizer.decode(self._prefix)
         return piece
+
+    def _incomplete_tail(self) -> int:
+        """How many trailing pending ids are bytes that begin a UTF-8 character still incomplete."""
+        for back in range(1, min(3, len(self._pending)) + 1):
+            token_id = self._pending[-back]
+            if not self.tokenizer.sp.IsByte(token_id):
+                return 0
+            byte = int(self.tokenizer.sp.IdToPiece(token_id)[3:5], 16)  # "<0xF0>" -> 0xF0
+            if byte & 0xC0 == 0x80:
+                continue  # a continuation byte: look further back for its lead byte
+            length = 2 if 0xC0 <= byte < 0xE0 else 3 if 0xE0 <= byte < 0xF0 else 4 if 0xF0 <= byte < 0xF8 else 0
+            return back if back < length else 0
+        return 0
 
 
 # -- chat template --------------------------------------------------------------------------------
