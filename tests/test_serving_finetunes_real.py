@@ -157,14 +157,16 @@ def test_refused_adapters_are_not_kept(real, tmp_path):
             "AiError: Bad input: Error: invalid adapter: adapter_config.json must give model_type ('gemma')")
         assert sorted(p.name for p in (tmp_path / "finetunes" / fid).iterdir()) == ["adapter_model.safetensors"]
 
-        # a header that is a JSON object but not safetensors' layout: the client's error (400), never a 500
+        # a header that is a JSON object but not safetensors' layout: the client's error (400), never a 500;
+        # serving/adapter_files.py refuses it before the loader opens it
         fid = create(server, "bad-header").json()["result"]["id"]
         upload_dir(server, fid, adapters["poet"], files=["adapter_config.json"])
         header = json.dumps({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": 5}).encode()
         r = upload(server, fid, "adapter_model.safetensors", len(header).to_bytes(8, "little") + header)
         assert r.status_code == 400, r.text
         assert r.json()["errors"][0]["message"] == (
-            "AiError: Bad input: Error: invalid adapter: adapter_model.safetensors is not a valid safetensors file "
-            "(TypeError: 'int' object is not subscriptable)")
+            "AiError: Bad input: Error: adapter_model.safetensors is not a safetensors file: tensor "
+            "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' must have exactly dtype, shape "
+            "and data_offsets")
         assert sorted(p.name for p in (tmp_path / "finetunes" / fid).iterdir()) == ["adapter_config.json"]
         assert engine.adapters() == {}

@@ -1,0 +1,348 @@
+"""Hostile finetune uploads are refused with clear errors, leave nothing behind, write nothing outside --data-dir.
+
+Against the real gunicorn server process (fake backend, `tests/server_group.py`) started with
+`--max-upload-bytes 104857600` (100 MiB, Workers AI's documented adapter limit), its own TMPDIR and
+cwd inside a sandbox folder, so after every refusal the test can check: the finetune's folder holds
+only what it held, `incoming/` is empty, and nothing exists in the sandbox outside the data dir.
+Malformed safetensors files are also given to the safetensors library itself, the independent
+reference: what it cannot read we refuse too; what it reads but we refuse (int64, NaN) is policy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import select
+import socket
+import struct
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import requests
+import safetensors
+from safetensors.numpy import save as st_save
+
+from serving.adapter_files import MAX_CONFIG_BYTES, MAX_HEADER_BYTES, AdapterFileError, check_safetensors
+from serving.app import create_app
+from server_group import ServerGroup
+from serving_fakes import MODEL, LiveServer, fake_backend
+from test_serving_finetunes import CONFIG
+
+LIMIT = 100 << 20
+MULTIPART_LIMIT = LIMIT + (1 << 20)  # app.py: MAX_CONTENT_LENGTH = max_upload_bytes + 1 MiB of multipart
+NAME = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+GOOD = st_save({NAME: np.ones((8, 16), np.float32)})
+CFG, ST = "adapter_config.json", "adapter_model.safetensors"
+
+
+def raw_safetensors(header: dict, data: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+class Marker:
+    """Unpickling this creates `path` (what a hostile pickle could do); the file must never appear."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sandbox")
+    (root / "tmp").mkdir()
+    with ServerGroup(root / "data", cwd=root, tmpdir=root / "tmp",
+                     extra_args=["--max-upload-bytes", str(LIMIT)]) as server:
+        server.root, server.data = root, root / "data"
+        server.marker = root / "unpickled"
+        yield server
+
+
+def api(server, *parts):
+    return "/".join([f"{server.url}/client/v4/accounts/acc/ai/finetunes", *parts])
+
+
+def new_finetune(server, with_config: bool) -> str:
+    fid = requests.post(api(server), json={"model": MODEL, "name": uuid.uuid4().hex}, timeout=10).json()["result"]["id"]
+    if with_config:
+        assert upload(server, fid, CFG, CONFIG).status_code == 200
+    return fid
+
+
+def upload(server, fid, file_name, content, filename=None):
+    return requests.post(api(server, fid, "finetune-assets"), data={"file_name": file_name},
+                         files={"file": (filename or "f", content)}, timeout=30)
+
+
+def outside_data(server) -> list[str]:
+    """Everything in the sandbox that is not the data dir or the (empty) TMPDIR."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(server.root):
+        rel = Path(dirpath).relative_to(server.root)
+        if rel.parts[:1] == ("data",):
+            continue
+        found += [str(rel / n) for n in filenames]
+        found += [str(rel / n) for n in dirnames if (rel / n).parts[:1] not in (("data",), ("tmp",))]
+    return found
+
+
+def assert_nothing_kept(server, fid, kept):
+    assert sorted(p.name for p in (server.data / "finetunes" / fid).iterdir()) == kept
+    got = requests.get(api(server, fid), timeout=10).json()["result"]["files"]
+    assert got == kept
+    assert list((server.data / "incoming").iterdir()) == []
+    assert outside_data(server) == []
+    assert not server.marker.exists()
+
+
+def expect_refusal(r, message, status=400, code=5006):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["success"] is False and body["result"] == {}
+    assert body["errors"] == [{"code": code, "message": message}]
+
+
+def bad(reason):
+    return f"AiError: Bad input: Error: adapter_model.safetensors is not a safetensors file: {reason}"
+
+
+def pickle_bytes(marker):
+    return pickle.dumps(Marker(marker))
+
+
+def torch_zip():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    return buffer.getvalue()
+
+
+NAN_BF16 = raw_safetensors({"x": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}},
+                           np.array([1.0, np.nan], ml_dtypes.bfloat16).tobytes())
+# (id, content (or a function of the marker path), expected message, the safetensors library refuses it too)
+SAFETENSORS_CASES = [
+    ("truncated", GOOD[:-10], bad("truncated: the tensors need 512 bytes of data, the file holds 502"), True),
+    ("header-2^63", struct.pack("<Q", 1 << 63) + b"{}",
+     bad(f"header length {1 << 63} is over the limit of {MAX_HEADER_BYTES} bytes"), True),
+    ("header-over-100MB", struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}",
+     bad(f"header length {MAX_HEADER_BYTES + 1} is over the limit of {MAX_HEADER_BYTES} bytes"), True),
+    ("header-past-end", struct.pack("<Q", 1000) + b"{}", bad("header length 1000 is past the end of the file (10 bytes)"),
+     True),
+    ("too-short", b"\x01\x00", bad("2 bytes is shorter than the 8-byte header length"), True),
+    ("header-not-json", struct.pack("<Q", 4) + b"abcd", bad("the header is not a JSON object"), True),
+    ("no-tensors", raw_safetensors({}, b""), bad("it holds no tensors"), False),
+    ("overlap", raw_safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+     bad("tensor 'b' starts at byte 0, expected 8 (gap or overlap)"), True),
+    ("shape-vs-offsets", raw_safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, b"\0" * 8),
+     bad("tensor 'a' of F32 [4] needs 16 bytes, its offsets give 8"), True),
+    ("int64", st_save({"x": np.ones((2, 2), np.int64)}),
+     "AiError: Bad input: Error: adapter_model.safetensors: tensor 'x' has dtype 'I64'; adapter weights must be "
+     "one of F32, F16, BF16", False),
+    ("unknown-dtype", raw_safetensors({"x": {"dtype": "Q4_K", "shape": [2], "data_offsets": [0, 2]}}, b"\0\0"),
+     "AiError: Bad input: Error: adapter_model.safetensors: tensor 'x' has dtype 'Q4_K'; adapter weights must be "
+     "one of F32, F16, BF16", True),
+    ("nan-f32", st_save({"x": np.array([0.0, np.nan], np.float32)}),
+     "AiError: Bad input: Error: adapter_model.safetensors: tensor 'x' holds NaN or infinite values", False),
+    ("inf-f16", st_save({"x": np.array([np.inf, 1.0], np.float16)}),
+     "AiError: Bad input: Error: adapter_model.safetensors: tensor 'x' holds NaN or infinite values", False),
+    ("nan-bf16", NAN_BF16,
+     "AiError: Bad input: Error: adapter_model.safetensors: tensor 'x' holds NaN or infinite values", False),
+    ("pickle-renamed", pickle_bytes,
+     bad("it is a Python pickle (pickles are never loaded; save with safetensors)"), True),
+    ("torch-zip", torch_zip(),
+     bad("it is a zip archive such as torch.save writes (never loaded; save with safetensors)"), True),
+]
+
+
+@pytest.mark.parametrize("content, message, library_refuses", [c[1:] for c in SAFETENSORS_CASES],
+                         ids=[c[0] for c in SAFETENSORS_CASES])
+def test_hostile_safetensors_refused_and_nothing_kept(sandbox, content, message, library_refuses):
+    if callable(content):
+        content = content(sandbox.marker)
+    if library_refuses:  # the safetensors library's own (Rust) parser
+        with pytest.raises(safetensors.SafetensorError):
+            safetensors.deserialize(content)
+    else:
+        safetensors.deserialize(content)  # readable by the library: refusing it is our policy
+    fid = new_finetune(sandbox, with_config=True)
+    expect_refusal(upload(sandbox, fid, ST, content), message)
+    assert_nothing_kept(sandbox, fid, [CFG])
+    r = requests.post(f"{sandbox.url}/client/v4/accounts/acc/ai/run/{MODEL}",
+                      json={"prompt": "x", "lora": fid}, timeout=10)
+    assert r.status_code == 400 and r.json()["errors"][0]["code"] == 3039  # still missing its weights
+    assert upload(sandbox, fid, ST, GOOD).status_code == 200  # the finetune still takes a good file
+
+
+CONFIG_CASES = [  # (id, content, what the message says after "adapter_config.json ")
+    ("not-json", b"{not json", "is not valid JSON: Expecting property name enclosed in double quotes: "
+                               "line 1 column 2 (char 1)"),
+    ("array", b"[]", "must be a JSON object"),
+    ("duplicate-key", b'{"r": 8, "r": 64}', "is not valid JSON: duplicate key 'r'"),
+    ("nan-literal", b'{"r": NaN}', "is not valid JSON: the literal NaN is not allowed"),
+    ("deep-nesting", b"[" * 200_000 + b"]" * 200_000, "is nested too deeply"),
+    ("not-utf8", b'{"r": "\xff"}', "is not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("content, reason", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+def test_hostile_config_refused(sandbox, content, reason):
+    fid = new_finetune(sandbox, with_config=False)
+    expect_refusal(upload(sandbox, fid, CFG, content), f"AiError: Bad input: Error: adapter_config.json {reason}")
+    assert_nothing_kept(sandbox, fid, [])
+
+
+def test_config_over_its_limit_refused(sandbox):
+    fid = new_finetune(sandbox, with_config=False)
+    content = b"{" + b" " * MAX_CONFIG_BYTES + b"}"
+    expect_refusal(upload(sandbox, fid, CFG, content),
+                   f"AiError: Bad input: Error: adapter_config.json is larger than the limit of {MAX_CONFIG_BYTES} bytes")
+    assert_nothing_kept(sandbox, fid, [])
+
+
+@pytest.mark.parametrize("file_name", [
+    "../adapter_config.json", "../../../../tmp/adapter_config.json", "/etc/passwd", "/tmp/adapter_config.json",
+    "adapter_config.json\x00", "adapter_config.json\x00../../x", "..", ".", "finetunes/../adapter_config.json",
+    "adapter_model.bin", "ADAPTER_CONFIG.JSON", " adapter_config.json"])
+def test_hostile_file_names_refused(sandbox, file_name):
+    fid = new_finetune(sandbox, with_config=False)
+    expect_refusal(upload(sandbox, fid, file_name, pickle_bytes(sandbox.marker)),
+                   "AiError: Bad input: Error: file_name must be one of adapter_config.json, "
+                   f"adapter_model.safetensors, got {file_name!r}")
+    assert_nothing_kept(sandbox, fid, [])
+
+
+def test_multipart_filename_is_never_a_path(sandbox):
+    """Without a file_name field the part's own filename is the name, and it must be one of the two."""
+    fid = new_finetune(sandbox, with_config=False)
+    r = requests.post(api(sandbox, fid, "finetune-assets"), files={"file": ("../../escape.json", CONFIG)}, timeout=10)
+    expect_refusal(r, "AiError: Bad input: Error: file_name must be one of adapter_config.json, "
+                      "adapter_model.safetensors, got '../../escape.json'")
+    assert_nothing_kept(sandbox, fid, [])
+    for finetune in ("..%2F..%2Fescape", "%2E%2E", "..", f"{fid}%00"):  # the URL's id is looked up, never a path
+        r = requests.post(api(sandbox, finetune, "finetune-assets"), data={"file_name": CFG},
+                          files={"file": ("f", CONFIG)}, timeout=10)
+        assert r.status_code == 404, (finetune, r.text)
+    assert outside_data(sandbox) == []
+
+
+def test_control_characters_in_names_refused(sandbox):
+    r = requests.post(api(sandbox), json={"model": MODEL, "name": "a\x00b"}, timeout=10)
+    expect_refusal(r, "AiError: Bad input: Error: name must not contain control characters")
+
+
+def _raw_upload(server, fid, headers: dict, chunks) -> tuple[int, float, bytes]:
+    """Send a multipart upload on a raw socket, `chunks` as they come, stopping once the server answers.
+    Returns (body bytes sent, seconds until the answer, the answer)."""
+    boundary = "hostile"
+    path = f"/client/v4/accounts/acc/ai/finetunes/{fid}/finetune-assets"
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                 f"boundary={boundary}\r\n{head}\r\n".encode())
+    started, sent, answer = time.monotonic(), 0, b""
+    try:
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+            sent += len(chunk)
+        sock.settimeout(10)
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < 100:
+            part = sock.recv(65536)
+            if not part:
+                break
+            answer += part
+        return sent, time.monotonic() - started, answer
+    finally:
+        sock.close()
+
+
+def _preamble():
+    return (b'--hostile\r\nContent-Disposition: form-data; name="file_name"\r\n\r\nadapter_model.safetensors\r\n'
+            b'--hostile\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n")
+
+
+def _zeros(total: int, chunk: int = 1 << 20):
+    block = b"\0" * chunk
+    for _ in range(total // chunk):
+        yield block
+
+
+def test_200mb_upload_refused_before_the_body_is_read(sandbox):
+    """Content-Length over the limit: 413 (3006) before a byte of the file is read."""
+    fid = new_finetune(sandbox, with_config=True)
+    size = 200 * 10**6
+    sent, seconds, answer = _raw_upload(sandbox, fid, {"Content-Length": str(len(_preamble()) + size + 12)},
+                                        (c for part in ([_preamble()], _zeros(size)) for c in part))
+    status, body = answer.split(b"\r\n", 1)[0], json.loads(answer.split(b"\r\n\r\n", 1)[1].split(b"\n", 1)[0])
+    assert status.startswith(b"HTTP/1.1 413"), answer
+    assert body["errors"] == [{"code": 3006, "message": f"AiError: Request is too large (the limit is "
+                                                        f"{MULTIPART_LIMIT} bytes)"}]
+    assert sent <= len(_preamble()) + (4 << 20), sent  # at most what was in flight when the answer came
+    assert seconds < 2, seconds
+    assert_nothing_kept(sandbox, fid, [CFG])
+
+
+def test_200mb_chunked_upload_stops_at_the_limit(sandbox):
+    """No Content-Length (chunked): the server reads up to the limit, answers 413, keeps nothing."""
+    fid = new_finetune(sandbox, with_config=True)
+    size = 200 * 10**6
+
+    def chunked():
+        yield b"%x\r\n%s\r\n" % (len(_preamble()), _preamble())
+        for block in _zeros(size):
+            yield b"%x\r\n%s\r\n" % (len(block), block)
+
+    sent, seconds, answer = _raw_upload(sandbox, fid, {"Transfer-Encoding": "chunked"}, chunked())
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert b'"code":3006' in answer
+    assert MULTIPART_LIMIT <= sent <= MULTIPART_LIMIT + (8 << 20), sent  # stopped near the limit, not at 200 MB
+    assert_nothing_kept(sandbox, fid, [CFG])
+
+
+def test_file_over_the_store_limit_inside_the_multipart_allowance(tmp_path):
+    """The store's own byte count stops a file over --max-upload-bytes that the 1 MiB multipart slack let
+    through (in-process server, 64 KiB limit)."""
+    backend, _, bank = fake_backend()
+    with LiveServer(create_app(backend, data_dir=tmp_path, max_upload_bytes=64 << 10)) as live:
+        base = f"{live.url}/client/v4/accounts/acc/ai/finetunes"
+        fid = requests.post(base, json={"model": MODEL, "name": "big"}, timeout=10).json()["result"]["id"]
+        r = requests.post(f"{base}/{fid}/finetune-assets", data={"file_name": ST},
+                          files={"file": ("f", b"\0" * ((64 << 10) + 1))}, timeout=10)
+        expect_refusal(r, "AiError: Bad input: Error: adapter_model.safetensors is larger than the limit of "
+                          "65536 bytes")
+        assert list((tmp_path / "finetunes" / fid).iterdir()) == [] and list((tmp_path / "incoming").iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_check_safetensors_agrees_with_the_library(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.standard_normal(shape).astype(dtype) for i, shape in
+               enumerate([(8, 16), (16, 8), (3,), (0, 4), (2, 3, 4)])}
+    path = tmp_path / ST
+    path.write_bytes(st_save(tensors, metadata={"format": "pt"}))
+    got = check_safetensors(path)
+    with safetensors.safe_open(path, "numpy") as f:
+        want = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    assert got == want and set(got) == set(tensors)
+    # one NaN anywhere in a large tensor (past the first scan slice) is found
+    big = np.zeros((1 << 23) + 5, dtype)
+    big[-1] = np.nan
+    path.write_bytes(st_save({"big": big}))
+    with pytest.raises(AdapterFileError, match="'big' holds NaN"):
+        check_safetensors(path)
