@@ -2,8 +2,13 @@
 
 The reference applies TGI's order: repetition penalty (transformers rule over `seen`), frequency and
 presence penalties (OpenAI rule over `counts`), temperature, top-k, top-p over what top-k left, with
-temperature 0 / top_p 0 meaning greedy and repetition_penalty 0 meaning off.
+temperature 0 / top_p 0 meaning greedy and repetition_penalty 0 meaning off. The static modes
+(greedy / sampled / top_p) are checked against each other and numpy, the two-stage top-k against a
+numpy sort, the top_p mode's candidate cap against the documented rule by hand, and the compiled
+HLO at the 7B vocabulary for conditionals and vocabulary-sized sorts.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +16,8 @@ import numpy as np
 import pytest
 
 from gemma_jax import sampling
-from gemma_jax.engine.api import SamplingParams
+from gemma_jax.engine import api
+from gemma_jax.sampling import SamplingParams
 
 SP = SamplingParams
 NEUTRAL = dict(temperature=1.0, top_p=1.0, top_k=None, repetition_penalty=1.0, frequency_penalty=0.0,
@@ -333,3 +339,156 @@ def test_prompt_seen_matches_numpy():
             want[i, ids[i, j]] = True
     got = jax.jit(sampling.prompt_seen, static_argnums=2)(jnp.asarray(ids, jnp.int32), jnp.asarray(length), v)
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+# ----------------------------------------------------------------------------- static modes
+
+
+def test_mode_for_picks_the_least_general_mode_serving_every_row():
+    greedy = [sp(temperature=0.0), sp(top_p=0.0, top_k=500), sp(temperature=0.0, top_p=0.5)]
+    assert sampling.mode_for(greedy) == "greedy"
+    assert sampling.mode_for(greedy + [sp(top_k=50, top_p=1.0)]) == "sampled"
+    assert sampling.mode_for([sp(top_k=None, top_p=2.0), sp(top_k=1)]) == "sampled"
+    assert sampling.mode_for(greedy + [sp(top_p=0.99)]) == "top_p"
+    assert sampling.mode_for([sp(top_k=51)]) == "top_p"
+    assert sampling.MODES == ("greedy", "sampled", "top_p")
+    assert api.SamplingParams is SamplingParams  # the engine boundary re-exports it
+
+
+def tied_state(b, v, seed):
+    """Logits on a 0.5 grid (many ties, including at top-k / top-p boundaries) with -inf entries."""
+    logits, seen, counts = random_state(b, v, seed=seed)
+    logits = np.round(logits * 2) / 2
+    r = np.random.default_rng(seed + 100)
+    logits[r.random((b, v)) < 0.02] = -np.inf
+    return logits, seen, counts
+
+
+MODE_ROWS = {
+    "greedy": [sp(temperature=0.0), sp(top_p=0.0, temperature=2.0, repetition_penalty=2.0),
+               sp(temperature=0.0, top_k=7, frequency_penalty=1.0),
+               sp(temperature=0.0, top_p=0.3, presence_penalty=2.0)],
+    "sampled": [sp(temperature=0.0, repetition_penalty=1.5), sp(top_k=50, temperature=0.7), sp(top_k=1),
+                sp(top_k=13, top_p=2.0, frequency_penalty=0.5), sp(top_k=None, temperature=1.3)],
+    "top_p": [sp(top_p=0.9), sp(top_k=40, top_p=0.8, temperature=0.6), sp(top_k=100), sp(top_k=900, temperature=2.0),
+              sp(temperature=0.0), sp(top_k=50), sp(top_p=0.5, repetition_penalty=1.3), sp(top_k=5000, top_p=0.95)],
+}
+
+
+@pytest.mark.parametrize("mode", sampling.MODES)
+def test_each_mode_equals_the_general_path_on_rows_it_serves(mode):
+    """V = 3001 > MAX_TOP_P_CANDIDATES and not a multiple of any chunk; ties and -inf in the logits.
+
+    Every mode at least as general as mode_for(rows) gives the same processed logits (bit for bit)
+    and the same draws, and they equal numpy's full-vocabulary rule (every nucleus here fits in 1024).
+    """
+    params = MODE_ROWS[mode]
+    assert sampling.mode_for(params) == mode
+    logits, seen, counts = tied_state(len(params), 3001, seed=20 + len(mode))
+    rows = sampling.rows_from_params(params)
+    args = (jnp.asarray(logits), rows, jnp.asarray(seen), jnp.asarray(counts))
+    process = jax.jit(sampling.process_logits, static_argnames="mode")
+    general = np.asarray(process(*args, mode="top_p"))
+    assert_same_processed(general, np_process(logits, params, seen, counts))
+    steps = jnp.arange(24, dtype=jnp.int32)
+    zero = jnp.zeros(len(params), jnp.int32)
+    draws = jax.jit(lambda m: jax.vmap(lambda s: sampling.sample(*args, zero + s, mode=m))(steps), static_argnums=0)
+    want = np.asarray(draws("top_p"))
+    for m in sampling.MODES[sampling.MODES.index(mode):]:
+        np.testing.assert_array_equal(np.asarray(process(*args, mode=m)), general)
+        np.testing.assert_array_equal(np.asarray(draws(m)), want)
+    assert np.isfinite(general[np.arange(len(params))[None, :], want]).all()  # every draw is a kept token
+
+
+@pytest.mark.parametrize("vocab,n,chunk", [
+    (1, 1, 16), (7, 3, 16), (63, 50, 64), (64, 50, 64), (65, 50, 64), (1000, 50, 64), (3001, 50, 64),
+    (4097, 1024, 16), (3001, 1024, 16), (1000, 1024, 16), (5000, 17, 7), (129, 128, 1), (300, 5, 300),
+])
+def test_two_stage_top_values_equal_a_full_numpy_sort(vocab, n, chunk):
+    r = np.random.default_rng(vocab * 7 + n)
+    x = (r.standard_normal((6, vocab)) * 2).astype(np.float32)
+    x[1] = np.round(x[1])  # many ties
+    x[2] = np.arange(vocab, dtype=np.float32)  # the largest values all in the last chunks
+    x[3] = 0.0  # all equal
+    x[4, r.random(vocab) < 0.5] = -np.inf  # -inf, possibly more of them than n
+    x[5, : vocab // 2] = np.float32(np.finfo(np.float32).max)  # top values crowded into the first chunks
+    got = jax.jit(sampling._top_values, static_argnums=(1, 2))(jnp.asarray(x), n, chunk)
+    want = np.sort(x, axis=-1)[:, ::-1][:, :min(n, vocab)]
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def np_top_p_mode_row(x, p: SP, seen, counts, n_cand):
+    """"top_p" mode's documented rule by hand: the full rule with top_k' = min(top_k, N) (for top_k < V),
+    and when 0 < top_p < 1 only tokens >= the N-th largest (after temperature) survive."""
+    vocab = len(x)
+    if p.top_k and p.top_k < vocab:
+        p = SP(**{**p.__dict__, "top_k": min(p.top_k, n_cand)})
+    out = np_process_row(x, p, seen, counts)
+    if p.temperature > 0 and 0 < p.top_p < 1:
+        t = np_penalise(x, p, seen, counts) / max(p.temperature, EPS)
+        out = np.where(t >= np.sort(t)[::-1][n_cand - 1], out, -np.inf)
+    return out
+
+
+def test_top_p_mode_caps_at_the_candidate_set_as_documented():
+    """V = 20000 > N = 1024: a flat nucleus or a top_k above N is capped at N; a nucleus that fits is exact."""
+    n_cand, vocab = sampling.MAX_TOP_P_CANDIDATES, 20000
+    assert n_cand == 1024
+    r = np.random.default_rng(30)
+    scale = np.array([0.1, 0.1, 3.0, 3.0, 0.1, 5.0, 3.0, 0.3])[:, None]  # flat rows need a huge nucleus
+    logits = (r.standard_normal((8, vocab)) * scale).astype(np.float32)
+    seen, counts = r.random((8, vocab)) < 0.01, np.zeros((8, vocab), np.int32)
+    params = [sp(top_p=0.9), sp(top_k=3000), sp(top_p=0.9), sp(top_k=3000, top_p=0.95, temperature=1.5),
+              sp(top_k=600, top_p=0.99), sp(top_p=0.6, repetition_penalty=1.5), sp(top_k=30000, top_p=0.8),
+              sp(temperature=0.0)]
+    got = run_process(logits, params, seen, counts)
+    want = np.stack([np_top_p_mode_row(logits[b], p, seen[b], counts[b], n_cand) for b, p in enumerate(params)])
+    assert_same_processed(got, want)
+    full = np_process(logits, params, seen, counts)  # the uncapped full-vocabulary rule
+    kept, kept_full = np.isfinite(got).sum(-1), np.isfinite(full).sum(-1)
+    assert kept[0] == n_cand and kept_full[0] > 10 * n_cand  # flat nucleus capped
+    assert kept[2] == n_cand and kept_full[2] > n_cand  # so is a slightly larger one
+    assert kept[1] == n_cand and kept_full[1] == 3000  # top_k above N acts as N
+    assert 500 < kept[4] < 600  # top_k <= N first, then a nucleus inside it
+    for b in (4, 5, 6, 7):  # nucleus fits in N (top_k >= V is no filter): exactly the full rule
+        assert kept[b] < n_cand
+        np.testing.assert_array_equal(np.isfinite(got[b]), np.isfinite(full[b]))
+
+
+def lowered_sample(mode, batch=8, vocab=256000):
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    rows = sampling.SamplingRows(
+        temperature=f32(batch), top_k=jax.ShapeDtypeStruct((batch,), jnp.int32), top_p=f32(batch),
+        repetition_penalty=f32(batch), frequency_penalty=f32(batch), presence_penalty=f32(batch),
+        key=jax.ShapeDtypeStruct((batch, 2), jnp.uint32))
+    args = (f32(batch, vocab), rows, jax.ShapeDtypeStruct((batch, vocab), bool),
+            jax.ShapeDtypeStruct((batch, vocab), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
+    return jax.jit(sampling.sample, static_argnames="mode").lower(*args, mode=mode)
+
+
+@pytest.mark.parametrize("mode", sampling.MODES)
+def test_compiled_sample_has_no_conditional_and_no_vocabulary_sort(mode):
+    """The 7B vocabulary (V = 256000), batch 8, lowered on CPU from shapes: no conditional anywhere,
+    every sort / top-k operand far smaller than V, and the greedy variant draws no random numbers."""
+    vocab = 256000
+    lowered = lowered_sample(mode, vocab=vocab)
+    shlo = lowered.as_text()
+    hlo = lowered.compile().as_text()
+    assert not re.search(r"stablehlo\.(case|if)\b", shlo)
+    assert not re.search(r"\bconditional\(", hlo)
+    assert "stablehlo.sort" not in shlo  # only the two-stage top_k calls select values
+    selections = re.findall(r"chlo\.top_k\(.*?:\s*tensor<([0-9x]+)x[a-z0-9]+>", shlo)
+    assert len(selections) == {"greedy": 0, "sampled": 2, "top_p": 2}[mode]
+    for dims in selections:
+        assert max(int(d) for d in dims.split("x")) < vocab // 10, dims
+    # compiled: a sort's output has its operand's shape; a TopK custom call's operand is looked up by name
+    shapes = dict(re.findall(r"(%[\w.-]+) = \w+\[([0-9,]*)\]", hlo))
+    for line in hlo.splitlines():
+        if re.search(r"\bsort\(", line):
+            dims = re.search(r"= \(?\w+\[([0-9,]*)\]", line).group(1)
+            assert max(int(d) for d in dims.split(",")) < vocab // 10, line
+        if 'custom_call_target="TopK"' in line:
+            operand = re.search(r"custom-call\((%[\w.-]+)", line).group(1)
+            assert max(int(d) for d in shapes[operand].split(",")) < vocab // 10, line
+    if mode == "greedy":  # no Gumbel noise, no top-k
+        assert "threefry" not in shlo and "rng" not in hlo and "TopK" not in hlo
