@@ -1,0 +1,105 @@
+"""Issue 9's proof without a GPU, in CI: the compiled decode of the 7B shape (2 layers, the real
+256000 vocabulary, batch 32) has no `conditional` and no sort over the vocabulary, in every
+sampling mode and with a LoRA bank. The analysis is `benchmarks/hlo.py`'s (its HLO reader is
+`benchmarks/hlo_text.py`); the first tests check that reader on programs whose answer is known by
+construction, so that "zero found" means something.
+"""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import hlo  # noqa: E402
+import hlo_text  # noqa: E402
+from gemma_jax import config as config_lib  # noqa: E402
+from gemma_jax import sampling  # noqa: E402
+
+VOCAB = 256_000
+
+
+def _module(fn, *shapes, donate=()) -> hlo_text.Module:
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+    return hlo_text.parse(jax.jit(fn, donate_argnums=donate).lower(*args).compile().as_text())
+
+
+# -- the reader, on known programs -----------------------------------------------------------------
+def test_reader_counts_a_conditional():
+    def fn(x):
+        return jax.lax.cond(jnp.any(x > 0), lambda x: jnp.sin(x), lambda x: jnp.cos(x), x)
+
+    assert len(hlo_text.conditionals(_module(fn, ((8, 4), jnp.float32)))) == 1
+    assert hlo_text.conditionals(_module(jnp.sin, ((8, 4), jnp.float32))) == []
+
+
+def test_reader_flags_vocabulary_sorts_and_large_top_k():
+    logits = ((4, VOCAB), jnp.float32)
+    found = hlo_text.sorts(_module(lambda x: jnp.sort(x, axis=-1), logits), VOCAB)
+    assert [(s.kind, s.sorted_dim, s.over_vocab) for s in found] == [("sort", VOCAB, True)]
+    big = hlo_text.sorts(_module(lambda x: jax.lax.top_k(x, 50)[0], logits), VOCAB)
+    assert [(s.kind, s.k, s.over_vocab) for s in big] == [("top-k", 50, True)]  # a full sort on a GPU
+    small = hlo_text.sorts(_module(lambda x: jax.lax.top_k(x, 8)[0], logits), VOCAB)
+    assert [(s.k, s.over_vocab) for s in small] == [(8, False)]  # XLA's GPU top-k kernel
+    chunked = hlo_text.sorts(_module(lambda x: jnp.sort(x.reshape(4, 1000, 256), axis=-1), logits), VOCAB)
+    assert [(s.sorted_dim, s.over_vocab) for s in chunked] == [(256, False)]
+
+
+def test_reader_finds_a_cache_span_copy_not_an_in_place_update():
+    b, k, s, h = 4, 2, 64, 8
+    cache = ((b, k, s, h), jnp.float32)
+
+    def sliced(c, q):  # attention over a materialised bucket: the slice is a copy
+        return jnp.einsum("bkh,bksh->bks", q, c[:, :, :16] * 2.0)
+
+    def updated(c, q):  # one position per row written in place (into the donated cache)
+        return c.at[jnp.arange(b), :, 3].set(q)
+
+    query = ((b, k, h), jnp.float32)
+    copies = hlo_text.cache_copies(_module(sliced, cache, query), b, k, h, s)
+    assert [c.arrays[0][1] for c in copies] == [(b, k, 16, h)]
+    assert hlo_text.cache_copies(_module(updated, cache, query, donate=(0,)), b, k, h, s) == []
+    # Not donated, XLA must copy the whole cache before updating it: that copy is found too.
+    copies = hlo_text.cache_copies(_module(updated, cache, query), b, k, h, s)
+    assert [(c.opcode, c.arrays[0][1]) for c in copies] == [("copy", (b, k, s, h))]
+
+
+def test_traffic_model_counts_an_in_place_update_as_its_update():
+    cache = ((32, 4, 512, 64), jnp.float32)
+
+    def update(c, u):
+        return c.at[jnp.arange(32), :, 7].set(u)
+
+    mod = _module(update, cache, ((32, 4, 64), jnp.float32), donate=(0,))
+    update_bytes = 32 * 4 * 64 * 4
+    total = sum(t.total for t in hlo_text.traffic(mod))
+    assert update_bytes <= total <= 3 * update_bytes + 1024  # read + write the update, indices; not 32 MiB
+
+
+# -- the engine's compiled decode ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def decode_reports():
+    cfg = config_lib.gemma_7b().replace(num_layers=2)
+    assert cfg.vocab_size == VOCAB
+    setup = hlo.Setup(cfg, jnp.dtype(jnp.float32), slots=32, max_len=2048, steps=8, context=1024, prompt=1512)
+    # Every sampling mode on the base model, and the widest mode with a LoRA bank (8 adapters, rank 8).
+    return hlo.decode_reports(setup, lora_ranks=(8,), adapters=8, lora_mode=sampling.MODES[-1],
+                              short_contexts=(), log=lambda *_: None)
+
+
+def test_every_variant_was_compiled(decode_reports):
+    names = [r.name for r in decode_reports]
+    assert len(names) == len(sampling.MODES) + 1 and any("LoRA" in n for n in names)
+
+
+def test_decode_has_no_conditional(decode_reports):
+    found = {r.name: r.conditionals for r in decode_reports if r.conditionals}
+    assert found == {}, f"conditionals in the compiled decode: {found}"
+
+
+def test_decode_has_no_sort_over_the_vocabulary(decode_reports):
+    found = {r.name: [str(s) for s in r.vocab_sorts] for r in decode_reports if r.vocab_sorts}
+    assert found == {}, f"sorts over the vocabulary in the compiled decode: {found}"
