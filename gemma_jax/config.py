@@ -30,11 +30,8 @@ class Limits:
 
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig:
-    """Architecture of one Gemma model. Shape letters used across the code base:
-
-    B batch, T query length, S key/cache length, D embed_dim, N query heads, K kv heads,
-    G = N // K query heads per kv head, H head_dim, F hidden_dim (MLP), V vocab_size, L layers.
-    """
+    """Architecture of one Gemma model: D embed_dim, N num_heads, K num_kv_heads, H head_dim,
+    F hidden_dim, V vocab_size, L num_layers (the shape-letter legend is in `projections.py`)."""
 
     num_layers: int
     embed_dim: int

@@ -5,10 +5,10 @@
 The KV cache is an argument and a result, never a mutable Flax collection, so `forward` is a pure
 function that jit can donate the cache through. Layers are unrolled (a Python loop), not a
 `lax.scan` over stacked weights: on GPU the scan made XLA allocate a temporary the size of the
-weights (see BASELINES.md).
+weights.
 
-Shape letters (see `GemmaConfig`): B batch, T query length, S cache length, D embed, N query heads,
-K kv heads, G = N // K, H head_dim, F mlp hidden, V vocab, C a stacked pair (k/v or gate/up).
+Shape letters: the legend in `projections.py`. The projection weights, their einsums and their LoRA
+equations are all derived from the axis table there (`projections.PROJECTIONS` / `TARGETS`).
 
 LoRA without merging: `forward(..., lora=(bank, adapter_ids))` adds each row's adapter delta to
 the seven projections (`layers.lora_delta`; the bank is `lora.AdapterBank`, ids [B] int32, 0 = none).
@@ -30,6 +30,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gemma_jax import projections as proj
 from gemma_jax.config import GemmaConfig
 from gemma_jax.layers import Einsum, RMSNorm, apply_rope, gelu_tanh, lora_delta
 
@@ -70,17 +71,14 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, cache: LayerCache | None, kv_len: int | None, lora=None):
         cfg = self.config
-        n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+        n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = self.param_dtype
-        # Weights are [in, out...] so each projection is one plain matmul with no weight transpose.
-        q = Einsum((d, n, h), ("embed", "heads", "head_dim"), dt, name="q_einsum")("BTD,DNH->BTNH", x)
-        kv = Einsum((d, 2, k, h), ("embed", "stack", "kv_heads", "head_dim"), dt, name="kv_einsum")(
-            "BTD,DCKH->BTCKH", x)
+        q = _project(proj.Q, cfg, dt, x)  # [B, T, N, H]
+        kv = _project(proj.KV, cfg, dt, x)  # [B, T, C, K, H]
         key, value = kv[:, :, 0], kv[:, :, 1]
-        if lora is not None:
-            q = _plus(q, lora_delta(lora, "q_proj", x, "BTD,BDR->BTR", "BTR,BRNH->BTNH"))
-            key = _plus(key, lora_delta(lora, "k_proj", x, "BTD,BDR->BTR", "BTR,BRKH->BTKH"))
-            value = _plus(value, lora_delta(lora, "v_proj", x, "BTD,BDR->BTR", "BTR,BRKH->BTKH"))
+        q = _plus_lora(q, lora, "q_proj", x)
+        key = _plus_lora(key, lora, "k_proj", x)
+        value = _plus_lora(value, lora, "v_proj", x)
         if cfg.use_qk_norm:
             q = RMSNorm("head_dim", cfg.norm_eps, dt, name="query_norm")(q)
             key = RMSNorm("head_dim", cfg.norm_eps, dt, name="key_norm")(key)
@@ -113,10 +111,8 @@ class Attention(nn.Module):
         logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
         probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
         encoded = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values).reshape(b, t, n, h).astype(x.dtype)
-        out = Einsum((n, h, d), ("heads", "head_dim", "embed"), dt, name="attn_vec_einsum")("BTNH,NHD->BTD", encoded)
-        if lora is not None:
-            out = _plus(out, lora_delta(lora, "o_proj", encoded, "BTNH,BNHR->BTR", "BTR,BRD->BTD"))
-        return out, new_cache
+        out = _project(proj.ATTN_VEC, cfg, dt, encoded)  # [B, T, D]
+        return _plus_lora(out, lora, "o_proj", encoded), new_cache
 
 
 class FeedForward(nn.Module):
@@ -127,20 +123,26 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x, lora=None):
-        d, f, dt = self.config.embed_dim, self.config.hidden_dim, self.param_dtype
-        gate_up = Einsum((d, 2, f), ("embed", "stack", "mlp"), dt, name="gating_einsum")("BTD,DCF->BTCF", x)
+        cfg, dt = self.config, self.param_dtype
+        gate_up = _project(proj.GATING, cfg, dt, x)  # [B, T, C, F]
         gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-        if lora is not None:
-            gate = _plus(gate, lora_delta(lora, "gate_proj", x, "BTD,BDR->BTR", "BTR,BRF->BTF"))
-            up = _plus(up, lora_delta(lora, "up_proj", x, "BTD,BDR->BTR", "BTR,BRF->BTF"))
+        gate = _plus_lora(gate, lora, "gate_proj", x)
+        up = _plus_lora(up, lora, "up_proj", x)
         hidden = gelu_tanh(gate) * up
-        out = Einsum((f, d), ("mlp", "embed"), dt, name="linear")("BTF,FD->BTD", hidden)
-        if lora is not None:
-            out = _plus(out, lora_delta(lora, "down_proj", hidden, "BTF,BFR->BTR", "BTR,BRD->BTD"))
-        return out
+        out = _project(proj.LINEAR, cfg, dt, hidden)  # [B, T, D]
+        return _plus_lora(out, lora, "down_proj", hidden)
 
 
-def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+def _project(p: proj.Projection, config: GemmaConfig, dtype, x: jax.Array) -> jax.Array:
+    """Declare projection `p`'s weight (its shape and logical axes) and apply its forward einsum."""
+    return Einsum(p.shape(config), p.axes, dtype, name=p.name)(p.equation, x)
+
+
+def _plus_lora(y: jax.Array, lora, target: str, x: jax.Array) -> jax.Array:
+    """y + the LoRA delta of `target` for input x (y itself without a bank or that target)."""
+    if lora is None:
+        return y
+    delta = lora_delta(lora, target, x, *proj.TARGETS[target].lora_equations)
     return y if delta is None else y + delta.astype(y.dtype)
 
 

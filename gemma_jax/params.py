@@ -17,10 +17,10 @@ The tree is the one `Transformer.init` builds, without the "params" wrapper:
 
 This is DeepMind's Flax layout (gemma-llm 1.0) with two changes: MHA's fused `qkv_einsum` is always
 split into `q_einsum` + `kv_einsum`, so one tree serves MHA, MQA and GQA; and every projection puts
-its input dimension D first (q [D, N, H], kv [D, 2, K, H], gating [D, 2, F], where DeepMind has
+its input axes first (q [D, N, H], kv [D, 2, K, H], gating [D, 2, F], where DeepMind has
 [N, D, H], [2, K, D, H], [2, D, F]), so that each is one plain [in, out] matmul, the stacked pair
-included. With D in the middle XLA transposes the weight on every call, which in memory-bound
-decoding costs as much as reading it again. The Kaggle loader transposes once, at load time.
+included (why: `projections.py`, where each projection's axes are declared). The Kaggle loader
+transposes once, at load time.
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ from jax.sharding import Mesh
 from gemma_jax import sharding
 from gemma_jax.config import GemmaConfig
 from gemma_jax.model import CACHE_AXES, Cache, LayerCache, Transformer, init_cache
-
-STACK_AXIS = 1  # the axis of a stacked pair (k/v in kv_einsum, gate/up in gating_einsum)
-
 
 def get_path(tree, path):
     """tree[path[0]][path[1]]... for a path of keys into the parameter tree."""

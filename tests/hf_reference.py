@@ -71,15 +71,15 @@ def random_hf_gemma3(cfg: GemmaConfig, seed: int = 0):
 
 def random_lora_tensors(cfg: GemmaConfig, rank: int, seed: int, targets, std: float) -> dict[str, np.ndarray]:
     """PEFT-named lora_A [r, in] / lora_B [out, r] tensors with random values, for every layer."""
-    from gemma_jax import lora
+    from gemma_jax.projections import TARGETS
 
     rng = np.random.default_rng(seed)
     tensors = {}
     for i in range(cfg.num_layers):
         for t in targets:
-            lay = lora.target_layout(cfg, t)
-            parent = "self_attn" if lay.path[0] == "attn" else "mlp"
+            target = TARGETS[t]
+            parent = "self_attn" if target.path[0] == "attn" else "mlp"
             stem = f"base_model.model.model.layers.{i}.{parent}.{t}"
-            tensors[f"{stem}.lora_A.weight"] = rng.normal(0, std, (rank, lay.in_features)).astype(np.float32)
-            tensors[f"{stem}.lora_B.weight"] = rng.normal(0, std, (lay.out_features, rank)).astype(np.float32)
+            tensors[f"{stem}.lora_A.weight"] = rng.normal(0, std, (rank, target.in_features(cfg))).astype(np.float32)
+            tensors[f"{stem}.lora_B.weight"] = rng.normal(0, std, (target.out_features(cfg), rank)).astype(np.float32)
     return tensors

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from gemma_jax import params as P
 from gemma_jax.config import GemmaConfig, Limits, gemma3_pattern
+from gemma_jax.projections import STACK_AXIS, TARGETS, Target
 
 _SUPPORTED = ("gemma", "gemma3")
 
@@ -207,58 +208,52 @@ def _layer_pattern(pattern, num_layers: int):
 
 
 # --- tensors -> our tree -----------------------------------------------------------------------
-# GGUF per-layer tensor -> (path inside layer_i, index in the stacked axis params.STACK_AXIS, kind)
-_LAYER = {
-    "attn_norm": (("pre_attention_norm", "scale"), None, "norm"),
-    "attn_q": (("attn", "q_einsum", "w"), None, "q"),
-    "attn_k": (("attn", "kv_einsum", "w"), 0, "kv"),
-    "attn_v": (("attn", "kv_einsum", "w"), 1, "kv"),
-    "attn_output": (("attn", "attn_vec_einsum", "w"), None, "o"),
-    "attn_q_norm": (("attn", "query_norm", "scale"), None, "norm"),
-    "attn_k_norm": (("attn", "key_norm", "scale"), None, "norm"),
-    "post_attention_norm": (("post_attention_norm", "scale"), None, "norm"),
-    "ffn_norm": (("pre_ffw_norm", "scale"), None, "norm"),
-    "ffn_gate": (("mlp", "gating_einsum", "w"), 0, "in"),
-    "ffn_up": (("mlp", "gating_einsum", "w"), 1, "in"),
-    "ffn_down": (("mlp", "linear", "w"), None, "in"),
-    "post_ffw_norm": (("post_ffw_norm", "scale"), None, "norm"),
+# GGUF per-layer tensor -> a projection (`projections.TARGETS`: path, stack index and the same
+# [out, in] -> ours mapping the HF loader uses), or a norm's path inside layer_i.
+_LAYER_TARGETS = {
+    "attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
+    "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj",
 }
-_GLOBAL = {
-    "token_embd": (("embedder", "input_embedding"), None, "embed"),
-    "output_norm": (("final_norm", "scale"), None, "norm"),
+_LAYER_NORMS = {
+    "attn_norm": ("pre_attention_norm", "scale"),
+    "attn_q_norm": ("attn", "query_norm", "scale"),
+    "attn_k_norm": ("attn", "key_norm", "scale"),
+    "post_attention_norm": ("post_attention_norm", "scale"),
+    "ffn_norm": ("pre_ffw_norm", "scale"),
+    "post_ffw_norm": ("post_ffw_norm", "scale"),
 }
 
 
-def _target(name: str):
-    """(path tuple, stack index, kind) for a GGUF tensor name; ValueError if it is not ours."""
+def _target(name: str) -> tuple[tuple[str, ...], int | None, Target | str]:
+    """(path tuple, stack index, Target or "norm" / "embed") for a GGUF tensor name; ValueError if
+    it is not ours."""
     if not name.endswith(".weight"):
         raise ValueError(f"unexpected GGUF tensor {name!r}")
     stem = name[: -len(".weight")]
-    if stem in _GLOBAL:
-        return _GLOBAL[stem]
+    if stem == "token_embd":
+        return ("embedder", "input_embedding"), None, "embed"
+    if stem == "output_norm":
+        return ("final_norm", "scale"), None, "norm"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER:
-        path, index, kind = _LAYER[parts[2]]
-        return (f"layer_{int(parts[1])}", *path), index, kind
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+        layer = f"layer_{int(parts[1])}"
+        if parts[2] in _LAYER_TARGETS:
+            target = TARGETS[_LAYER_TARGETS[parts[2]]]
+            return (layer, *target.path), target.index, target
+        if parts[2] in _LAYER_NORMS:
+            return (layer, *_LAYER_NORMS[parts[2]]), None, "norm"
     if stem == "output":
         raise ValueError("GGUF has an untied output.weight; Gemma ties the output to token_embd")
     raise ValueError(f"unexpected GGUF tensor {name!r}")
 
 
-def _convert(w: np.ndarray, kind: str, config: GemmaConfig) -> np.ndarray:
-    """One dequantized tensor (numpy [out, in] for matrices) -> our layout."""
-    d, h = config.embed_dim, config.head_dim
+def _convert(w: np.ndarray, kind: Target | str, config: GemmaConfig) -> np.ndarray:
+    """One dequantized tensor (numpy [out, in] for matrices, as torch's) -> our layout."""
     if kind == "norm":
         return w - np.float32(1.0)  # GGUF stores 1 + w
     if kind == "embed":
         return w  # [V, D]
-    if kind in ("q", "kv"):  # [N*H, D] -> [D, N, H]; [K*H, D] -> [D, K, H]
-        return w.reshape(-1, h, d).transpose(2, 0, 1)
-    if kind == "o":  # [D, N*H] -> [N, H, D]
-        return w.T.reshape(-1, h, d)
-    if kind == "in":  # [out, in] -> [in, out]: gate/up [F, D] -> [D, F]; down [D, F] -> [F, D]
-        return w.T
-    raise AssertionError(kind)
+    return kind.from_torch(w, config)
 
 
 def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
@@ -320,7 +315,7 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = No
         parts = pending.setdefault(key, {})
         parts[index] = w
         if len(parts) == 2:
-            loaded[key] = place(key, np.stack([parts[0], parts[1]], axis=P.STACK_AXIS))
+            loaded[key] = place(key, np.stack([parts[0], parts[1]], axis=STACK_AXIS))
             del pending[key]
     missing = sorted("/".join(k) for k in expected if k not in loaded)
     if missing:

@@ -1,8 +1,8 @@
 """Hugging Face checkpoints (config.json + `model*.safetensors`) <-> our parameter tree.
 
-A torch `nn.Linear` weight is [out, in]; ours are named-dim einsum weights (see `params.py`). The
-table `LINEARS` says, for each of the seven projection names transformers and peft use, where the
-weight lives in our tree and how to reshape it; the LoRA loader reuses it for adapter deltas.
+A torch `nn.Linear` weight is [out, in]; ours are named-dim einsum weights (see `params.py`). Where
+each of the seven projections transformers and peft name lives in our tree, and how its [out, in]
+matrix maps there, comes from `projections.TARGETS` (the same mapping the GGUF loader uses).
 
 Safetensors files are read with numpy memory maps (bfloat16 through ml_dtypes), one tensor at a
 time, so a 17 GB checkpoint never needs 17 GB of extra host memory; each converted tensor is put on
@@ -15,7 +15,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from gemma_jax import params as P
 from gemma_jax.config import GemmaConfig, from_hf_config
+from gemma_jax.projections import STACK_AXIS, TARGETS, Target
 
 _ST_DTYPES = {
     "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
@@ -33,47 +34,8 @@ _ST_DTYPES = {
 }
 
 
-# --- projections: [out, in] torch layout <-> ours --------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class LinearTarget:
-    """Where one HF projection of a layer lives in our tree, and how its [out, in] matrix maps there."""
-
-    path: tuple[str, ...]  # inside layer_i, e.g. ("attn", "q_einsum", "w")
-    index: int | None  # position in the stacked axis params.STACK_AXIS (kv: k=0 v=1; gating: gate=0 up=1)
-    to_ours: Callable[[np.ndarray, GemmaConfig], np.ndarray]
-    from_ours: Callable[[np.ndarray, GemmaConfig], np.ndarray]
-
-
-def _heads_in(n_attr: str):
-    """[n*H, D] (out = heads) <-> [D, n, H]."""
-    def to(w, c):
-        n = getattr(c, n_attr)
-        return w.reshape(n, c.head_dim, c.embed_dim).transpose(2, 0, 1)
-
-    def back(w, c):
-        return w.transpose(1, 2, 0).reshape(-1, c.embed_dim)
-    return to, back
-
-
-def _o_proj():
-    """[D, N*H] <-> [N, H, D]."""
-    return (lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.embed_dim),
-            lambda w, c: w.reshape(-1, c.embed_dim).T)
-
-
-_T = (lambda w, c: w.T, lambda w, c: w.T)
-
-LINEARS: dict[str, LinearTarget] = {
-    "q_proj": LinearTarget(("attn", "q_einsum", "w"), None, *_heads_in("num_heads")),
-    "k_proj": LinearTarget(("attn", "kv_einsum", "w"), 0, *_heads_in("num_kv_heads")),
-    "v_proj": LinearTarget(("attn", "kv_einsum", "w"), 1, *_heads_in("num_kv_heads")),
-    "o_proj": LinearTarget(("attn", "attn_vec_einsum", "w"), None, *_o_proj()),
-    "gate_proj": LinearTarget(("mlp", "gating_einsum", "w"), 0, *_T),
-    "up_proj": LinearTarget(("mlp", "gating_einsum", "w"), 1, *_T),
-    "down_proj": LinearTarget(("mlp", "linear", "w"), None, *_T),
-}
-_MODULE_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                  "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# HF module holding each of our layer's sub-trees: layers.{i}.self_attn.q_proj, layers.{i}.mlp.gate_proj...
+HF_PARENT = {"attn": "self_attn", "mlp": "mlp"}
 
 
 def _norm_names(config: GemmaConfig) -> dict[str, tuple[str, ...]]:
@@ -99,7 +61,7 @@ class Slot:
 
     path: tuple[str, ...]
     index: int | None = None
-    linear: LinearTarget | None = None
+    target: Target | None = None
 
 
 def hf_names(config: GemmaConfig) -> dict[str, Slot]:
@@ -109,8 +71,9 @@ def hf_names(config: GemmaConfig) -> dict[str, Slot]:
         layer = f"layer_{i}"
         for hf, ours in _norm_names(config).items():
             out[f"layers.{i}.{hf}.weight"] = Slot((layer, *ours))
-        for proj, target in LINEARS.items():
-            out[f"layers.{i}.{_MODULE_PARENT[proj]}.{proj}.weight"] = Slot((layer, *target.path), target.index, target)
+        for name, target in TARGETS.items():
+            parent = HF_PARENT[target.path[0]]
+            out[f"layers.{i}.{parent}.{name}.weight"] = Slot((layer, *target.path), target.index, target)
     return out
 
 
@@ -158,15 +121,15 @@ def params_from_hf_state(state: Mapping[str, np.ndarray] | Iterator[tuple[str, n
             raise ValueError(f"unexpected tensor {name!r} in checkpoint")
         slot = names[short]
         array = np.asarray(array)
-        if slot.linear is not None:
-            array = slot.linear.to_ours(array, config)
+        if slot.target is not None:
+            array = slot.target.from_torch(array, config)
         staged.setdefault(slot.path, {})[slot.index] = array
     missing = [n for n, s in names.items() if s.index not in staged.get(s.path, {})]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     out: dict = {}
     for path, parts in staged.items():
-        array = parts[None] if None in parts else np.stack([parts[i] for i in sorted(parts)], axis=P.STACK_AXIS)
+        array = parts[None] if None in parts else np.stack([parts[i] for i in sorted(parts)], axis=STACK_AXIS)
         expected = P.get_path(shapes, path).shape
         if array.shape != expected:
             raise ValueError(f"{'/'.join(path)}: checkpoint shape {array.shape}, config expects {expected}")
@@ -182,9 +145,9 @@ def hf_state_from_params(params, config: GemmaConfig) -> dict[str, np.ndarray]:
     for short, slot in hf_names(config).items():
         array = np.asarray(P.get_path(params, slot.path))
         if slot.index is not None:
-            array = np.take(array, slot.index, axis=P.STACK_AXIS)
-        if slot.linear is not None:
-            array = slot.linear.from_ours(array, config)
+            array = np.take(array, slot.index, axis=STACK_AXIS)
+        if slot.target is not None:
+            array = slot.target.to_torch(array, config)
         out[f"model.{short}"] = np.ascontiguousarray(array)
     return out
 

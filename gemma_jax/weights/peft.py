@@ -164,7 +164,7 @@ def adapter_from_peft(adapter_config: Mapping, tensors: Mapping[str, np.ndarray]
     validate_config(adapter_config, config, max_rank=max_rank, require_model_type=require_model_type)
     c = adapter_config
     rank_pattern, alpha_pattern = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
-    slots = {stem[: -len(".weight")]: slot for stem, slot in hf_names(config).items() if slot.linear is not None}
+    slots = {stem[: -len(".weight")]: slot for stem, slot in hf_names(config).items() if slot.target is not None}
     found: dict[str, dict[str, np.ndarray]] = {}
     for name, array in tensors.items():
         m = _KEY.match(name)
