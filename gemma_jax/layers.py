@@ -5,7 +5,8 @@ names (`nn.with_logical_partitioning`). Random init, shardings (`sharding.py`) a
 loading (`weights/`) are all derived from these declarations, never re-typed.
 
 Logical axis names: "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "stack" (the 2 of a
-stacked pair such as k/v or gate/up), "batch", "cache_seq".
+stacked pair such as k/v or gate/up), "batch", "cache_seq". The projections' axes are declared in
+`projections.py`, which also holds the shape-letter legend.
 """
 
 from __future__ import annotations
@@ -74,18 +75,20 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 
 
 def lora_delta(lora, target: str, x: jax.Array, eqn_in: str, eqn_out: str) -> jax.Array | None:
-    """Per-row LoRA delta (x A[ids]) B[ids] * scale[ids], or None when there is nothing to add.
+    """Per-row LoRA delta (x A[ids]) B[ids] * scale[ids], or None when the bank lacks `target`.
 
     lora: None, or (bank layer, ids [B]) where the bank layer maps a target name ("q_proj", ...) to
-    weights with a [C, *in, R], b [C, R, *out], scale [C] (see `lora.AdapterBank`). eqn_in contracts x
-    with one row's A (e.g. "BTD,BDR->BTR"), eqn_out the result with one row's B ("BTR,BRD->BTD").
-    Slot 0 of a bank is zeros, so rows with id 0 get exactly +0.
+    weights with a [A, *in, R], b [A, R, *out], scale [A] (see `lora.AdapterBank`; A adapter slots).
+    eqn_in contracts x with one row's A (e.g. "BTD,BDR->BTR"), eqn_out the result with one row's B
+    ("BTR,BRD->BTD"); both come from `projections.Target.lora_equations`. Slot 0 of a bank is zeros,
+    so rows with id 0 get exactly +0.
 
-    Two ways to apply it, chosen statically by what reads less memory per step (decode is bound by
-    memory reads): with C <= B every row meets every adapter (the bank is read once, a one-hot mask
-    keeps each row's own: "BTD,CDR->BTCR"); with C > B each row gathers its own A and B. Either way a
-    batch in which no row has an adapter skips the whole computation (`lax.cond`), so base-model
-    traffic pays nothing for the bank.
+    Given a bank, the delta is always computed: a caller whose batch has no adapter at all passes
+    lora=None instead (the engine compiles that variant separately), so base-model traffic never
+    reads the bank. Two ways to apply it, chosen statically by what reads less memory per step
+    (decode is bound by memory reads): with A <= B every row meets every adapter (the bank is read
+    once, a one-hot mask keeps each row's own: "BTD,ADR->BTAR"); with A > B each row gathers its own
+    A and B.
     """
     if lora is None:
         return None
@@ -93,26 +96,21 @@ def lora_delta(lora, target: str, x: jax.Array, eqn_in: str, eqn_out: str) -> ja
     weights = bank.get(target)
     if weights is None:
         return None
-    capacity, batch = weights.a.shape[0], ids.shape[0]
+    slots, batch = weights.a.shape[0], ids.shape[0]
 
-    def per_row(_):
+    if slots > batch:  # gather each row's own adapter
         a = jnp.take(weights.a, ids, axis=0).astype(x.dtype)  # [B, *in, R]
         b = jnp.take(weights.b, ids, axis=0).astype(x.dtype)  # [B, R, *out]
         out = jnp.einsum(eqn_out, jnp.einsum(eqn_in, x, a), b)
         scale = jnp.take(weights.scale, ids, axis=0).astype(x.dtype)  # [B]
         return out * scale.reshape((-1,) + (1,) * (out.ndim - 1))
 
-    def one_hot(_):
-        (x_in, a_in), r_out = _split(eqn_in)  # e.g. BTD, BDR -> BTR
-        (r_in, b_in), out = _split(eqn_out)  # e.g. BTR, BRD -> BTD
-        mask = jax.nn.one_hot(ids, capacity, dtype=x.dtype) * weights.scale.astype(x.dtype)[None]  # [B, C]
-        xa = jnp.einsum(f"{x_in},C{a_in[1:]}->{r_out[:-1]}CR", x, weights.a.astype(x.dtype))  # [B, T, C, R]
-        xa = xa * mask.reshape((batch,) + (1,) * (xa.ndim - 3) + (capacity, 1))
-        return jnp.einsum(f"{r_in[:-1]}CR,C{b_in[1:]}->{out}", xa, weights.b.astype(x.dtype))
-
-    compute = one_hot if capacity <= batch else per_row
-    shape = jax.eval_shape(compute, None)
-    return jax.lax.cond(jnp.any(ids > 0), compute, lambda _: jnp.zeros(shape.shape, shape.dtype), None)
+    (x_in, a_in), r_out = _split(eqn_in)  # e.g. BTD, BDR -> BTR
+    (r_in, b_in), out = _split(eqn_out)  # e.g. BTR, BRD -> BTD
+    mask = jax.nn.one_hot(ids, slots, dtype=x.dtype) * weights.scale.astype(x.dtype)[None]  # [B, A]
+    xa = jnp.einsum(f"{x_in},A{a_in[1:]}->{r_out[:-1]}AR", x, weights.a.astype(x.dtype))  # [B, T, A, R]
+    xa = xa * mask.reshape((batch,) + (1,) * (xa.ndim - 3) + (slots, 1))
+    return jnp.einsum(f"{r_in[:-1]}AR,A{b_in[1:]}->{out}", xa, weights.b.astype(x.dtype))
 
 
 def _split(eqn: str) -> tuple[tuple[str, str], str]:

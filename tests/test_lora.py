@@ -163,7 +163,7 @@ def _greedy(params, cfg, tokens, steps, lora_arg=None):
     return np.asarray(first), np.stack([np.asarray(o) for o in out], 1)
 
 
-@pytest.mark.parametrize("capacity", [4, 5], ids=["one-hot (C <= B)", "per-row gather (C > B)"])
+@pytest.mark.parametrize("capacity", [4, 5], ids=["one-hot (A <= B)", "per-row gather (A > B)"])
 def test_mixed_batch_rows_equal_rows_alone(gqa, capacity):
     """Both ways `layers.lora_delta` applies a bank give each row its own adapter's logits."""
     cfg, params = gqa
