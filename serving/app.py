@@ -31,7 +31,7 @@ from serving.backend import AdapterError, Backend
 from serving.finetunes import FinetuneError, FinetuneStore
 from serving.http import ServerState, read_json, start_generation, state
 from serving.metrics import Metrics
-from serving.generation import usage
+from serving.generation import HEARTBEAT_S, usage
 
 log = logging.getLogger("serving")
 access_log = logging.getLogger("serving.access")
@@ -49,7 +49,7 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     max_upload_bytes: int = 500 << 20,
     request_timeout: float | None = 600.0,
-    heartbeat: float = 5.0,
+    heartbeat: float = HEARTBEAT_S,
     reload_finetunes: bool = True,
 ) -> Flask:
     app = Flask(__name__, static_folder="static", static_url_path="/static")

@@ -1,4 +1,4 @@
-"""The one object the HTTP layer talks to: tokenizer + scheduler + model name + limits + adapters.
+"""The one object the HTTP layer talks to: tokenizer + scheduler + model name + adapters.
 
 The Flask app never touches the engine, a device or a tokenizer directly; it hands a validated body
 to a `Backend` and gets back an engine `Request`, then submits it and reads the handle. That keeps
@@ -10,9 +10,12 @@ What a Backend decides (and the app does not):
 - prompting: `prompt` -> the default scoped prompt (the chat template as one user turn); `raw` ->
   the text verbatim after BOS; `messages` -> the chat template (a bad role order is a bad input);
 - sampling: each Workers AI / OpenAI parameter -> `SamplingParams`, integers made ints (JSON Schema
-  calls 5.0 an integer), `max_tokens < 1` refused;
-- limits: prompt tokens and prompt + max_tokens against the model's `Limits` (-> `InputTooLong`);
+  calls 5.0 an integer);
 - adapters: `lora` (finetune id or name) -> the adapter key the engine knows (the finetune id).
+
+The limits are the engine's alone: `make_request` asks `scheduler.check(prompt_tokens, max_tokens)`
+(`Engine.check`), which refuses `max_tokens < 1` (ValueError) and prompts over the limits
+(`InputTooLong`) and says what `max_tokens=None` (the rest of the context window) comes to.
 
 Adapter loading itself belongs to the LoRA code: `load_adapter_fn(key, directory)` must validate the
 PEFT files, load them into the engine's adapter bank under `key` and raise `ValueError` if they are
@@ -28,14 +31,15 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from gemma_jax.config import Limits
-from gemma_jax.engine.api import InputTooLong, Request, RequestHandle, SamplingParams, UnknownAdapter
+from gemma_jax.engine.api import Request, RequestHandle, SamplingParams, UnknownAdapter
 from gemma_jax import tokenizer as gemma_tokenizer
 
 DEFAULT_MODEL = "@hf/google/gemma-7b-it"
 
 
 class SchedulerLike(Protocol):
+    def check(self, prompt_tokens: int, max_tokens: int | None = None) -> int: ...
+
     def submit(self, request: Request) -> RequestHandle: ...
 
     def stats(self) -> Mapping[str, Any]: ...
@@ -89,7 +93,7 @@ def sampling_from(body: Mapping[str, Any]) -> SamplingParams:
 
 
 class Backend:
-    """Tokenizer + scheduler + model name + limits + the loaded adapters (id -> name)."""
+    """Tokenizer + scheduler + model name + the loaded adapters (id -> name)."""
 
     def __init__(
         self,
@@ -97,19 +101,11 @@ class Backend:
         tokenizer: TokenizerLike,
         *,
         model_name: str = DEFAULT_MODEL,
-        aliases: Sequence[str] = (),
-        limits: Limits = Limits(),
         load_adapter_fn: Callable[[str, str], None] | None = None,
         unload_adapter_fn: Callable[[str], None] | None = None,
-        format_prompt: Callable[[str], str] = gemma_tokenizer.format_prompt,
-        encode_chat: Callable[[Any, Sequence[Mapping[str, Any]]], list[int]] = gemma_tokenizer.encode_chat,
-        description: str = "",
     ):
-        self.scheduler, self.tokenizer = scheduler, tokenizer
-        self.model_name, self.aliases, self.limits = model_name, tuple(aliases), limits
-        self.description = description
+        self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
         self._load_fn, self._unload_fn = load_adapter_fn, unload_adapter_fn
-        self._format_prompt, self._encode_chat = format_prompt, encode_chat
         self._adapters: dict[str, str] = {}  # finetune id (= engine adapter key) -> name
         self._lock = threading.Lock()
 
@@ -129,7 +125,7 @@ class Backend:
                     self._unload_fn(finetune_id)
 
     def serves(self, model: str) -> bool:
-        return model == self.model_name or model in self.aliases
+        return model == self.model_name
 
     # -- requests -----------------------------------------------------------------------------
     def input_from_body(self, body: Mapping[str, Any]) -> GenerationInput:
@@ -143,29 +139,20 @@ class Backend:
         """Prompt ids, BOS first: raw text verbatim, a prompt as one user turn, or the chat template."""
         if gen.messages is not None:
             try:
-                return list(self._encode_chat(self.tokenizer, gen.messages))
+                return list(gemma_tokenizer.encode_chat(self.tokenizer, gen.messages))
             except ValueError as e:  # ChatTemplateError is a ValueError
                 raise BadRequest(f"messages: {e}") from None
         if gen.prompt is None:
             raise BadRequest("either prompt or messages is required")
-        text = gen.prompt if gen.raw else self._format_prompt(gen.prompt)
+        text = gen.prompt if gen.raw else gemma_tokenizer.format_prompt(gen.prompt)
         return list(self.tokenizer.encode(text, add_bos=True))
 
-    def count_tokens(self, gen: GenerationInput) -> int:
-        return len(self.encode(gen))
-
     def make_request(self, gen: GenerationInput) -> Request:
-        """Encode, check the limits, resolve the adapter. Raises BadRequest, InputTooLong, UnknownAdapter."""
-        if gen.max_tokens is not None and gen.max_tokens < 1:
-            raise BadRequest(f"max_tokens must be at least 1, got {gen.max_tokens}")
+        """Resolve the adapter, encode, check the engine's limits (`scheduler.check`).
+        Raises UnknownAdapter, BadRequest, ValueError (max_tokens < 1), InputTooLong."""
         adapter = self.resolve_adapter(gen.lora) if gen.lora is not None else None
         ids = self.encode(gen)
-        lim = self.limits
-        max_tokens = gen.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, min(lim.max_total_tokens - len(ids), lim.max_total_tokens))
-        if len(ids) > lim.max_input_tokens or len(ids) + max_tokens > lim.max_total_tokens:
-            raise InputTooLong(len(ids), max_tokens, lim.max_input_tokens, lim.max_total_tokens)
+        max_tokens = self.scheduler.check(len(ids), gen.max_tokens)
         return Request(prompt_ids=tuple(ids), max_tokens=max_tokens, sampling=gen.sampling, adapter=adapter)
 
     def submit(self, request: Request) -> RequestHandle:

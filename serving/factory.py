@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from gemma_jax import config as config_lib
-from gemma_jax.config import Limits
 from gemma_jax.engine.engine import Engine
 from gemma_jax.engine.scheduler import Scheduler
 from gemma_jax.tokenizer import Tokenizer
@@ -66,11 +65,8 @@ def build_backend(args: argparse.Namespace) -> Backend:
 def make_backend(engine: Engine, tokenizer: Tokenizer, *, model_name: str = DEFAULT_MODEL) -> Backend:
     """A new scheduler over `engine`, as a Backend. Adapters load into the engine's LoRA bank with
     `model_type` required (Workers AI's rule); an engine without a bank serves no finetunes. The
-    limits are the engine's own (its prefill buckets may cap the input below the config's)."""
-    config = engine.config
-    limits = Limits(max_input_tokens=engine.max_input, max_total_tokens=engine.max_total,
-                    max_batch_prefill_tokens=config.limits.max_batch_prefill_tokens)
+    limits are the engine's own (`Engine.check`, through the scheduler)."""
     lora = engine.bank is not None
-    return Backend(Scheduler(engine, tokenizer), tokenizer, model_name=model_name, limits=limits,
+    return Backend(Scheduler(engine, tokenizer), tokenizer, model_name=model_name,
                    load_adapter_fn=functools.partial(engine.load_adapter, require_model_type=True) if lora else None,
                    unload_adapter_fn=engine.unload_adapter if lora else None)

@@ -62,11 +62,9 @@ def start_generation(gen: GenerationInput) -> Run:
         handle = st.backend.submit(req)
     except UnknownAdapter:
         raise unknown_adapter(gen.lora or "") from None
-    except errors.ApiError:
-        raise
     except EngineError as e:
         raise errors.from_exception(e) from None
-    except ValueError as e:  # the scheduler refused the request's values at submit: the client's to fix
+    except ValueError as e:  # BadRequest, or values the engine refuses (max_tokens < 1): the client's to fix
         raise errors.bad_input(f"Error: {e}") from None
     return Run(handle, st.metrics, timeout=st.request_timeout, heartbeat=st.heartbeat,
                prompt_tokens=len(req.prompt_ids))

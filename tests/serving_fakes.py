@@ -9,6 +9,8 @@ model. The rules:
   max_tokens characters, one character (= one token) per event; with an adapter it is swapcased,
   so an adapter's output always differs from the base model's for letters. finish_reason is
   "length" when cut, else "stop"; "cancelled" if cancel() came first.
+- FakeScheduler.check is the engine's own limits check (`api.check_limits`) over `limits`
+  (Workers AI's gemma-7b-it numbers by default: 1512 input tokens, 2048 in all).
 - Knobs: `delay` seconds per token (slow), `fail_after` n tokens then RequestFailed mid-stream,
   `full=True` -> submit raises QueueFull, `slots` decode slots (more requests queue).
 - FakeAdapterBank: loads an adapter if adapter_config.json has an integer "r" <= 32 and the
@@ -32,7 +34,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gemma_jax.config import Limits  # noqa: E402
-from gemma_jax.engine.api import Completion, QueueFull, RequestFailed, StreamEvent, UnknownAdapter  # noqa: E402
+from gemma_jax.engine.api import (  # noqa: E402
+    Completion, QueueFull, RequestFailed, StreamEvent, UnknownAdapter, check_limits,
+)
 from serving.backend import Backend  # noqa: E402
 
 BOS = 2
@@ -67,15 +71,25 @@ class FakeHandle:
         self.completion: Completion | None = None
         self.error: BaseException | None = None
         self._events: queue.Queue = queue.Queue()
+        self._ended = False
 
-    def __iter__(self):
-        while True:
-            item = self._events.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    def next(self, timeout: float | None = None) -> StreamEvent | None:
+        """The next event, None at the end; TimeoutError if none within `timeout`; the failure."""
+        if self._ended:
+            if self.error is not None:
+                raise self.error
+            return None
+        try:
+            item = self._events.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError("nothing from the fake in time") from None
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        if item is _END:
+            self._ended = True
+            return None
+        return item
 
     def result(self, timeout: float | None = None) -> Completion:
         if not self.finished.wait(timeout):
@@ -91,8 +105,9 @@ class FakeHandle:
 class FakeScheduler:
     def __init__(self, tokenizer: FakeTokenizer | None = None, *, delay: float = 0.0,
                  fail_after: int | None = None, full: bool = False, slots: int = 4,
-                 known_adapters=None):
+                 known_adapters=None, limits: Limits = Limits()):
         self.tokenizer = tokenizer or FakeTokenizer()
+        self.limits = limits
         self.delay, self.fail_after, self.full, self.slots = delay, fail_after, full, slots
         self.known_adapters = known_adapters  # callable -> set of keys, or None = accept any
         self.requests, self.handles = [], []
@@ -113,6 +128,12 @@ class FakeScheduler:
         with self._lock:
             return {"queue_depth": self._queued, "active_slots": self._active, "slots": self.slots,
                     "tokens_generated": self.tokens_generated}
+
+    def check(self, prompt_tokens: int, max_tokens: int | None = None) -> int:
+        """As Scheduler.check: the engine's rule over `limits`; None = the rest of the context."""
+        lim = self.limits
+        return check_limits(prompt_tokens, sys.maxsize if max_tokens is None else max_tokens,
+                            lim.max_input_tokens, lim.max_total_tokens, clip=max_tokens is None)
 
     def submit(self, request) -> FakeHandle:
         if self.full:
@@ -184,12 +205,12 @@ class FakeAdapterBank:
         self.loaded.pop(key, None)
 
 
-def fake_backend(limits: Limits = Limits(), **scheduler_kwargs):
+def fake_backend(**scheduler_kwargs):
     """(backend, scheduler, bank) wired together as a real server would be."""
     tokenizer = FakeTokenizer()
     bank = FakeAdapterBank()
     scheduler = FakeScheduler(tokenizer, known_adapters=lambda: set(bank.loaded), **scheduler_kwargs)
-    backend = Backend(scheduler, tokenizer, model_name=MODEL, limits=limits,
+    backend = Backend(scheduler, tokenizer, model_name=MODEL,
                       load_adapter_fn=bank.load, unload_adapter_fn=bank.unload)
     return backend, scheduler, bank
 

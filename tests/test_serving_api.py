@@ -205,7 +205,7 @@ def test_prompt_plus_max_tokens_over_total(server):
 @pytest.mark.parametrize("value", [0, -5])
 def test_non_positive_max_tokens(server, value):
     assert_error(post(server, {"prompt": "x", "max_tokens": value}), 400, 5006,
-                 message=f"AiError: Bad input: Error: max_tokens must be at least 1, got {value}")
+                 message=f"AiError: Bad input: Error: max_tokens must be positive, got {value}")
 
 
 def test_unknown_lora(server):

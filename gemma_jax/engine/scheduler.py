@@ -29,6 +29,7 @@ import collections
 import dataclasses
 import itertools
 import queue
+import sys
 import threading
 import time
 from typing import Callable, Iterator
@@ -239,7 +240,7 @@ class Scheduler:
         """The engine's limits check (`Engine.check`: InputTooLong, ValueError); returns how many
         tokens the request may draw. max_tokens None: what the context window leaves (at least 1)."""
         if max_tokens is None:
-            max_tokens = max(1, self.engine.max_total - prompt_tokens)
+            return self.engine.check(prompt_tokens, sys.maxsize, clip=True)
         return self.engine.check(prompt_tokens, max_tokens)
 
     def submit(self, request: Request) -> Handle:
