@@ -66,8 +66,8 @@ import numpy as np
 MODES = ("greedy", "sampled", "top_p")  # static variants of `sample`, least general first
 MAX_TOP_K = 50  # Workers AI's top_k maximum: the largest k "sampled" mode serves
 MAX_TOP_P_CANDIDATES = 1024  # "top_p" mode's candidate set: top-k and top-p act on the N most likely
-TOP_K_CHUNK = 64  # chunk width of the two-stage top-k (sorts 50 of V/64 maxima, then 50 of 3200)
-TOP_P_CHUNK = 16  # chunk width for the top_p candidates (sorts 1024 of V/16 maxima, then 1024 of 16384)
+TOP_K_CHUNK = 64  # two-stage top-k chunk width: top 50 of V/64 chunk maxima, then 50 of 3200
+TOP_P_CHUNK = 16  # top_p candidates' chunk width: top 1024 of V/16 maxima, then 1024 of 16384
 MIN_DIVISOR = 1e-6  # smallest temperature / repetition_penalty we divide by (keeps logits finite)
 KEY_IMPL = "threefry2x32"  # raw key data is uint32 [2]
 _NEG_INF = -jnp.inf
@@ -183,11 +183,12 @@ def _top_values(x: jax.Array, n: int, chunk: int) -> jax.Array:
 
     Two stages, no sort over V: the row is cut into chunks of `chunk` (padded with -inf to a
     multiple), each chunk reduced to its maximum, and the n chunks with the largest maxima gathered
-    [B, n, chunk]; the n largest values of those candidates are the answer. Exact because every
-    chunk holding one of the n largest values has a maximum among the n largest maxima (fewer than n
-    chunks can have a strictly larger maximum: each such maximum is a distinct value above it), and
-    with ties every chunk reaching the n-th value is either gathered or replaced by one with an
-    equal maximum. Sorts: n of V/chunk maxima, then n of n * chunk candidates.
+    [B, n, chunk]; the n largest of those candidates are the answer. Exact, ties included: let v be
+    the n-th largest value and g < n the number above it. The chunks whose maximum is above v are at
+    most g, rank first and are all gathered, with every value above v. The next ranked have maximum
+    v, one value v each: either n - g of them are gathered, or all of them are (then every value v
+    is in a gathered chunk). So the candidates hold every value above v and at least n values >= v.
+    Selections: n of the V/chunk maxima, then n of the n * chunk candidates.
     """
     batch, vocab = x.shape
     n = min(n, vocab)
