@@ -6,8 +6,12 @@ it compiles once; causal attention makes the padding after the last real token i
 To check the real 270M model, load its params and call
 `assert_engine_matches_naive(config, params, prompts, max_tokens)`.
 
-Params and engines are cached per process (random init compiles slowly on two CPU cores), so both
-test modules share them; the engine is stateless (the decode state belongs to its caller).
+`run_to_completion` is a synchronous driver of the engine's host shell (prefill every prompt, decode
+until all are done), for tests that need the engine without the scheduler's threads.
+
+Params and engines are cached per process (random init compiles slowly on two CPU cores), so every
+test module shares them; the decode state belongs to its caller, and each driver starts from a fresh
+`init_state()` (which also resets what the engine recorded about its slots).
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from __future__ import annotations
 import functools
 import pathlib
 import tempfile
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax import config as config_lib
-from gemma_jax.engine.engine import Engine, run_to_completion
+from gemma_jax.engine.api import SamplingParams
+from gemma_jax.engine.engine import Engine
 from gemma_jax.model import forward
 from gemma_jax.params import init_params
 from gemma_jax.tokenizer import Tokenizer
@@ -53,6 +59,47 @@ def naive_greedy(config, params, prompts, max_tokens: int) -> list[list[int]]:
             seq.append(drawn[-1])
         out.append(drawn)
     return out
+
+
+def run_to_completion(engine: Engine, prompts: Sequence[Sequence[int]], *, max_tokens: int | Sequence[int] = 32,
+                      sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(temperature=0.0),
+                      rng: np.random.Generator | None = None, adapter_ids: Sequence[int] | None = None,
+                      ) -> list[list[int]]:
+    """Synchronous driver (tests): prefill every prompt (at most `slots`), decode until all are done,
+    passing the slots still running as `live`; return each prompt's drawn tokens (stop token
+    included). adapter_ids: bank ids (None: the base model)."""
+    n = len(prompts)
+    if n > engine.slots:
+        raise ValueError(f"{n} prompts for {engine.slots} slots")
+    if isinstance(sampling, SamplingParams):
+        sampling = [sampling] * n
+    limits = [engine.check(len(p), m) for p, m in zip(prompts, np.broadcast_to(max_tokens, (n,)).tolist())]
+    state = engine.init_state()
+    out: list[list[int]] = [[] for _ in range(n)]
+    start = 0
+    while start < n:
+        count = engine.plan_prefill([len(p) for p in prompts[start:]], n - start)
+        prefix = engine.prefill_prompts(prompts[start:start + count], sampling[start:start + count],
+                                        limits[start:start + count],
+                                        None if adapter_ids is None else adapter_ids[start:start + count], rng=rng)
+        state = engine.insert(prefix, state, engine.pad_slots(range(start, start + count), prefix))
+        for i, tok in enumerate(np.asarray(prefix.tokens)[:count]):
+            out[start + i].append(int(tok))
+        start += count
+    finished = [_finished(engine, o, lim) for o, lim in zip(out, limits)]
+    while not all(finished):
+        longest = max(len(p) + len(o) - 1 for p, o, f in zip(prompts, out, finished) if not f)
+        state, tokens = engine.generate(state, longest, live=[s for s in range(n) if not finished[s]])
+        for row in np.asarray(tokens):  # [steps, B]
+            for slot, tok in enumerate(row[:n]):
+                if tok >= 0 and not finished[slot]:
+                    out[slot].append(int(tok))
+                    finished[slot] = _finished(engine, out[slot], limits[slot])
+    return out
+
+
+def _finished(engine: Engine, drawn: list[int], limit: int) -> bool:
+    return len(drawn) >= limit or drawn[-1] in engine.config.stop_ids
 
 
 def assert_engine_matches_naive(config, params, prompts, max_tokens: int, **engine_kw) -> list[list[int]]:

@@ -1,13 +1,19 @@
 """Engine device functions against an independent reference: the plain model, recomputed in full."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_reference import ENGINE_KW, naive_greedy, prompts_for, tiny_engine
+from engine_reference import ENGINE_KW, naive_greedy, prompts_for, run_to_completion, tiny_engine
+from gemma_jax import lora
 from gemma_jax.engine.api import InputTooLong, SamplingParams, check_limits
-from gemma_jax.engine.engine import Engine, run_to_completion
+from gemma_jax.engine.engine import Engine, generate_steps, insert_step, prefill_step, release_step
+from gemma_jax.engine.state import init_decode_state
+from gemma_jax.sampling import MODES, mode_for, rows_from_params
 from gemma_jax.sharding import make_mesh
+from gemma_jax.weights.peft import adapter_from_peft
+from hf_reference import random_lora_tensors
 
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLED = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=42, repetition_penalty=1.3,
@@ -80,6 +86,36 @@ def test_seeded_sampling_is_the_same_alone_and_in_any_batch():
     assert run_to_completion(engine, [p], sampling=SAMPLED.__class__(**{**SAMPLED.__dict__, "seed": 43}),
                              max_tokens=16)[0] != alone
     assert batched[0] == naive_greedy(config, params, [q], 16)[0]  # greedy neighbour unaffected
+    # r alone compiles the "sampled" variant; in the batch, its top-p neighbour makes it "top_p".
+    assert run_to_completion(engine, [r], sampling=SamplingParams(temperature=1.0, seed=7), max_tokens=16)[0] == batched[1]
+
+
+def test_device_functions_work_without_the_engine_class():
+    """prefill_step / insert_step / generate_steps / release_step, jitted by hand, on a state made
+    by init_decode_state: the greedy tokens of a full recompute, in whichever slots they were put."""
+    config, params, _ = tiny_engine("tiny_gemma3")
+    prompts = prompts_for([5, 12], seed=6)
+    tokens = np.zeros((2, 16), np.int32)
+    for i, ids in enumerate(prompts):
+        tokens[i, : len(ids)] = ids
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    prefill = jax.jit(prefill_step, static_argnames=("config", "cache_dtype", "use_lora", "mode"))
+    prefix = prefill(params, None, tokens, lengths, rows_from_params([GREEDY] * 2), np.asarray([10, 10], np.int32),
+                     np.zeros((2,), np.int32), config=config, cache_dtype=jnp.float32, use_lora=False, mode="greedy")
+    state = jax.jit(insert_step)(prefix, init_decode_state(config, 3, 64), np.asarray([2, 0], np.int32))
+    generate = jax.jit(generate_steps, static_argnames=("config", "steps", "kv_len", "use_lora", "mode"))
+    got = {2: [int(prefix.tokens[0])], 0: [int(prefix.tokens[1])]}
+    for _ in range(3):
+        state, out = generate(params, None, state, config=config, steps=4, kv_len=64, use_lora=False, mode="greedy")
+        for row in np.asarray(out):  # [steps, B]
+            assert row[1] == -1  # slot 1 was never filled
+            for slot in got:
+                if row[slot] >= 0:
+                    got[slot].append(int(row[slot]))
+    assert [got[2], got[0]] == naive_greedy(config, params, prompts, 10)
+    assert np.asarray(state.live).tolist() == [False, False, False]  # both done: limit or stop token
+    state = jax.jit(release_step)(state, np.asarray([True, False, False]))
+    assert np.asarray(state.active).tolist() == [False, False, True]
 
 
 def test_sharded_engine_on_8_devices_matches_one_device():
@@ -96,20 +132,42 @@ def test_sharded_engine_on_8_devices_matches_one_device():
     assert state.cache["layer_0"].k.sharding.spec[0] == "data"  # slots split; 2 kv heads replicated on 4
 
 
-def test_compile_count_constant_across_50_requests_after_warmup():
+@pytest.mark.parametrize("bank", [False, True], ids=["no-bank", "lora-bank"])
+def test_compile_count_constant_across_50_mixed_requests_after_warmup(bank):
+    """Greedy, sampled (top-k) and top-p requests, on an adapter or the base model, in every mix:
+    after warmup nothing compiles, whichever variant a dispatch needs."""
     config, params, engine = tiny_engine("tiny_gemma3", warm=True)
+    if bank:  # one bucket of each kind: twice the variants, so fewer shapes
+        engine = Engine(config, params, **{**ENGINE_KW, "prefill_buckets": (32,), "prefill_batches": (1,),
+                                           "kv_buckets": (64,)}, adapter_slots=2, adapter_rank=8)
+        tensors = random_lora_tensors(config, 8, 0, list(lora.TARGETS), std=0.2)
+        adapter = adapter_from_peft({"r": 8, "lora_alpha": 8, "target_modules": list(lora.TARGETS)}, tensors, config)
+        engine.warmup()  # before the load: a load changes no shape
+        engine.load_adapter("a", adapter)
     before, shapes = engine.compile_counts(), engine.compiled_shapes()
+    choices = [GREEDY, SamplingParams(temperature=0.8, top_k=20, seed=1), SAMPLED]
+    assert [mode_for([c]) for c in choices] == list(MODES)
     rng = np.random.default_rng(5)
     lengths = rng.integers(1, config.limits.max_input_tokens + 1, size=50).tolist()
     prompts = prompts_for(lengths, seed=5)
+    used = set()
     for start in range(0, 50, 4):
         batch = prompts[start:start + 4]
         max_tokens = [int(rng.integers(1, 64 - len(p) + 1)) for p in batch]
-        out = run_to_completion(engine, batch, max_tokens=max_tokens, sampling=SAMPLED)
+        # The first three batches are all of one mode (and on the base model), then any mix.
+        picks = [start // 4] * len(batch) if start < 12 else rng.integers(0, 3, size=len(batch)).tolist()
+        sampling = [choices[i] for i in picks]
+        adapters = (rng.integers(0, 2, size=len(batch)).tolist() if start >= 12 else [0] * len(batch)) if bank else None
+        used.add((mode_for(sampling), bank and any(adapters)))
+        out = run_to_completion(engine, batch, max_tokens=max_tokens, sampling=sampling, adapter_ids=adapters)
         assert all(len(o) == m or o[-1] in config.stop_ids for o, m in zip(out, max_tokens))
+    assert {m for m, _ in used} == set(MODES) and {a for _, a in used} == {False, bank}  # every variant ran
     assert engine.compile_counts() == before
     assert engine.compiled_shapes() == shapes
-    assert before["prefill"] == 3 and before["generate"] == len(engine.kv_buckets)
+    buckets = [(1, 32)] if bank else [(1, 16), (4, 16), (1, 32)]  # (P, T) within the prefill budget
+    variants = len(MODES) * (2 if bank else 1)  # sampling modes x LoRA off/on
+    assert before["prefill"] == len(buckets) * variants and before["insert"] == len(buckets)
+    assert before["generate"] == len(engine.kv_buckets) * variants
 
 
 def test_limits_refuse_over_long_requests():

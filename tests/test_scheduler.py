@@ -10,7 +10,7 @@ from engine_reference import naive_greedy, prompts_for, tiny_engine, trained_tok
 from gemma_jax.engine.api import (
     InputTooLong, QueueFull, Request, RequestFailed, SamplingParams, UnknownAdapter,
 )
-from gemma_jax.engine.engine import run_to_completion
+from engine_reference import run_to_completion
 from gemma_jax.engine.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -1,14 +1,57 @@
-"""The engine: three jit-compiled device functions over fixed decode slots, JetStream's shape.
+"""The engine: pure device functions over (params, bank, state), and `Engine`, a thin host shell.
 
-    prefill(tokens [P, T], lengths [P], rows, limit [P], adapter_ids [P]) -> Prefix
-    insert(prefix, state, slots [P]) -> state                        (state donated)
-    generate(state, longest) -> (state, tokens [K, B])                (state donated)
-    release(state, slots) -> state                                    (state donated)
-    load_adapter(name, adapter) -> id / unload_adapter(name)          (LoRA bank slot, hot)
+JetStream's shape. Shape legend: P prompts in a prefill batch, T the prompt bucket, B decode slots,
+S cache positions per slot, V vocabulary, K kv heads, H head dim; `steps` decode steps per dispatch.
 
-What makes it fast on a GPU (see shared/BASELINES.md):
-- `generate` runs K decode steps per dispatch in a `lax.fori_loop` and packs the K x B tokens into
-  one array whose host copy starts at once (`copy_to_host_async`): one host round trip per K tokens.
+The device functions are plain module-level functions; their keyword arguments are static (bind
+them, or name them in `static_argnames`, when you jit):
+
+    prefill_step(params, bank, tokens [P, T], lengths [P], rows, limit [P], adapter_ids [P], *,
+                 config, cache_dtype, use_lora, mode) -> Prefix
+    insert_step(prefix, state, slots [P]) -> state                 (slot >= B: that row is dropped)
+    generate_steps(params, bank, state, *, config, steps, kv_len, use_lora, mode)
+        -> (state, tokens [steps, B])                              (-1 where a slot drew nothing)
+    release_step(state, mask [B]) -> state
+
+They need no `Engine`. With `state = init_decode_state(config, B, S)` and sampling rows from
+`sampling.rows_from_params`:
+
+    prefill = jax.jit(prefill_step, static_argnames=("config", "cache_dtype", "use_lora", "mode"))
+    prefix = prefill(params, None, tokens, lengths, rows, limit, ids, config=config,
+                     cache_dtype=jnp.float32, use_lora=False, mode="greedy")
+    state = insert_step(prefix, state, slots)
+    state, tokens = generate_steps(params, None, state, config=config, steps=8, kv_len=S,
+                                   use_lora=False, mode="greedy")
+
+Static variants, so that no dispatch has data-dependent control flow (no `lax.cond`, whose predicate
+a GPU copies to the host): `use_lora` False runs the model with lora=None (no LoRA cost at all),
+True adds each row's adapter from the bank (`lora.AdapterBank`, id 0 = base model, so one batch
+mixes adapters); `mode` is the sampling mode (`sampling.MODES`), which must serve every row that
+draws (`sampling.mode_for`). The caller picks both from what it knows on the host.
+
+`Engine`, the host shell, owns what is not a device value:
+- buckets, so the number of compilations is bounded: prompts pad to `prefill_buckets` (T), prefill
+  batches to `prefill_batches` (P, with P * T within the batch prefill budget), the attention span
+  to `kv_buckets`; `compile_counts()` counts traces of each function for tests;
+- the jit objects: the decode state donated, every function's output shardings pinned (the state
+  split as `state.state_shardings`, a prefix as `state.prefix_shardings`, tokens replicated), so a
+  steady state never sees a new layout or a recompile; slots are split over the mesh's "data" axis
+  and heads over "model" (`params.param_shardings`), on one CPU, a fake CPU mesh or a GPU alike;
+- the variants: `prefill_prompts` picks its own from its rows; `insert` records, per slot, whether
+  it uses an adapter and its sampling mode; `generate(state, longest, live)` picks the least general
+  variant that serves the `live` slots (default: every slot inserted since `init_state` and not
+  released). The records follow one decode state at a time, the latest `init_state`'s;
+- the LoRA bank (with `adapter_slots` > 0) and its names. Loading or unloading an adapter rewrites
+  one bank slot in place (same shapes: nothing that takes the bank recompiles). An unloaded
+  adapter's name disappears at once, but its slot keeps its weights until a later load reuses it
+  (free slots are reused oldest-freed first), so requests already admitted or queued on it finish
+  as they started. See docs/lora.md for the bank vs a merged copy;
+- the limits (`check`, the one rule: `api.check_limits`).
+
+What makes it fast on an accelerator:
+- `generate_steps` runs `steps` decode steps per dispatch in a `lax.fori_loop` and packs the
+  steps x B tokens into one array whose host copy starts at once (`copy_to_host_async`): one host
+  round trip per `steps` tokens.
 - Attention reads only a *kv bucket* covering the longest active length (`forward(kv_len=...)`), not
   the whole cache; the caller passes an upper bound of the longest slot and the engine rounds it up.
 - Sampling parameters, RNG keys, penalty state, token budgets and stop tests live on the device in
@@ -16,22 +59,6 @@ What makes it fast on a GPU (see shared/BASELINES.md):
 - Prefill computes logits only at each prompt's last position (the unembedding of all T positions
   would cost a [P, T, V] tensor: 2 GiB for a 2048-token Gemma 3 prompt).
 - Layers stay unrolled (the model's Python loop); no `lax.scan` over stacked weights.
-
-LoRA: with `adapter_slots` > 0 the engine holds a `lora.AdapterBank` on device and passes it, with
-each row's adapter id, to every prefill and decode step (id 0 = base model), so one batch mixes
-adapters. Loading or unloading an adapter rewrites one bank slot in place (same shapes: nothing that
-takes the bank recompiles). An unloaded adapter's name disappears at once, but its slot keeps its
-weights until a later load reuses it (free slots are reused oldest-freed first), so requests already
-admitted or queued on it finish as they started. With `adapter_slots=0` the model runs with
-lora=None: no per-token LoRA cost at all. See docs/lora.md for the bank vs a merged copy.
-
-Shapes are bucketed so the number of compilations is bounded: prompts pad to `prefill_buckets`
-(T), prefill batches to `prefill_batches` (P, with P * T within the batch prefill budget), the
-attention span to `kv_buckets`. `compile_counts()` counts traces of each function for tests.
-
-The same code runs on one CPU, a fake multi-device CPU mesh, a GPU: slots are split over the mesh's
-"data" axis and heads over "model" (`state.state_shardings`, `params.param_shardings`); every
-function pins its output shardings so a steady state never sees a new layout (or a recompile).
 """
 
 from __future__ import annotations
@@ -39,7 +66,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,14 +77,98 @@ from gemma_jax import lora as lora_lib
 from gemma_jax import params as params_lib
 from gemma_jax.config import GemmaConfig
 from gemma_jax.engine.api import SamplingParams, UnknownAdapter, check_limits
-from gemma_jax.engine.state import DecodeState, Prefix, init_decode_state, state_shardings
+from gemma_jax.engine.state import DecodeState, Prefix, init_decode_state, prefix_shardings, state_shardings
 from gemma_jax.model import LayerCache, forward, init_cache
-from gemma_jax.sampling import SamplingRows, prompt_seen, rows_from_params, sample, update_penalty_state
+from gemma_jax.sampling import (MODES, SamplingRows, mode_for, prompt_seen, rows_from_params, sample,
+                                update_penalty_state)
 from gemma_jax.sharding import make_mesh
 
 _PAD_ROW = SamplingParams(temperature=0.0)  # sampling of the padding rows of a prefill batch
+# One request per sampling mode, for `Engine.warmup` (checked against `mode_for` there).
+_MODE_EXAMPLES = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
+                  SamplingParams(temperature=1.0, top_p=0.5))
 
 
+# -- device functions ------------------------------------------------------------------------------
+def prefill_step(params, bank: lora_lib.AdapterBank | None, tokens: jax.Array, lengths: jax.Array,
+                 rows: SamplingRows, limit: jax.Array, adapter_ids: jax.Array, *, config: GemmaConfig,
+                 cache_dtype, use_lora: bool, mode: str) -> Prefix:
+    """Prefill P padded prompts and draw each one's first token.
+
+    tokens [P, T] int32 (padded), lengths [P] (true lengths >= 1), rows: [P] sampling rows,
+    limit [P] most tokens each may draw, adapter_ids [P] (0 = base model; read only with use_lora).
+    """
+    if use_lora and bank is None:
+        raise ValueError("use_lora needs an adapter bank")
+    p, t = tokens.shape
+    index = jnp.arange(t)[None, :]
+    positions = jnp.where(index < lengths[:, None], index, t)  # padding writes are dropped
+    cache = init_cache(config, p, t, cache_dtype)
+    lora = (bank, adapter_ids) if use_lora else None
+    logits, cache = forward(params, tokens, positions, cache, config=config, lora=lora, logits_at=lengths - 1)
+    logits = logits[:, 0]  # [P, V]: each prompt's last position only
+    seen = prompt_seen(tokens, lengths, config.vocab_size)  # [P, V]
+    counts = jnp.zeros((p, config.vocab_size), jnp.int32)
+    first = sample(logits, rows, seen, counts, jnp.zeros((p,), jnp.int32), mode=mode)  # [P]
+    seen, counts = update_penalty_state(seen, counts, first)
+    done = jnp.isin(first, jnp.asarray(config.stop_ids, jnp.int32)) | (limit <= 1)
+    return Prefix(cache=cache, lengths=lengths, tokens=first, rows=rows, seen=seen, counts=counts,
+                  limit=limit, adapter_ids=adapter_ids, done=done)
+
+
+def insert_step(prefix: Prefix, state: DecodeState, slots: jax.Array) -> DecodeState:
+    """Put the prefix's P rows into decode slots `slots` [P]; a slot >= B drops that row (padding)."""
+    put = lambda dst, src: dst.at[slots].set(src, mode="drop")
+    cache = {}
+    for name, layer in state.cache.items():
+        t = prefix.cache[name].k.shape[2]  # [P, K, T, H] into [B, K, S, H]
+        cache[name] = LayerCache(k=layer.k.at[slots, :, :t].set(prefix.cache[name].k, mode="drop"),
+                                 v=layer.v.at[slots, :, :t].set(prefix.cache[name].v, mode="drop"))
+    ones = jnp.ones_like(prefix.lengths)
+    return state.replace(
+        cache=cache, lengths=put(state.lengths, prefix.lengths), tokens=put(state.tokens, prefix.tokens),
+        rows=jax.tree.map(put, state.rows, prefix.rows), seen=put(state.seen, prefix.seen),
+        counts=put(state.counts, prefix.counts), step=put(state.step, ones), limit=put(state.limit, prefix.limit),
+        adapter_ids=put(state.adapter_ids, prefix.adapter_ids), active=put(state.active, ones.astype(bool)),
+        done=put(state.done, prefix.done))
+
+
+def generate_steps(params, bank: lora_lib.AdapterBank | None, state: DecodeState, *, config: GemmaConfig,
+                   steps: int, kv_len: int, use_lora: bool, mode: str) -> tuple[DecodeState, jax.Array]:
+    """`steps` decode steps of every live slot, attending the first `kv_len` cache positions (which
+    must exceed every live slot's `lengths` + steps - 1). Returns (state, tokens [steps, B] int32,
+    -1 where a slot drew nothing)."""
+    if use_lora and bank is None:
+        raise ValueError("use_lora needs an adapter bank")
+    slots, max_len = state.tokens.shape[0], next(iter(state.cache.values())).k.shape[2]  # B, S
+    stop = jnp.asarray(config.stop_ids, jnp.int32)
+
+    def step(i, carry):
+        st, out = carry
+        live = st.live  # [B]
+        positions = jnp.where(live, st.lengths, max_len)[:, None]  # idle slots write nothing
+        lora = (bank, st.adapter_ids) if use_lora else None
+        logits, cache = forward(params, st.tokens[:, None], positions, st.cache, config=config, kv_len=kv_len,
+                                lora=lora)
+        drawn = sample(logits[:, 0], st.rows, st.seen, st.counts, st.step, mode=mode)  # [B]
+        drawn = jnp.where(live, drawn, -1)
+        seen, counts = update_penalty_state(st.seen, st.counts, drawn)  # -1 is ignored
+        n = st.step + live
+        done = st.done | (live & (jnp.isin(drawn, stop) | (n >= st.limit)))
+        st = st.replace(cache=cache, lengths=st.lengths + live, tokens=jnp.where(live, drawn, st.tokens),
+                        seen=seen, counts=counts, step=n, done=done)
+        return st, out.at[i].set(drawn)
+
+    out = jnp.full((steps, slots), -1, jnp.int32)  # [steps, B]
+    return jax.lax.fori_loop(0, steps, step, (state, out))
+
+
+def release_step(state: DecodeState, mask: jax.Array) -> DecodeState:
+    """Free the slots where mask [B] is set: they stop decoding at once."""
+    return state.replace(active=state.active & ~mask, done=state.done | mask)
+
+
+# -- the host shell --------------------------------------------------------------------------------
 def _pow2_buckets(lo: int, hi: int) -> list[int]:
     out, b = [], lo
     while b < hi:
@@ -66,12 +177,16 @@ def _pow2_buckets(lo: int, hi: int) -> list[int]:
     return out
 
 
+def _widest(modes) -> str:
+    """The most general of some sampling modes (MODES is least general first); none: the least."""
+    return max(modes, key=MODES.index, default=MODES[0])
+
+
 class Engine:
-    """Device functions over `slots` fixed decode slots of `max_len` positions each.
+    """The device functions over `slots` fixed decode slots of `max_len` positions each.
 
     params: the model's parameter tree (placed on `mesh` with `param_shardings` if not already).
     mesh: a ("data", "model") mesh; None means the first device alone.
-    adapter_resolver: name -> adapter id (> 0) or None, consulted for names not loaded here.
     adapter_slots: how many LoRA adapters the bank holds at once (0: no bank, no LoRA cost);
     adapter_rank: the bank's maximum rank (higher ranks are refused); adapter_dtype: the bank's
     dtype (default: the params' dtype).
@@ -81,7 +196,6 @@ class Engine:
                  mesh: Mesh | None = None, prefill_buckets: Sequence[int] | None = None,
                  prefill_batches: Sequence[int] = (1, 2, 4, 8), steps_per_call: int = 8,
                  kv_buckets: Sequence[int] | None = None, cache_dtype=None,
-                 adapter_resolver: Callable[[str], int | None] | None = None,
                  adapter_slots: int = 0, adapter_rank: int = lora_lib.DEFAULT_MAX_RANK, adapter_dtype=None):
         limits = config.limits
         self.config = config
@@ -102,23 +216,16 @@ class Engine:
         if kv_buckets is None:
             kv_buckets = _pow2_buckets(128, self.max_len)
         self.kv_buckets = tuple(sorted({*(int(b) for b in kv_buckets if b < self.max_len), self.max_len}))
-        self.adapter_resolver = adapter_resolver
 
         self.mesh = mesh if mesh is not None else make_mesh(1, 1, devices=jax.devices()[:1])
         self.params = self._place_params(params)
         self.cache_dtype = jnp.dtype(cache_dtype or params["embedder"]["input_embedding"].dtype)
         self.state_sharding = state_shardings(config, self.slots, self.max_len, self.mesh)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._stop_ids = tuple(int(i) for i in config.stop_ids)
         self._traces: collections.Counter[str] = collections.Counter()
+        self._jit_device_functions()
 
-        self._init_jit = jax.jit(self._init_impl, out_shardings=self.state_sharding)
-        self._prefill_jit = jax.jit(self._prefill_impl)
-        self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,), out_shardings=self.state_sharding)
-        self._generate_jit = jax.jit(self._generate_impl, static_argnums=(3,), donate_argnums=(2,),
-                                     out_shardings=(self.state_sharding, replicated))
-        self._release_jit = jax.jit(self._release_impl, donate_argnums=(0,), out_shardings=self.state_sharding)
-
+        # Per slot, what its decode needs: (adapter id > 0, sampling mode), recorded at insert.
+        self._needs: dict[int, tuple[bool, str]] = {}
         # LoRA bank: slot 0 is "no adapter"; names -> slots; free slots, oldest-freed first.
         self.bank: lora_lib.AdapterBank | None = None
         if adapter_slots > 0:
@@ -134,126 +241,138 @@ class Engine:
             return params  # a tree the core does not know (e.g. quantized): the caller placed it
         return jax.device_put(params, shardings)
 
-    # -- traced functions (each bumps a trace counter: a retrace is a compile) ---------------------
-    def _init_impl(self):
-        self._traces["init"] += 1
-        return init_decode_state(self.config, self.slots, self.max_len, self.cache_dtype)
+    def _jit_device_functions(self) -> None:
+        """One jit object per device function, the static config bound, the state donated, the
+        output shardings pinned. Each wrapper bumps a trace counter: a retrace is a compile."""
+        cfg, dtype, slots, max_len, steps, traces = (self.config, self.cache_dtype, self.slots, self.max_len,
+                                                     self.steps, self._traces)
 
-    def _prefill_impl(self, params, bank, tokens, lengths, rows: SamplingRows, limit, adapter_ids) -> Prefix:
-        self._traces["prefill"] += 1
-        cfg = self.config
-        p, t = tokens.shape  # [P, T]
-        index = jnp.arange(t)[None, :]
-        positions = jnp.where(index < lengths[:, None], index, t)  # padding writes are dropped
-        cache = init_cache(cfg, p, t, self.cache_dtype)
-        lora = None if bank is None else (bank, adapter_ids)
-        logits, cache = forward(params, tokens, positions, cache, config=cfg, lora=lora, logits_at=lengths - 1)
-        logits = logits[:, 0]  # [P, V]: each prompt's last position only
-        seen = prompt_seen(tokens, lengths, cfg.vocab_size)  # [P, V]
-        counts = jnp.zeros((p, cfg.vocab_size), jnp.int32)
-        first = sample(logits, rows, seen, counts, jnp.zeros((p,), jnp.int32))  # [P]
-        seen, counts = update_penalty_state(seen, counts, first)
-        done = jnp.isin(first, jnp.asarray(self._stop_ids)) | (limit <= 1)
-        return Prefix(cache=cache, lengths=lengths, tokens=first, rows=rows, seen=seen, counts=counts,
-                      limit=limit, adapter_ids=adapter_ids, done=done)
+        def init():
+            traces["init"] += 1
+            return init_decode_state(cfg, slots, max_len, dtype)
 
-    def _insert_impl(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
-        self._traces["insert"] += 1
-        put = lambda dst, src: dst.at[slots].set(src, mode="drop")  # slot == B: a padding row
-        cache = {}
-        for name, layer in state.cache.items():
-            t = prefix.cache[name].k.shape[2]  # [P, K, T, H] into [B, K, S, H]
-            cache[name] = LayerCache(k=layer.k.at[slots, :, :t].set(prefix.cache[name].k, mode="drop"),
-                                     v=layer.v.at[slots, :, :t].set(prefix.cache[name].v, mode="drop"))
-        ones = jnp.ones_like(prefix.lengths)
-        return state.replace(
-            cache=cache, lengths=put(state.lengths, prefix.lengths), tokens=put(state.tokens, prefix.tokens),
-            rows=jax.tree.map(put, state.rows, prefix.rows), seen=put(state.seen, prefix.seen),
-            counts=put(state.counts, prefix.counts), step=put(state.step, ones), limit=put(state.limit, prefix.limit),
-            adapter_ids=put(state.adapter_ids, prefix.adapter_ids), active=put(state.active, ones.astype(bool)),
-            done=put(state.done, prefix.done))
+        def prefill(params, bank, tokens, lengths, rows, limit, adapter_ids, *, use_lora, mode):
+            traces["prefill"] += 1
+            return prefill_step(params, bank, tokens, lengths, rows, limit, adapter_ids, config=cfg,
+                                cache_dtype=dtype, use_lora=use_lora, mode=mode)
 
-    def _generate_impl(self, params, bank, state: DecodeState, kv_len: int):
-        self._traces["generate"] += 1
-        cfg, stop = self.config, jnp.asarray(self._stop_ids)
+        def insert(prefix, state, slot_ids):
+            traces["insert"] += 1
+            return insert_step(prefix, state, slot_ids)
 
-        def step(i, carry):
-            st, out = carry
-            live = st.live  # [B]
-            positions = jnp.where(live, st.lengths, self.max_len)[:, None]  # idle slots write nothing
-            lora = None if bank is None else (bank, st.adapter_ids)
-            logits, cache = forward(params, st.tokens[:, None], positions, st.cache, config=cfg, kv_len=kv_len,
-                                    lora=lora)
-            drawn = sample(logits[:, 0], st.rows, st.seen, st.counts, st.step)  # [B]
-            drawn = jnp.where(live, drawn, -1)
-            seen, counts = update_penalty_state(st.seen, st.counts, drawn)  # -1 is ignored
-            n = st.step + live
-            done = st.done | (live & (jnp.isin(drawn, stop) | (n >= st.limit)))
-            st = st.replace(cache=cache, lengths=st.lengths + live, tokens=jnp.where(live, drawn, st.tokens),
-                            seen=seen, counts=counts, step=n, done=done)
-            return st, out.at[i].set(drawn)
+        def generate(params, bank, state, *, kv_len, use_lora, mode):
+            traces["generate"] += 1
+            return generate_steps(params, bank, state, config=cfg, steps=steps, kv_len=kv_len,
+                                  use_lora=use_lora, mode=mode)
 
-        out = jnp.full((self.steps, self.slots), -1, jnp.int32)  # [K, B]
-        return jax.lax.fori_loop(0, self.steps, step, (state, out))
+        def release(state, mask):
+            traces["release"] += 1
+            return release_step(state, mask)
 
-    def _release_impl(self, state: DecodeState, mask) -> DecodeState:
-        self._traces["release"] += 1
-        return state.replace(active=state.active & ~mask, done=state.done | mask)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._init_jit = jax.jit(init, out_shardings=self.state_sharding)
+        self._prefill_jit = jax.jit(prefill, static_argnames=("use_lora", "mode"),
+                                    out_shardings=prefix_shardings(cfg, self.mesh))
+        self._insert_jit = jax.jit(insert, donate_argnums=(1,), out_shardings=self.state_sharding)
+        self._generate_jit = jax.jit(generate, static_argnames=("kv_len", "use_lora", "mode"), donate_argnums=(2,),
+                                     out_shardings=(self.state_sharding, replicated))
+        self._release_jit = jax.jit(release, donate_argnums=(0,), out_shardings=self.state_sharding)
 
-    # -- device functions (host wrappers) ---------------------------------------------------------
+    # -- device functions, from the host -----------------------------------------------------------
     def init_state(self) -> DecodeState:
-        """A decode state with every slot free, created directly on the mesh."""
+        """A decode state with every slot free, created directly on the mesh. Forgets what the
+        engine recorded about the slots of the previous one."""
+        self._needs.clear()
         return self._init_jit()
 
-    def prefill(self, tokens, lengths, rows: SamplingRows, limit=None, adapter_ids=None) -> Prefix:
-        """Prefill P padded prompts (tokens [P, T], lengths [P]) and draw each one's first token."""
-        tokens = np.asarray(tokens, np.int32)
-        p = tokens.shape[0]
-        lengths = np.asarray(lengths, np.int32)
-        limit = self.max_total - lengths if limit is None else np.asarray(limit, np.int32)
-        adapter_ids = np.zeros((p,), np.int32) if adapter_ids is None else np.asarray(adapter_ids, np.int32)
+    def prefill_prompts(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams],
+                        limits: Sequence[int], adapter_ids: Sequence[int] | None = None,
+                        rng: np.random.Generator | None = None) -> Prefix:
+        """Bucket, pad and prefill prompts (token ids), each drawing its first token; padding rows
+        are greedy and never inserted. limits: most tokens each may draw (`check`); adapter_ids:
+        bank ids (`adapter_id`), None = base model. The first tokens' host copy has started."""
+        if len(sampling) != len(prompts) or len(limits) != len(prompts):
+            raise ValueError("one sampling and one limit per prompt")
+        for ids in prompts:
+            if not ids or min(ids) < 0 or max(ids) >= self.config.vocab_size:
+                raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size})")
+        tokens, lengths = self.pack(prompts)
+        pad = tokens.shape[0] - len(prompts)
+        rows = rows_from_params(list(sampling) + [_PAD_ROW] * pad, rng)
+        limit = np.asarray(list(limits) + [1] * pad, np.int32)
+        adapter_ids = [0] * len(prompts) if adapter_ids is None else [int(a) for a in adapter_ids]
+        ids = np.asarray(adapter_ids + [0] * pad, np.int32)
+        needs = tuple((self.bank is not None and a > 0, mode_for([s])) for a, s in zip(adapter_ids, sampling))
+        use_lora, mode = any(a for a, _ in needs), _widest(m for _, m in needs)
         with self._bank_lock:
-            prefix = self._prefill_jit(self.params, self.bank, tokens, lengths, rows, limit, adapter_ids)
+            prefix = self._prefill_jit(self.params, self.bank, tokens, lengths, rows, limit, ids,
+                                       use_lora=use_lora, mode=mode)
         prefix.tokens.copy_to_host_async()
-        return prefix
+        return prefix.replace(needs=needs)
 
     def insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
-        """Put the prefix's rows into `slots` ([P]; a slot >= B drops that row). Donates `state`."""
-        return self._insert_jit(prefix, state, np.asarray(slots, np.int32))
+        """Put the prefix's rows into `slots` ([P]; a slot >= B drops that row) and record what each
+        slot's decode needs. Donates `state`."""
+        slots = np.asarray(slots, np.int32)
+        needs = prefix.needs or ((self.bank is not None, MODES[-1]),) * len(slots)  # unknown: the widest
+        for slot, need in zip(slots.tolist(), needs):
+            if 0 <= slot < self.slots:
+                self._needs[slot] = need
+        return self._insert_jit(prefix.replace(needs=()), state, slots)
 
-    def generate(self, state: DecodeState, longest: int | None = None) -> tuple[DecodeState, jax.Array]:
-        """K decode steps. `longest`: upper bound of any live slot's `lengths` (None: the whole cache).
+    def generate(self, state: DecodeState, longest: int | None = None,
+                 live: Sequence[int] | None = None) -> tuple[DecodeState, jax.Array]:
+        """`steps` decode steps. `longest`: upper bound of any live slot's `lengths` (None: the whole
+        cache). `live`: the slots live in this dispatch (None: every slot inserted and not released);
+        the compiled variant is the least general that serves them (LoRA only if one of them has an
+        adapter; their widest sampling mode). A live slot left out of `live` may decode wrongly.
 
-        Returns (state, tokens [K, B] int32, -1 where a slot drew nothing); the tokens' copy to the
-        host has already started. Donates `state`.
+        Returns (state, tokens [steps, B] int32, -1 where a slot drew nothing); the tokens' copy to
+        the host has already started. Donates `state`.
         """
         kv_len = self.kv_bucket(self.max_len if longest is None else longest + self.steps)
+        slots = self._needs.keys() if live is None else live
+        unknown = (self.bank is not None, MODES[-1])
+        needs = [self._needs.get(int(s), unknown) for s in slots]
+        use_lora, mode = any(a for a, _ in needs), _widest(m for _, m in needs)
         with self._bank_lock:
-            state, tokens = self._generate_jit(self.params, self.bank, state, kv_len)
+            state, tokens = self._generate_jit(self.params, self.bank, state, kv_len=kv_len, use_lora=use_lora,
+                                               mode=mode)
         tokens.copy_to_host_async()
         return state, tokens
 
     def release(self, state: DecodeState, slots: Sequence[int]) -> DecodeState:
         """Free `slots` (cancelled requests): they stop decoding at once. Donates `state`."""
         mask = np.zeros((self.slots,), bool)
-        mask[list(slots)] = True
+        for slot in slots:
+            mask[slot] = True
+            self._needs.pop(int(slot), None)
         return self._release_jit(state, mask)
 
     def warmup(self) -> None:
-        """Compile every bucket now (prefill and insert per (P, T), generate per kv bucket, release),
-        so serving never stalls on a compile; afterwards `compile_counts()` stays constant."""
+        """Compile every variant serving can reach, through the functions above: prefill (and
+        insert) per (P, T) bucket, generate per kv bucket, each for every sampling mode and, with a
+        bank, LoRA on and off; then release. Afterwards `compile_counts()` stays constant."""
+        examples = {mode_for([s]): s for s in _MODE_EXAMPLES}
+        if set(examples) != set(MODES):
+            raise AssertionError(f"warmup examples cover {sorted(examples)}, not every mode of {MODES}")
+        adapters = (0, 1) if self.bank is not None else (0,)  # slot 1 serves for any adapter: same shapes
+        rng, bos = np.random.default_rng(0), self.config.bos_id
+        variants = [(a, examples[m]) for a in adapters for m in MODES]
         state = self.init_state()
         for t in self.prefill_buckets:
             for p in self.prefill_batches:
                 if p == 1 or p * t <= self.prefill_budget:
-                    rows = rows_from_params([_PAD_ROW] * p, np.random.default_rng(0))
-                    ones = np.ones((p,), np.int32)
-                    prefix = self.prefill(np.zeros((p, t), np.int32), ones, rows, ones, ones * 0)
-                    state = self.insert(prefix, state, np.full((p,), self.slots, np.int32))
+                    for adapter, sampling in variants:
+                        prefix = self.prefill_prompts([[bos] * t] * p, [sampling] * p, [1] * p, [adapter] * p, rng)
+                        state = self.insert(prefix, state, self.pad_slots([], prefix))  # rows dropped
         for kv_len in self.kv_buckets:
-            with self._bank_lock:
-                state, _ = self._generate_jit(self.params, self.bank, state, kv_len)
-        jax.block_until_ready(self.release(state, []))
+            longest = max(1, kv_len - self.steps)  # the bucket generate(longest) picks: kv_len if reachable
+            for adapter, sampling in variants:
+                prefix = self.prefill_prompts([[bos]], [sampling], [1], [adapter], rng)  # done at once
+                state = self.insert(prefix, state, self.pad_slots([0], prefix))
+                state, _ = self.generate(state, longest, live=[0])
+        jax.block_until_ready(self.release(state, range(self.slots)))
 
     # -- host-side planning -----------------------------------------------------------------------
     def check(self, prompt_tokens: int, max_tokens: int, *, clip: bool = False) -> int:
@@ -305,11 +424,9 @@ class Engine:
         """The device id of a loaded LoRA adapter; UnknownAdapter if there is none by that name."""
         with self._bank_lock:
             found = self._adapters.get(name)
-        if found is None and self.adapter_resolver is not None:
-            found = self.adapter_resolver(name)
-        if not found:
+        if found is None:
             raise UnknownAdapter(f"no LoRA adapter named {name!r} is loaded")
-        return int(found)
+        return found
 
     def prompt_bucket(self, length: int) -> int:
         return next(b for b in self.prefill_buckets if b >= length)
@@ -340,20 +457,6 @@ class Engine:
             tokens[i, : len(ids)] = ids
         return tokens, np.asarray(lengths + [1] * (p - len(prompts)), np.int32)
 
-    def prefill_prompts(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams],
-                        limits: Sequence[int], adapter_ids: Sequence[int] | None = None,
-                        rng: np.random.Generator | None = None) -> Prefix:
-        """Bucket, pad and prefill prompts (token ids); padding rows are greedy and never inserted."""
-        for ids in prompts:
-            if not ids or min(ids) < 0 or max(ids) >= self.config.vocab_size:
-                raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size})")
-        tokens, lengths = self.pack(prompts)
-        pad = tokens.shape[0] - len(prompts)
-        rows = rows_from_params(list(sampling) + [_PAD_ROW] * pad, rng)
-        limit = np.asarray(list(limits) + [1] * pad, np.int32)
-        ids = np.asarray(list(adapter_ids or [0] * len(prompts)) + [0] * pad, np.int32)
-        return self.prefill(tokens, lengths, rows, limit, ids)
-
     def pad_slots(self, slots: Sequence[int], prefix: Prefix) -> np.ndarray:
         """Slot indices for every row of `prefix`: the given ones, then B (dropped) for padding."""
         p = prefix.lengths.shape[0]
@@ -361,7 +464,7 @@ class Engine:
 
     # -- introspection ----------------------------------------------------------------------------
     def compile_counts(self) -> dict[str, int]:
-        """Traces per device function so far (each new shape or bucket traces and compiles once)."""
+        """Traces per device function so far (each new shape, bucket or variant traces and compiles once)."""
         return dict(self._traces)
 
     def compiled_shapes(self) -> int:
@@ -372,40 +475,3 @@ class Engine:
             return sum(self._traces.values())
         return sum(s() for s in sizes)
 
-
-def run_to_completion(engine: Engine, prompts: Sequence[Sequence[int]], *, max_tokens: int | Sequence[int] = 32,
-                      sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(temperature=0.0),
-                      rng: np.random.Generator | None = None) -> list[list[int]]:
-    """Synchronous driver (tests, benchmarks): prefill every prompt (at most `slots`), decode until
-    all are done, return each prompt's drawn tokens (stop token included)."""
-    n = len(prompts)
-    if n > engine.slots:
-        raise ValueError(f"{n} prompts for {engine.slots} slots")
-    if isinstance(sampling, SamplingParams):
-        sampling = [sampling] * n
-    limits = [engine.check(len(p), m) for p, m in zip(prompts, np.broadcast_to(max_tokens, (n,)).tolist())]
-    state = engine.init_state()
-    out: list[list[int]] = [[] for _ in range(n)]
-    start = 0
-    while start < n:
-        count = engine.plan_prefill([len(p) for p in prompts[start:]], n - start)
-        prefix = engine.prefill_prompts(prompts[start:start + count], sampling[start:start + count],
-                                        limits[start:start + count], rng=rng)
-        state = engine.insert(prefix, state, engine.pad_slots(range(start, start + count), prefix))
-        for i, tok in enumerate(np.asarray(prefix.tokens)[:count]):
-            out[start + i].append(int(tok))
-        start += count
-    finished = [_finished(engine, o, lim) for o, lim in zip(out, limits)]
-    while not all(finished):
-        longest = max(len(p) + len(o) - 1 for p, o, f in zip(prompts, out, finished) if not f)
-        state, tokens = engine.generate(state, longest)
-        for k_tokens in np.asarray(tokens):
-            for slot, tok in enumerate(k_tokens[:n]):
-                if tok >= 0 and not finished[slot]:
-                    out[slot].append(int(tok))
-                    finished[slot] = _finished(engine, out[slot], limits[slot])
-    return out
-
-
-def _finished(engine: Engine, drawn: list[int], limit: int) -> bool:
-    return len(drawn) >= limit or drawn[-1] in engine.config.stop_ids

@@ -43,6 +43,10 @@ class Prefix:
     limit: jax.Array  # [P] int32, most tokens to draw
     adapter_ids: jax.Array  # [P] int32, 0 = base model
     done: jax.Array  # [P] bool, the first token already ends the request
+    # Host-side, not a device value (so not a jit input): per row, what its decode needs, as
+    # (adapter id > 0, sampling mode), written by `Engine.prefill_prompts` for `Engine.insert` to
+    # record per slot. () = unknown (the engine then assumes the most general variant).
+    needs: tuple[tuple[bool, str], ...] = flax.struct.field(pytree_node=False, default=())
 
 
 @flax.struct.dataclass
@@ -94,3 +98,14 @@ def state_shardings(config: GemmaConfig, slots: int, max_len: int, mesh: Mesh) -
     shapes = jax.eval_shape(lambda: init_decode_state(config, slots, max_len))
     out = jax.tree.map(per_slot, shapes)
     return out.replace(cache=params_lib.cache_shardings(config, slots, max_len, mesh))
+
+
+def prefix_shardings(config: GemmaConfig, mesh: Mesh) -> Prefix:
+    """NamedShardings for a Prefix of any batch P and prompt bucket T: the cache's kv heads over
+    "model" (as in the decode state), everything else replicated (P rows are a prefill batch, not
+    slots: `insert` spreads them over the decode state's "data" split)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    cache = params_lib.cache_shardings(config, 1, 1, mesh)  # batch 1: never split over "data"
+    rows = jax.tree.map(lambda _: replicated, jax.eval_shape(lambda: empty_rows(1)))
+    return Prefix(cache=cache, lengths=replicated, tokens=replicated, rows=rows, seen=replicated,
+                  counts=replicated, limit=replicated, adapter_ids=replicated, done=replicated)
