@@ -15,6 +15,9 @@ Slot bookkeeping, for a slot holding a prompt of L tokens that has drawn n token
     done    = it drew a stop token or reached its limit; `active` = a request owns it
 
 A slot is *live* when active and not done; only live slots write the cache or advance.
+
+Shapes: P prompts in a prefill batch, T the prompt bucket, B decode slots, S cache positions per
+slot, K kv heads, H head dim, V vocabulary.
 """
 
 from __future__ import annotations
