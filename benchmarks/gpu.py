@@ -95,8 +95,8 @@ def run_anchor(args) -> dict | None:
                               timeout=args.anchor_timeout)
         out, rc = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() + (e.stderr or b"").decode() if isinstance(e.stdout, bytes) else \
-            (e.stdout or "") + (e.stderr or "")
+        # (captured output comes as bytes here even with text=True)
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
         rc = f"timeout after {args.anchor_timeout} s"
     tail = out.strip().splitlines()[-40:]
     print("\n".join(f"[anchor] {line}" for line in tail))

@@ -57,10 +57,6 @@ class Instr:
         m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', self.attrs)
         return int(m.group(1)) if m else None
 
-    @property
-    def fusion_kind(self) -> str | None:
-        m = re.search(r"\bkind=(\w+)", self.attrs)
-        return m.group(1) if m else None
 
 
 def parse_arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -107,8 +103,10 @@ class Module:
 
     def __post_init__(self):
         self.by_name = {i.name: i for comp in self.computations.values() for i in comp}
-        self.fused: set[str] = set()  # computations called by a fusion (not scheduled on their own)
-        self.scheduled: dict[str, int] = {}  # computation -> executions per run of the entry
+        # Computation -> executions per run of the entry: a loop body times its known trip count (once
+        # if unknown), every branch of a conditional as if it ran (an upper bound). Fused computations
+        # are not scheduled: their fusion instruction is.
+        self.scheduled: dict[str, int] = {}
         self._walk(self.entry, 1)
 
     def _walk(self, comp: str, times: int) -> None:
@@ -116,9 +114,7 @@ class Module:
             return
         self.scheduled[comp] = self.scheduled.get(comp, 0) + times
         for ins in self.computations[comp]:
-            if ins.opcode == "fusion":
-                self.fused.update(ins.called("calls"))
-            elif ins.opcode == "while":
+            if ins.opcode == "while":
                 n = ins.trip_count or 1
                 for c in ins.called("body"):
                     self._walk(c, times * n)
