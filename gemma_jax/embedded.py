@@ -29,11 +29,10 @@ from gemma_jax import embedded_gguf
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.weights import native
+from gemma_jax.weights.convert import GEMMA_NOTICE
 from gemma_jax.weights.gguf import load_gguf
 
 CHECKPOINT_NAME = "gemma3-270m"
-
-GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 
 
 def checkpoint_dir(cache: str | os.PathLike | None = None) -> Path:

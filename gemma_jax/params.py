@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -49,6 +50,25 @@ def set_path(tree: dict, path, value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """{path: leaf} of a tree of nested dicts (anything that is not a dict is a leaf)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, (*prefix, key)))
+        else:
+            out[(*prefix, key)] = value
+    return out
+
+
+def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+    """Inverse of `flatten`."""
+    tree: dict = {}
+    for path, value in flat.items():
+        set_path(tree, path, value)
+    return tree
 
 
 def _boxed_init(config: GemmaConfig, dtype, key):

@@ -16,21 +16,21 @@ Two details make it match transformers' GGUF tokenizer id for id:
 The GGUF also marks `<unk>` CONTROL rather than UNKNOWN; we give it back its type so sentencepiece
 knows its unk id (byte fallback means it is never produced by encoding anyway).
 
-Reading the GGUF with `gguf.GGUFReader` takes ~14 s for this file (it builds numpy views of every
-array element); for a path we parse just the metadata key/values ourselves (~1 s).
+A GGUF path is read with `gguf_file.read_metadata` (only the `tokenizer.*` keys, ~1 s; the `gguf`
+package's reader takes ~14 s on this file).
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+from gemma_jax.gguf_file import read_metadata
 
 SPACE = "\u2581"  # sentencepiece's escaped space, "▁"
 START_OF_TURN = "<start_of_turn>"
@@ -66,7 +66,7 @@ class Tokenizer:
     def from_gguf(cls, source: str | os.PathLike | Any) -> Tokenizer:
         """Rebuild the tokenizer from a GGUF file path or an open `gguf.GGUFReader`."""
         if isinstance(source, (str, os.PathLike)):
-            fields = read_gguf_metadata(source, prefix="tokenizer.")
+            fields = read_metadata(source, prefix="tokenizer.")
         else:
             fields = {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}
         return cls.from_model_proto(gguf_model_proto(fields).SerializeToString())
@@ -155,68 +155,6 @@ def gguf_model_proto(fields: Mapping[str, Any]) -> sp_pb2.ModelProto:
     norm.remove_extra_whitespaces = False
     norm.escape_whitespaces = True
     return proto
-
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
-_STRING, _ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: str | os.PathLike, prefix: str = "") -> dict[str, Any]:
-    """The key/value metadata of a little-endian GGUF (v2/v3) whose key starts with `prefix`.
-
-    Strings come back as `str`, numeric arrays as numpy arrays, string arrays as lists of `str`.
-    Tensor infos and data are not read.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file")
-        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"{path}: unsupported GGUF version {version} (big-endian?)")
-        pos = 24
-
-        def string() -> str:
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            pos += 8 + n
-            return buf[pos - n : pos].decode("utf-8")
-
-        def value(kind: int, keep: bool) -> Any:
-            nonlocal pos
-            if kind == _STRING:
-                return string()
-            if kind == _ARRAY:
-                elem, count = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                if elem == _STRING:
-                    if not keep:
-                        for _ in range(count):
-                            (n,) = struct.unpack_from("<Q", buf, pos)
-                            pos += 8 + n
-                        return None
-                    return [string() for _ in range(count)]
-                if elem == _ARRAY:
-                    return [value(_ARRAY, keep) for _ in range(count)]
-                dtype = np.dtype(_NUMPY[elem])
-                out = np.frombuffer(buf, dtype, count, pos).copy() if keep else None
-                pos += dtype.itemsize * count
-                return out
-            fmt = _SCALARS[kind]
-            (out,) = struct.unpack_from(fmt, buf, pos)
-            pos += struct.calcsize(fmt)
-            return out
-
-        out: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            (kind,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            keep = key.startswith(prefix)
-            v = value(kind, keep)
-            if keep:
-                out[key] = v
-        return out
 
 
 # -- streaming detokenization ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ import random
 import pytest
 
 from gemma_jax import embedded_gguf
+from gemma_jax.gguf_file import read_metadata
 from gemma_jax.tokenizer import (
     ChatTemplateError,
     IncrementalDecoder,
@@ -19,7 +20,6 @@ from gemma_jax.tokenizer import (
     format_chat,
     format_prompt,
     gguf_model_proto,
-    read_gguf_metadata,
 )
 
 # The official chat template of google/gemma-3-*-it (tokenizer_config.json).
@@ -184,7 +184,7 @@ def test_piece_to_id_unknown_raises(ours, hf):
 def test_gguf_reader_path_matches_fast_reader(gguf_file, tmp_path):
     """Our metadata parser vs the `gguf` package's reader, on a small GGUF cut from the real vocab."""
     gguf = pytest.importorskip("gguf")
-    fields = read_gguf_metadata(gguf_file, prefix="tokenizer.")
+    fields = read_metadata(gguf_file, prefix="tokenizer.")
     n = 4000  # control, user-defined (incl. whitespace runs), byte and a few thousand normal pieces
     small = tmp_path / "small.gguf"
     writer = gguf.GGUFWriter(str(small), "gemma3")
@@ -204,7 +204,7 @@ def test_gguf_reader_path_matches_fast_reader(gguf_file, tmp_path):
 
     reader = gguf.GGUFReader(str(small))
     expected = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-    got = read_gguf_metadata(small, prefix="tokenizer.")
+    got = read_metadata(small, prefix="tokenizer.")
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert list(got[key]) == list(value) if isinstance(value, list) else got[key] == value, key
@@ -217,7 +217,7 @@ def test_gguf_reader_path_matches_fast_reader(gguf_file, tmp_path):
 
 
 def test_model_proto_settings(gguf_file):
-    proto = gguf_model_proto(read_gguf_metadata(gguf_file, prefix="tokenizer."))
+    proto = gguf_model_proto(read_metadata(gguf_file, prefix="tokenizer."))
     assert proto.trainer_spec.byte_fallback and proto.trainer_spec.model_type == proto.trainer_spec.BPE
     assert proto.normalizer_spec.name == "identity" and not proto.normalizer_spec.add_dummy_prefix
     assert proto.pieces[105].type == proto.pieces[105].USER_DEFINED  # was CONTROL in the GGUF

@@ -1,9 +1,8 @@
 """llama.cpp GGUF files (Gemma 1 `gemma`, Gemma 3 `gemma3`) -> (GemmaConfig, our parameter tree).
 
-We walk the GGUF header ourselves (`read_gguf`: metadata, tensor directory, memory-mapped data)
-and let the `gguf` package dequantize each tensor to float32 (`gguf.quants.dequantize`).
-`gguf.GGUFReader` would also work but spends ~13 s building a numpy view per vocabulary string; our
-walk takes ~1 s and dequantizing the embedded Gemma 3 270M Q4_K_M ~5 s. `embedded.py` still converts
+The file is read by `gguf_file.read_gguf` (metadata, tensor directory, memory-mapped data; ~1 s,
+the same reader the tokenizer uses) and the `gguf` package dequantizes each tensor to float32
+(`gguf.quants.dequantize`; ~5 s for the embedded Gemma 3 270M Q4_K_M). `embedded.py` still converts
 once and keeps an orbax checkpoint, which restores faster still.
 
 What the conversion has to know (checked against transformers' own GGUF loader,
@@ -26,10 +25,7 @@ What the conversion has to know (checked against transformers' own GGUF loader,
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-import struct
 from typing import Any
 
 import jax
@@ -40,92 +36,10 @@ from tqdm.auto import tqdm
 
 from gemma_jax import params as P
 from gemma_jax.config import GemmaConfig, Limits, gemma3_pattern
+from gemma_jax.gguf_file import GGUFTensor, read_gguf
 from gemma_jax.projections import STACK_AXIS, TARGETS, Target
 
 _SUPPORTED = ("gemma", "gemma3")
-
-
-# --- the file: metadata and tensor directory ----------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class GGUFTensor:
-    name: str
-    dims: tuple[int, ...]  # GGUF order: dims[0] is the contiguous (innermost) one
-    qtype: int  # gguf.GGMLQuantizationType value
-    data: np.ndarray  # raw bytes, [*reversed(dims[1:]), row_bytes] uint8 (a view of the file)
-
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], list[GGUFTensor]]:
-    """(metadata, tensors) of a little-endian GGUF v2/v3 file; tensor data stays memory-mapped.
-
-    `gguf.GGUFReader` builds a numpy view for every element of every metadata array (262k
-    vocabulary strings here: ~13 s); this walks the header once (~1 s). Numeric arrays come back as
-    numpy arrays, string arrays as lists of str.
-    """
-    import gguf
-
-    buf = np.memmap(os.fspath(path), dtype=np.uint8, mode="r")
-    raw = memoryview(buf)
-    if bytes(raw[:4]) != b"GGUF":
-        raise ValueError(f"{path}: not a GGUF file")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", raw, 4)
-    if version not in (2, 3):
-        raise ValueError(f"{path}: unsupported GGUF version {version} (big-endian file?)")
-    pos = 24
-
-    def unpack(fmt: str):
-        nonlocal pos
-        values = struct.unpack_from(fmt, raw, pos)
-        pos += struct.calcsize(fmt)
-        return values[0] if len(values) == 1 else values
-
-    def string() -> str:
-        nonlocal pos
-        n = unpack("<Q")
-        pos += n
-        return bytes(raw[pos - n: pos]).decode("utf-8", "replace")
-
-    def value(kind: int):
-        nonlocal pos
-        if kind == _STRING:
-            return string()
-        if kind == _ARRAY:
-            elem, count = unpack("<IQ")
-            if elem in (_STRING, _ARRAY):
-                return [value(elem) for _ in range(count)]
-            dtype = np.dtype(_SCALARS[elem])
-            out = np.frombuffer(raw, dtype, count, pos).copy()
-            pos += dtype.itemsize * count
-            return out
-        return unpack(_SCALARS[kind])
-
-    metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = string()
-        metadata[key] = value(unpack("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = string()
-        dims = tuple(int(d) for d in struct.unpack_from(f"<{unpack('<I')}Q", raw, pos))
-        pos += 8 * len(dims)
-        qtype, offset = unpack("<IQ")
-        infos.append((name, dims, qtype, offset))
-    alignment = int(metadata.get("general.alignment", 32))
-    data_start = -(-pos // alignment) * alignment
-    tensors = []
-    for name, dims, qtype, offset in infos:
-        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-        if dims[0] % block:
-            raise ValueError(f"GGUF tensor {name}: row of {dims[0]} is not whole blocks of {block}")
-        row_bytes = dims[0] // block * type_size
-        shape = (*reversed(dims[1:]), row_bytes)
-        begin = data_start + offset
-        data = buf[begin: begin + math.prod(shape)].reshape(shape)
-        tensors.append(GGUFTensor(name, dims, qtype, data))
-    return metadata, tensors
 
 
 # --- metadata -> config ----------------------------------------------------------------------------
@@ -256,26 +170,6 @@ def _convert(w: np.ndarray, kind: Target | str, config: GemmaConfig) -> np.ndarr
     return kind.from_torch(w, config)
 
 
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, (*prefix, key)))
-        else:
-            out[(*prefix, key)] = value
-    return out
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def load_gguf(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None,
               progress: bool = True) -> tuple[GemmaConfig, dict]:
     """Read a Gemma GGUF: (config, params) with params in `dtype`, sharded onto `mesh` if given.
@@ -288,8 +182,8 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = No
     metadata, tensors = read_gguf(path)
     config = config_from_gguf(metadata, tensors)
     dtype = jnp.dtype(dtype)
-    expected = _flatten(P.param_shapes(config, dtype))
-    shardings = _flatten(P.param_shardings(config, mesh)) if mesh is not None else {}
+    expected = P.flatten(P.param_shapes(config, dtype))
+    shardings = P.flatten(P.param_shardings(config, mesh)) if mesh is not None else {}
 
     def place(key, value):
         want = expected[key].shape
@@ -321,4 +215,4 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = No
     if missing:
         raise ValueError(f"GGUF lacks tensors for: {', '.join(missing[:8])}"
                          f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
-    return config, _unflatten(loaded)
+    return config, P.unflatten(loaded)

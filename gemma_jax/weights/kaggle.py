@@ -119,11 +119,8 @@ def load_kaggle(ckpt_dir: str | os.PathLike, config: GemmaConfig | None = None, 
             raise ValueError(f"checkpoint has {path!r} twice")
         source[path] = i
 
-    want = {"/".join(_key_str(k) for k in keys): s
-            for keys, s in jax.tree_util.tree_leaves_with_path(P.param_shapes(config, dtype))}
-    axes = {"/".join(_key_str(k) for k in keys): a
-            for keys, a in jax.tree_util.tree_leaves_with_path(P.param_axes(config),
-                                                               is_leaf=lambda a: isinstance(a, tuple))}
+    want = {"/".join(path): s for path, s in P.flatten(P.param_shapes(config, dtype)).items()}
+    axes = {"/".join(path): a for path, a in P.flatten(P.param_axes(config)).items()}
     if mesh is None:
         device = SingleDeviceSharding(jax.local_devices()[0])
         target_sharding = {p: device for p in want}
