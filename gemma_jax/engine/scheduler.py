@@ -10,7 +10,10 @@ are prefilled (several together, within the batch prefill budget) and inserted b
 dispatch. The device thread never waits on the host: it enqueues dispatch n+1 before it reads the
 tokens of dispatch n (whose copy to the host started when n was enqueued), so reading tokens
 overlaps device work. Each dispatch remembers which request owned each slot when it was enqueued,
-so tokens always reach the right request even when a slot changes hands one dispatch later.
+so tokens always reach the right request even when a slot changes hands one dispatch later. Each
+dispatch names its live slots (`generate(..., live=)`): the engine compiles a variant per what they
+need (LoRA or not, the least general sampling mode), so a batch of greedy base-model requests pays
+for neither adapters nor sampling.
 
 The device thread only moves token ids: each request's handle turns them into text itself
 (`IncrementalDecoder`, in whichever thread consumes the handle), so detokenizing never delays the
@@ -303,7 +306,8 @@ class Scheduler:
                 enqueued = None
                 live = [s for s in self._slots if s is not None]
                 if live:
-                    state, tokens = engine.generate(state, max(s.bound for s in live))
+                    longest = max(s.bound for s in live)
+                    state, tokens = engine.generate(state, longest, live=[s.slot for s in live])
                     for s in live:
                         s.bound = min(s.bound + engine.steps, s.prompt_len + s.limit - 1)
                     enqueued = (tokens, list(self._slots))
@@ -368,7 +372,8 @@ class Scheduler:
                 raise
             self._count("prefill_batches")
             for q, slot, token in zip(group, free, first):
-                s = _Slot(q.handle, slot, len(q.handle.request.prompt_ids), q.limit, bound=len(q.handle.request.prompt_ids))
+                prompt_len = len(q.handle.request.prompt_ids)
+                s = _Slot(q.handle, slot, prompt_len, q.limit, bound=prompt_len)
                 self._slots[slot] = s
                 self._take_tokens(s, [int(token)])
         return state
