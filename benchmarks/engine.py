@@ -44,8 +44,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class _PlainIds:
+    """What the scheduler's incremental decoder asks sentencepiece: no id is a control or a byte."""
+
+    @staticmethod
+    def IsControl(token_id) -> bool:  # noqa: N802 - sentencepiece's names
+        return False
+
+    @staticmethod
+    def IsByte(token_id) -> bool:  # noqa: N802
+        return False
+
+
 class _IdTokenizer:
     """Decodes ids to their decimal text: enough for the scheduler's streams."""
+
+    sp = _PlainIds()
 
     def decode(self, ids):
         return " ".join(str(i) for i in ids)
