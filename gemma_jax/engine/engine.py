@@ -37,7 +37,8 @@ draws (`sampling.mode_for`). The caller picks both from what it knows on the hos
   split as `state.state_shardings`, a prefix as `state.prefix_shardings`, tokens replicated), so a
   steady state never sees a new layout or a recompile; slots are split over the mesh's "data" axis
   and heads over "model" (`params.param_shardings`), on one CPU, a fake CPU mesh or a GPU alike;
-- the variants: `prefill_prompts` picks its own from its rows; `insert` records, per slot, whether
+- the variants: `prefill_prompts` runs LoRA only if a row has an adapter and always samples in the
+  widest mode (one token per prompt: same draws, a third of the compiles); `insert` records, per slot, whether
   it uses an adapter and its sampling mode; `generate(state, longest, live)` picks the least general
   variant that serves the `live` slots (default: every slot inserted since `init_state` and not
   released). The records follow one decode state at a time, the latest `init_state`'s;
@@ -303,10 +304,13 @@ class Engine:
         adapter_ids = [0] * len(prompts) if adapter_ids is None else [int(a) for a in adapter_ids]
         ids = np.asarray(adapter_ids + [0] * pad, np.int32)
         needs = tuple((self.bank is not None and a > 0, mode_for([s])) for a, s in zip(adapter_ids, sampling))
-        use_lora, mode = any(a for a, _ in needs), _widest(m for _, m in needs)
+        # Prefill draws one token per prompt, so its sampling cost is nothing beside the forward pass:
+        # it always uses the widest mode (the same draws as any narrower mode that serves a row),
+        # which keeps prefill to one compile per (P, T, LoRA on/off).
+        use_lora = any(a for a, _ in needs)
         with self._bank_lock:
             prefix = self._prefill_jit(self.params, self.bank, tokens, lengths, rows, limit, ids,
-                                       use_lora=use_lora, mode=mode)
+                                       use_lora=use_lora, mode=MODES[-1])
         prefix.tokens.copy_to_host_async()
         return prefix.replace(needs=needs)
 
@@ -363,7 +367,8 @@ class Engine:
         for t in self.prefill_buckets:
             for p in self.prefill_batches:
                 if p == 1 or p * t <= self.prefill_budget:
-                    for adapter, sampling in variants:
+                    for adapter in adapters:  # prefill always samples in the widest mode
+                        sampling = examples[MODES[-1]]
                         prefix = self.prefill_prompts([[bos] * t] * p, [sampling] * p, [1] * p, [adapter] * p, rng)
                         state = self.insert(prefix, state, self.pad_slots([], prefix))  # rows dropped
         for kv_len in self.kv_buckets:
