@@ -6,8 +6,14 @@ finetunes database. Anything written for Workers AI's REST API works against it 
 URL changed: same paths, same bodies (the seed's exact JSON schema), same envelope and error codes.
 
 Cross-cutting rules, applied here once:
-- auth: with an `api_token`, every route under /client/v4/ and /v1/ needs `Authorization: Bearer
-  <token>` (constant-time compare) else 10000/401; /, /static, /health and /metrics stay open;
+- auth: with an `api_token`, every route under /client/v4/ and /v1/ (and /metrics with
+  `protect_metrics`) needs `Authorization: Bearer <token>`, compared with `hmac.compare_digest`, else
+  10000/401, before routing (no probing of routes without the token); /, /static, /openapi.json and
+  /health stay open;
+- sizes: JSON bodies are read with a byte budget (Content-Length checked first, a chunked body cut off
+  at the limit: 3006/413); multipart uploads are buffered into `<data_dir>/incoming/` (never TMPDIR)
+  and refused over `max_upload_bytes` (3006/413); every 3006 answer closes the connection, so the
+  rest of a refused body is never read;
 - errors: every failure, including unknown routes (404) and wrong methods (405), is an `ApiError`
   rendered as the Workers AI envelope (OpenAI's `{"error": {...}}` shape under /v1/);
 - access log: one JSON line per request on the `serving.access` logger.
@@ -22,11 +28,14 @@ import os
 import time
 import uuid
 
-from flask import Flask, Response, g, jsonify, request, send_from_directory
+import tempfile
+
+from flask import Flask, Request, Response, g, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
-from serving import errors, sse, validation
+from serving import errors, openapi, sse, validation
+from serving.adapter_files import CONFIG_NAME, MAX_CONFIG_BYTES
 from serving.backend import AdapterError, Backend
 from serving.finetunes import FinetuneError, FinetuneStore
 from serving.http import ServerState, read_json, start_generation, state
@@ -38,6 +47,16 @@ access_log = logging.getLogger("serving.access")
 
 ACCOUNT = "/client/v4/accounts/<account_id>/ai"
 PROTECTED_PREFIXES = ("/client/v4/", "/v1/")
+MULTIPART_SLACK = 1 << 20  # multipart framing and the file_name field, on top of the file itself
+DEFAULT_MAX_UPLOAD_BYTES = 100 << 20  # Workers AI's documented limit for a LoRA adapter file
+
+
+class _Request(Request):
+    """Flask's request, but a multipart file part is buffered in `<data_dir>/incoming/` (an unnamed
+    file there, gone when closed or when the process dies) instead of TMPDIR or memory."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return tempfile.TemporaryFile("wb+", dir=state().store.incoming)
 
 
 def create_app(
@@ -47,19 +66,23 @@ def create_app(
     data_dir: str | os.PathLike = "./gemma-jax-data",
     stream_padding: bool = True,
     max_body_bytes: int = 1 << 20,
-    max_upload_bytes: int = 500 << 20,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     request_timeout: float | None = 600.0,
     heartbeat: float = HEARTBEAT_S,
     reload_finetunes: bool = True,
+    protect_metrics: bool = False,
 ) -> Flask:
+    if protect_metrics and not api_token:
+        raise ValueError("protect_metrics needs an api_token (the token /metrics would ask for)")
     app = Flask(__name__, static_folder="static", static_url_path="/static")
+    app.request_class = _Request
     app.json.sort_keys = False
-    app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes + (1 << 20)  # multipart overhead
+    app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes + MULTIPART_SLACK
     store = FinetuneStore(data_dir, backend.model_name)
     st = ServerState(backend=backend, metrics=Metrics(backend.stats), store=store,
                      api_token=api_token or None, stream_padding=stream_padding,
                      max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes,
-                     request_timeout=request_timeout, heartbeat=heartbeat)
+                     request_timeout=request_timeout, heartbeat=heartbeat, protect_metrics=protect_metrics)
     app.extensions["gemma_jax"] = st
     if reload_finetunes:
         loaded = store.reload_all(backend)
@@ -73,6 +96,7 @@ def create_app(
 
     app.register_blueprint(blueprint)
     _install_operations_routes(app)
+    app.extensions["gemma_jax_openapi"] = openapi.document(backend.model_name)
     return app
 
 
@@ -85,13 +109,17 @@ def _authorized(token: str) -> bool:
     return hmac.compare_digest(given.strip().encode("utf-8"), token.encode("utf-8"))
 
 
+def _protected(path: str, st: ServerState) -> bool:
+    return path.startswith(PROTECTED_PREFIXES) or (st.protect_metrics and path == "/metrics")
+
+
 def _install_hooks(app: Flask) -> None:
     @app.before_request
     def _before():
         g.request_id = uuid.uuid4().hex
         g.started = time.monotonic()
         st = state()
-        if st.api_token and request.path.startswith(PROTECTED_PREFIXES) and not _authorized(st.api_token):
+        if st.api_token and _protected(request.path, st) and not _authorized(st.api_token):
             return _render(errors.authentication_error())
         return None
 
@@ -118,6 +146,8 @@ def _render(e: errors.ApiError) -> Response:
         body = e.body()
     response = jsonify(body)
     response.status_code = e.status
+    if e.code == errors.REQUEST_TOO_LARGE:  # the rest of the body stays unread: end the connection
+        response.headers["Connection"] = "close"
     return response
 
 
@@ -198,6 +228,10 @@ def _install_workers_ai_routes(app: Flask) -> None:
         file_name = request.form.get("file_name") or (upload.filename if upload else None)
         if upload is None or not file_name:
             raise errors.bad_input("Error: multipart fields 'file_name' and 'file' are required")
+        limit = min(st.max_upload_bytes, MAX_CONFIG_BYTES) if file_name == CONFIG_NAME else st.max_upload_bytes
+        if upload.stream.seek(0, os.SEEK_END) > limit:  # inside the multipart slack, over the file limit
+            raise errors.request_too_large(limit)
+        upload.stream.seek(0)
         try:
             result = st.store.add_asset(record["id"], file_name, upload.stream, st.backend,
                                         st.max_upload_bytes)
@@ -232,6 +266,10 @@ def _install_operations_routes(app: Flask) -> None:
             return jsonify({"status": "unavailable", "error": str(e)}), 503
         return jsonify({"status": "ok", "model": st.backend.model_name,
                         "adapters": len(st.backend.adapters()), "scheduler": stats})
+
+    @app.get("/openapi.json")
+    def openapi_document():
+        return jsonify(app.extensions["gemma_jax_openapi"])
 
     @app.get("/metrics")
     def metrics():

@@ -35,7 +35,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--host", default=_env("HOST", "127.0.0.1"), help="address to bind [GEMMA_JAX_HOST] (default 127.0.0.1)")
     a("--port", type=int, default=int(_env("PORT", "8080")), help="port [GEMMA_JAX_PORT] (default 8080)")
     a("--api-token", default=_env("API_TOKEN"),
-      help="require 'Authorization: Bearer TOKEN' on API routes [GEMMA_JAX_API_TOKEN] (default: no auth)")
+      help="require 'Authorization: Bearer TOKEN' on every API route (/client/v4/..., /v1/...), else 401 "
+           "(code 10000); /health, /openapi.json and the playground stay open [GEMMA_JAX_API_TOKEN] "
+           "(default: no auth)")
+    a("--protect-metrics", action="store_true", default=_env_bool("PROTECT_METRICS", False),
+      help="/metrics needs the --api-token too [GEMMA_JAX_PROTECT_METRICS=1] (default: /metrics is open)")
     a("--data-dir", default=_env("DATA_DIR", "./gemma-jax-data"),
       help="finetunes database and adapter files [GEMMA_JAX_DATA_DIR] (default ./gemma-jax-data)")
     a("--max-batch", type=int, default=int(_env("MAX_BATCH", "8")),
@@ -54,8 +58,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="seconds before a generation is cancelled with 3007 [GEMMA_JAX_REQUEST_TIMEOUT] (default 600)")
     a("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(1 << 20))),
       help="largest JSON body, else 3006 [GEMMA_JAX_MAX_BODY_BYTES] (default 1 MiB)")
-    a("--max-upload-bytes", type=int, default=int(_env("MAX_UPLOAD_BYTES", str(500 << 20))),
-      help="largest finetune file [GEMMA_JAX_MAX_UPLOAD_BYTES] (default 500 MiB)")
+    a("--max-upload-bytes", type=int, default=int(_env("MAX_UPLOAD_BYTES", str(100 << 20))),
+      help="largest finetune file, else 3006 [GEMMA_JAX_MAX_UPLOAD_BYTES] (default 100 MiB, Workers AI's "
+           "adapter limit)")
     a("--graceful-timeout", type=float, default=float(_env("GRACEFUL_TIMEOUT", "30")),
       help="seconds in-flight requests get after SIGTERM [GEMMA_JAX_GRACEFUL_TIMEOUT] (default 30)")
     a("--log-level", default=_env("LOG_LEVEL", "info"), help="[GEMMA_JAX_LOG_LEVEL] (default info)")
@@ -73,11 +78,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def app_kwargs(args: argparse.Namespace) -> dict:
     return {"api_token": args.api_token or None, "data_dir": args.data_dir,
             "stream_padding": not args.no_stream_padding, "max_body_bytes": args.max_body_bytes,
-            "max_upload_bytes": args.max_upload_bytes, "request_timeout": args.request_timeout or None}
+            "max_upload_bytes": args.max_upload_bytes, "request_timeout": args.request_timeout or None,
+            "protect_metrics": args.protect_metrics}
 
 
 def run_serve(args: argparse.Namespace, backend_factory: Callable[[argparse.Namespace], Backend]) -> None:
     """Serve until SIGTERM. `backend_factory(args)` runs inside the gunicorn worker."""
+    if args.protect_metrics and not args.api_token:
+        raise SystemExit("gemma-jax serve: --protect-metrics needs --api-token (the token /metrics asks for)")
     from serving.server import serve  # noqa: PLC0415 - keeps `--help` free of gunicorn imports
 
     serve(lambda: backend_factory(args), host=args.host, port=args.port, threads=args.threads,

@@ -69,8 +69,12 @@ def too_many_tokens(e: InputTooLong) -> ApiError:
         f"{e.max_tokens} max_tokens (input + max_tokens at most {e.limit_total})"))
 
 
+REQUEST_TOO_LARGE = 3006
+
+
 def request_too_large(limit: int) -> ApiError:
-    return ApiError(413, 3006, f"Request is too large (the limit is {limit} bytes)")
+    """3006 / 413; the app closes the connection after it (the rest of the body is never read)."""
+    return ApiError(413, REQUEST_TOO_LARGE, f"Request is too large (the limit is {limit} bytes)")
 
 
 def timeout() -> ApiError:

@@ -29,6 +29,7 @@ class ServerState:
     max_upload_bytes: int
     request_timeout: float | None
     heartbeat: float
+    protect_metrics: bool = False
 
 
 def state() -> ServerState:

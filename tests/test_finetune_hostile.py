@@ -206,8 +206,7 @@ def test_config_over_its_limit_refused(sandbox):
     fid = new_finetune(sandbox, with_config=False)
     content = b"{" + b" " * MAX_CONFIG_BYTES + b"}"
     expect_refusal(upload(sandbox, fid, CFG, content),
-                   "AiError: Bad input: Error: adapter_config.json is larger than the limit of "
-                   f"{MAX_CONFIG_BYTES} bytes")
+                   f"AiError: Request is too large (the limit is {MAX_CONFIG_BYTES} bytes)", 413, 3006)
     assert_nothing_kept(sandbox, fid, [])
 
 
@@ -325,8 +324,9 @@ def test_file_over_the_store_limit_inside_the_multipart_allowance(tmp_path):
         fid = requests.post(base, json={"model": MODEL, "name": "big"}, timeout=10).json()["result"]["id"]
         r = requests.post(f"{base}/{fid}/finetune-assets", data={"file_name": ST},
                           files={"file": ("f", b"\0" * ((64 << 10) + 1))}, timeout=10)
-        expect_refusal(r, "AiError: Bad input: Error: adapter_model.safetensors is larger than the limit of "
-                          "65536 bytes")
+        assert r.status_code == 413 and "close" in r.headers["Connection"]
+        assert r.json()["errors"] == [{"code": 3006, "message": "AiError: Request is too large (the limit is "
+                                                                "65536 bytes)"}]
         assert list((tmp_path / "finetunes" / fid).iterdir()) == [] and list((tmp_path / "incoming").iterdir()) == []
 
 

@@ -128,5 +128,5 @@ def test_serve_flags_env_and_defaults(monkeypatch):
     assert (args.api_token, args.no_stream_padding, args.max_batch, args.random_weights) == (
         "from-env", True, 32, "gemma_2b")
     assert app_kwargs(args) == {"api_token": "from-env", "data_dir": "/d", "stream_padding": False,
-                                "max_body_bytes": 1 << 20, "max_upload_bytes": 500 << 20,
-                                "request_timeout": 600.0}
+                                "max_body_bytes": 1 << 20, "max_upload_bytes": 100 << 20,
+                                "request_timeout": 600.0, "protect_metrics": False}
