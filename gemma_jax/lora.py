@@ -298,16 +298,6 @@ def bank_remove(bank: AdapterBank, index: int) -> AdapterBank:
     return _write_slot(bank, index, slot)
 
 
-def bank_from_adapters(config: GemmaConfig, adapters: Iterable[Adapter], capacity: int | None = None,
-                       max_rank: int = DEFAULT_MAX_RANK, dtype=jnp.float32, mesh: Mesh | None = None) -> AdapterBank:
-    """A bank holding `adapters` in slots 1, 2, ... (slot 0 = no adapter)."""
-    adapters = list(adapters)
-    bank = make_bank(config, capacity or len(adapters) + 1, max_rank, dtype, mesh)
-    for i, adapter in enumerate(adapters, start=1):
-        bank = bank_add(bank, i, adapter)
-    return bank
-
-
 # --- helpers --------------------------------------------------------------------------------------
 class _Hashable:
     """Wrap a pytree of shardings so it can key an lru_cache (compared by flattened leaves)."""

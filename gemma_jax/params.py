@@ -36,7 +36,8 @@ from jax.sharding import Mesh
 
 from gemma_jax import sharding
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import CACHE_AXES, Cache, LayerCache, Transformer, init_cache
+from gemma_jax.model import CACHE_AXES, LayerCache, Transformer, init_cache
+
 
 def get_path(tree, path):
     """tree[path[0]][path[1]]... for a path of keys into the parameter tree."""
@@ -99,12 +100,11 @@ def count_params(config: GemmaConfig) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(config)))
 
 
-def param_shardings(config: GemmaConfig, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES):
-    return sharding.tree_shardings(param_axes(config), param_shapes(config), mesh, rules)
+def param_shardings(config: GemmaConfig, mesh: Mesh):
+    return sharding.tree_shardings(param_axes(config), param_shapes(config), mesh)
 
 
-def init_params(config: GemmaConfig, key: jax.Array, dtype=jnp.float32, mesh: Mesh | None = None,
-                rules: sharding.Rules = sharding.DEFAULT_RULES):
+def init_params(config: GemmaConfig, key: jax.Array, dtype=jnp.float32, mesh: Mesh | None = None):
     """Random parameters, created directly on device(s) in `dtype`: no full host copy is made.
 
     With a mesh, every weight is born sharded by `param_shardings` (jit with out_shardings).
@@ -115,7 +115,7 @@ def init_params(config: GemmaConfig, key: jax.Array, dtype=jnp.float32, mesh: Me
     def init(k):
         return jax.tree.map(lambda b: b.value, _boxed_init(config, dtype, k), is_leaf=_is_box)
 
-    out_shardings = None if mesh is None else param_shardings(config, mesh, rules)
+    out_shardings = None if mesh is None else param_shardings(config, mesh)
     return jax.jit(init, out_shardings=out_shardings)(key)
 
 
@@ -123,14 +123,7 @@ def cache_axes(config: GemmaConfig) -> dict:
     return {f"layer_{i}": LayerCache(CACHE_AXES, CACHE_AXES) for i in range(config.num_layers)}
 
 
-def cache_shardings(config: GemmaConfig, batch: int, max_len: int, mesh: Mesh,
-                    rules: sharding.Rules = sharding.DEFAULT_RULES):
+def cache_shardings(config: GemmaConfig, batch: int, max_len: int, mesh: Mesh):
+    """NamedShardings of a KV cache (`model.init_cache`): batch over "data", kv heads over "model"."""
     shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len))
-    return sharding.tree_shardings(cache_axes(config), shapes, mesh, rules)
-
-
-def make_cache(config: GemmaConfig, batch: int, max_len: int, dtype=jnp.float32,
-               mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES) -> Cache:
-    """A zero KV cache, created on device (sharded over batch / kv heads when a mesh is given)."""
-    out = None if mesh is None else cache_shardings(config, batch, max_len, mesh, rules)
-    return jax.jit(lambda: init_cache(config, batch, max_len, dtype), out_shardings=out)()
+    return sharding.tree_shardings(cache_axes(config), shapes, mesh)

@@ -16,9 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-Rules = tuple[tuple[str, str | None], ...]
-
-DEFAULT_RULES: Rules = (
+RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
     ("vocab", "model"),
     ("heads", "model"),
@@ -41,10 +39,9 @@ def make_mesh(data: int = 1, model: int | None = None, devices: Sequence[jax.Dev
     return Mesh(np.asarray(devices).reshape(data, model), ("data", "model"))
 
 
-def logical_to_spec(axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Rules = DEFAULT_RULES) -> PartitionSpec:
-    """PartitionSpec for one array with logical `axes` and `shape` on `mesh`."""
-    table = dict(rules)
+def logical_to_spec(axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for one array with logical `axes` and `shape` on `mesh` (by `RULES`)."""
+    table = dict(RULES)
     used: set[str] = set()
     spec = []
     for name, size in zip(axes, shape, strict=True):
@@ -60,12 +57,8 @@ def logical_to_spec(axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh
     return PartitionSpec(*spec)
 
 
-def tree_shardings(axes_tree, shape_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+def tree_shardings(axes_tree, shape_tree, mesh: Mesh):
     """NamedShardings for a tree of arrays (`shape_tree`: anything with .shape) given their axes."""
     return jax.tree.map(
-        lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)),
+        lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)),
         axes_tree, shape_tree, is_leaf=lambda a: isinstance(a, tuple))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())

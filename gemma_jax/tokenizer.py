@@ -63,12 +63,9 @@ class Tokenizer:
         return cls(processor)
 
     @classmethod
-    def from_gguf(cls, source: str | os.PathLike | Any) -> Tokenizer:
-        """Rebuild the tokenizer from a GGUF file path or an open `gguf.GGUFReader`."""
-        if isinstance(source, (str, os.PathLike)):
-            fields = read_metadata(source, prefix="tokenizer.")
-        else:
-            fields = {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        """Rebuild the tokenizer from the `tokenizer.*` metadata of a GGUF file."""
+        fields = read_metadata(path, prefix="tokenizer.")
         return cls.from_model_proto(gguf_model_proto(fields).SerializeToString())
 
     # -- vocabulary -----------------------------------------------------------------------------

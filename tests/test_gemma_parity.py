@@ -7,10 +7,25 @@ import pytest
 
 from gemma_jax import config as C
 from gemma_jax.model import forward, init_cache
-from gemma_jax.weights.hf import hf_state_from_params, load_hf, params_from_hf_state
+from gemma_jax.params import get_path
+from gemma_jax.projections import STACK_AXIS
+from gemma_jax.weights.hf import hf_names, load_hf, params_from_hf_state
 from hf_reference import hf_logits, random_hf_gemma, rel_err, state_numpy
 
 CONFIGS = {"mha": C.tiny_mha(), "mqa": C.tiny_mqa(), "gqa": C.tiny_gqa()}
+
+
+def hf_state_from_params(params, config) -> dict[str, np.ndarray]:
+    """Our tree -> HF tensor names (with the `model.` prefix), through the loader's own name table."""
+    out = {}
+    for short, slot in hf_names(config).items():
+        array = np.asarray(get_path(params, slot.path))
+        if slot.index is not None:
+            array = np.take(array, slot.index, axis=STACK_AXIS)
+        if slot.target is not None:
+            array = slot.target.to_torch(array, config)
+        out[f"model.{short}"] = np.ascontiguousarray(array)
+    return out
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from gemma_jax import config as C
 from gemma_jax import lora
-from gemma_jax.lora import LoraError, bank_add, bank_from_adapters, bank_remove, make_bank, merge_lora
+from gemma_jax.lora import LoraError, bank_add, bank_remove, make_bank, merge_lora
 from gemma_jax.model import forward, init_cache
 from gemma_jax.params import param_shardings
 from gemma_jax.sharding import make_mesh
@@ -29,6 +29,14 @@ from hf_reference import hf_logits, random_hf_gemma, random_hf_gemma3, random_lo
 
 ALL = list(lora.TARGETS)
 _fwd = jax.jit(forward, static_argnames=("config", "kv_len"))
+
+
+def bank_from_adapters(config, adapters, capacity=None, max_rank=lora.DEFAULT_MAX_RANK, dtype=jnp.float32, mesh=None):
+    """A bank holding `adapters` in slots 1, 2, ... (slot 0 = no adapter)."""
+    bank = make_bank(config, capacity or len(adapters) + 1, max_rank, dtype, mesh)
+    for i, adapter in enumerate(adapters, start=1):
+        bank = bank_add(bank, i, adapter)
+    return bank
 
 
 def _tokens(cfg, batch=2, length=13, seed=0):

@@ -1,7 +1,7 @@
 """Sharded forward on a fake 8-device CPU mesh equals the unsharded forward.
 
 Params are placed with `param_shardings` (heads / kv heads / MLP / vocab over "model"), the cache
-with `make_cache(..., mesh=...)` (batch over "data", kv heads over "model"), and `forward` is jitted
+with `P.cache_shardings` (batch over "data", kv heads over "model"), and `forward` is jitted
 as is: XLA inserts the collectives. The reference is the same forward on one device. Both a prefill
 into the cache and one decode step are checked, plus a cache-less full forward.
 """
@@ -14,10 +14,16 @@ from jax.sharding import PartitionSpec
 
 from gemma_jax import config as C
 from gemma_jax import params as P
-from gemma_jax.model import forward
+from gemma_jax.model import forward, init_cache
 from gemma_jax.sharding import make_mesh
 
 B, T, S = 2, 6, 16
+
+
+def make_cache(config, batch, max_len, mesh=None):
+    """A zero KV cache created on device, sharded by `P.cache_shardings` when a mesh is given."""
+    out = None if mesh is None else P.cache_shardings(config, batch, max_len, mesh)
+    return jax.jit(lambda: init_cache(config, batch, max_len), out_shardings=out)()
 
 
 def _run(params, config, cache):
@@ -36,7 +42,7 @@ def test_sharded_forward_equals_unsharded(factory):
     config = factory()
     rng = np.random.default_rng(0)
     host = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), P.param_shapes(config))
-    want = _run(jax.tree.map(jnp.asarray, host), config, P.make_cache(config, B, S))
+    want = _run(jax.tree.map(jnp.asarray, host), config, make_cache(config, B, S))
 
     for mesh_shape in [(2, 4), (1, 8)]:
         mesh = make_mesh(*mesh_shape)
@@ -47,7 +53,7 @@ def test_sharded_forward_equals_unsharded(factory):
         heads_split = config.num_heads % mesh.shape["model"] == 0
         q_spec = sharded["layer_0"]["attn"]["q_einsum"]["w"].sharding.spec  # [D, N, H]
         assert (q_spec[1] if len(q_spec) > 1 else None) == ("model" if heads_split else None)
-        cache = P.make_cache(config, B, S, mesh=mesh)
+        cache = make_cache(config, B, S, mesh=mesh)
         assert cache["layer_0"].k.sharding.spec[0] == "data"
         got = _run(sharded, config, cache)
 

@@ -209,7 +209,9 @@ def test_gguf_reader_path_matches_fast_reader(gguf_file, tmp_path):
     for key, value in expected.items():
         assert list(got[key]) == list(value) if isinstance(value, list) else got[key] == value, key
 
-    from_reader, from_path = Tokenizer.from_gguf(reader), Tokenizer.from_gguf(small)
+    # the whole tokenizer, built from the gguf package's reading of the fields and from our path reader
+    from_reader = Tokenizer.from_model_proto(gguf_model_proto(expected).SerializeToString())
+    from_path = Tokenizer.from_gguf(small)
     assert from_reader.sp.serialized_model_proto() == from_path.sp.serialized_model_proto()
     assert from_path.vocab_size == n and from_path.start_of_turn_id == 105
     text = "<start_of_turn>user\n  the  cat 🫨<end_of_turn>"

@@ -139,19 +139,6 @@ def params_from_hf_state(state: Mapping[str, np.ndarray] | Iterator[tuple[str, n
     return out
 
 
-def hf_state_from_params(params, config: GemmaConfig) -> dict[str, np.ndarray]:
-    """Our tree -> HF tensor names (with the `model.` prefix), for writing HF checkpoints in tests."""
-    out = {}
-    for short, slot in hf_names(config).items():
-        array = np.asarray(P.get_path(params, slot.path))
-        if slot.index is not None:
-            array = np.take(array, slot.index, axis=STACK_AXIS)
-        if slot.target is not None:
-            array = slot.target.to_torch(array, config)
-        out[f"model.{short}"] = np.ascontiguousarray(array)
-    return out
-
-
 def load_hf(directory: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None):
     """Load a Hugging Face Gemma / Gemma 3 checkpoint directory -> (config, params)."""
     directory = os.fspath(directory)

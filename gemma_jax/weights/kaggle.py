@@ -96,8 +96,7 @@ def _is_meta(x) -> bool:
 
 
 def load_kaggle(ckpt_dir: str | os.PathLike, config: GemmaConfig | None = None, dtype=jnp.bfloat16,
-                mesh: Mesh | None = None, *, variant: str | None = None,
-                rules: sharding.Rules = sharding.DEFAULT_RULES):
+                mesh: Mesh | None = None, *, variant: str | None = None):
     """Load a DeepMind/Kaggle Gemma Flax checkpoint directory -> (config, params).
 
     config: the architecture (its vocab_size decides the embedding rows kept); or give `variant`
@@ -128,11 +127,11 @@ def load_kaggle(ckpt_dir: str | os.PathLike, config: GemmaConfig | None = None, 
         def place(src_axes, shape):
             return device
     else:
-        target_sharding = {p: NamedSharding(mesh, sharding.logical_to_spec(axes[p], want[p].shape, mesh, rules))
+        target_sharding = {p: NamedSharding(mesh, sharding.logical_to_spec(axes[p], want[p].shape, mesh))
                            for p in want}
 
         def place(src_axes, shape):
-            return NamedSharding(mesh, sharding.logical_to_spec(src_axes, shape, mesh, rules))
+            return NamedSharding(mesh, sharding.logical_to_spec(src_axes, shape, mesh))
 
     # Plan: for each source array, the sharding to restore it in and how it becomes our leaves.
     plan: dict[str, tuple[jax.sharding.Sharding, Callable]] = {}

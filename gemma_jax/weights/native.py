@@ -31,7 +31,6 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from gemma_jax import params as P
-from gemma_jax import sharding
 from gemma_jax.config import GemmaConfig, Limits
 
 CONFIG_FILE = "config.json"
@@ -122,8 +121,7 @@ def is_native_checkpoint(directory: str | os.PathLike) -> bool:
             and os.path.isfile(os.path.join(directory, CONFIG_FILE)))
 
 
-def load_checkpoint(directory: str | os.PathLike, dtype=None, mesh: Mesh | None = None,
-                    rules: sharding.Rules = sharding.DEFAULT_RULES):
+def load_checkpoint(directory: str | os.PathLike, dtype=None, mesh: Mesh | None = None):
     """Restore a native checkpoint -> (config, params, tokenizer_model_bytes | None).
 
     dtype: None keeps each array's saved dtype; otherwise every array is restored (cast) to it.
@@ -139,7 +137,7 @@ def load_checkpoint(directory: str | os.PathLike, dtype=None, mesh: Mesh | None 
         device = SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, saved)
     else:
-        shardings = P.param_shardings(config, mesh, rules)
+        shardings = P.param_shardings(config, mesh)
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype) if dtype is not None else s.dtype, sharding=sh),
         saved, shardings)
