@@ -18,6 +18,7 @@ Shape letters, used with these meanings across the code base (one letter, one me
     G = N // K              H head_dim              F hidden_dim (MLP)
     V vocab_size            L layers                C the stacked pair (k/v or gate/up), size 2
     R LoRA rank             A adapter slots of a LoRA bank (`lora.AdapterBank`)
+    P prompts of one prefill batch (`engine`)
 
 A torch [out, in] matrix flattens `outs` (and `ins`) row-major in the order given here: q_proj is
 [N*H, D] with the heads outermost, o_proj is [D, N*H]. That is how transformers, peft and llama.cpp
