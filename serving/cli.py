@@ -46,6 +46,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="decode slots of the engine [GEMMA_JAX_MAX_BATCH] (default 8)")
     a("--threads", type=int, default=int(_env("THREADS", "32")),
       help="HTTP threads of the single worker [GEMMA_JAX_THREADS] (default 32)")
+    a("--max-queue", type=int, default=int(_env("MAX_QUEUE", "256")),
+      help="requests waiting for a slot before 429 / 3040 [GEMMA_JAX_MAX_QUEUE] (default 256)")
     a("--no-stream-padding", action="store_true", default=not _env_bool("STREAM_PADDING", True),
       help='omit the random "p" padding field in streamed events [GEMMA_JAX_STREAM_PADDING=0]')
     a("--checkpoint", default=_env("CHECKPOINT"),

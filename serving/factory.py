@@ -59,14 +59,15 @@ def build_backend(args: argparse.Namespace) -> Backend:
     if args.warmup:
         log.info("compiling every prefill / decode bucket (--warmup)")
         engine.warmup()
-    return make_backend(engine, tokenizer, model_name=args.model_name)
+    return make_backend(engine, tokenizer, model_name=args.model_name, max_queue=args.max_queue)
 
 
-def make_backend(engine: Engine, tokenizer: Tokenizer, *, model_name: str = DEFAULT_MODEL) -> Backend:
+def make_backend(engine: Engine, tokenizer: Tokenizer, *, model_name: str = DEFAULT_MODEL,
+                 max_queue: int = 256) -> Backend:
     """A new scheduler over `engine`, as a Backend. Adapters load into the engine's LoRA bank with
     `model_type` required (Workers AI's rule); an engine without a bank serves no finetunes. The
     limits are the engine's own (`Engine.check`, through the scheduler)."""
     lora = engine.bank is not None
-    return Backend(Scheduler(engine, tokenizer), tokenizer, model_name=model_name,
+    return Backend(Scheduler(engine, tokenizer, max_queue=max_queue), tokenizer, model_name=model_name,
                    load_adapter_fn=functools.partial(engine.load_adapter, require_model_type=True) if lora else None,
                    unload_adapter_fn=engine.unload_adapter if lora else None)
