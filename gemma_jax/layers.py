@@ -15,11 +15,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemma_jax.quantize import is_qarray, qeinsum, stored_param
+
 Axes = tuple[str | None, ...]
 
 
 class Einsum(nn.Module):
-    """One weight `w` of `shape` with logical `axes`, applied by an einsum equation at call time."""
+    """One weight `w` of `shape` with logical `axes`, applied by an einsum equation at call time.
+
+    The stored `w` may be an int8 `quantize.QArray` (per-output-channel scales): then the einsum
+    runs on the int8 weight and scales its output (`quantize.qeinsum`), with no float copy of w."""
 
     shape: tuple[int, ...]
     axes: Axes
@@ -29,7 +34,9 @@ class Einsum(nn.Module):
     @nn.compact
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
         init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes)
-        w = self.param("w", init, self.shape, self.param_dtype)
+        w = stored_param(self, "w", init, self.shape, self.param_dtype)
+        if is_qarray(w):
+            return qeinsum(eqn, x, w)
         return jnp.einsum(eqn, x, w.astype(x.dtype))
 
 

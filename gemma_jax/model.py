@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from gemma_jax import projections as proj
 from gemma_jax.config import GemmaConfig
 from gemma_jax.layers import Einsum, RMSNorm, apply_rope, gelu_tanh, lora_delta
+from gemma_jax.quantize import is_qarray, lookup, qeinsum, stored_param
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
@@ -170,7 +171,10 @@ class Block(nn.Module):
 
 
 class Embedder(nn.Module):
-    """Token embedding [V, D], scaled by sqrt(D) on the way in, tied as the output projection."""
+    """Token embedding [V, D], scaled by sqrt(D) on the way in, tied as the output projection.
+
+    The stored table may be an int8 `quantize.QArray` with one scale per vocabulary row: the lookup
+    dequantizes only the rows it takes, the unembedding scales each logit by its row's scale."""
 
     config: GemmaConfig
     param_dtype: jnp.dtype = jnp.float32
@@ -178,14 +182,18 @@ class Embedder(nn.Module):
     def setup(self):
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         shape = (self.config.vocab_size, self.config.embed_dim)
-        self.input_embedding = self.param("input_embedding", init, shape, self.param_dtype)
+        self.input_embedding = stored_param(self, "input_embedding", init, shape, self.param_dtype)
 
     def encode(self, tokens):  # [B, T] -> [B, T, D]
         # The sqrt(D) normaliser is cast to the activation dtype first (bf16: 55.5, not 55.4256).
         scale = jnp.asarray(math.sqrt(self.config.embed_dim), self.param_dtype)
+        if is_qarray(self.input_embedding):
+            return lookup(self.input_embedding, tokens).astype(self.param_dtype) * scale
         return jnp.take(self.input_embedding, tokens, axis=0) * scale
 
     def decode(self, x):  # [B, T, D] -> [B, T, V] float32
+        if is_qarray(self.input_embedding):
+            return qeinsum("BTD,VD->BTV", x, self.input_embedding, preferred_element_type=jnp.float32)
         return jnp.einsum("BTD,VD->BTV", x, self.input_embedding.astype(x.dtype),
                           preferred_element_type=jnp.float32)
 

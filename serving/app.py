@@ -146,7 +146,7 @@ def _render(e: errors.ApiError) -> Response:
         body = e.body()
     response = jsonify(body)
     response.status_code = e.status
-    if e.code == errors.REQUEST_TOO_LARGE:  # the rest of the body stays unread: end the connection
+    if e.close:  # the rest of the body stays unread: end the connection (serving/worker.py obeys)
         response.headers["Connection"] = "close"
     return response
 
@@ -224,8 +224,11 @@ def _install_workers_ai_routes(app: Flask) -> None:
     def upload_asset(account_id: str, finetune_id: str):
         st = state()
         record = _find_finetune(finetune_id)
-        upload = request.files.get("file")
-        file_name = request.form.get("file_name") or (upload.filename if upload else None)
+        try:
+            upload = request.files.get("file")
+            file_name = request.form.get("file_name") or (upload.filename if upload else None)
+        except OSError:  # the body stopped arriving (a read timed out)
+            raise errors.body_timeout() from None
         if upload is None or not file_name:
             raise errors.bad_input("Error: multipart fields 'file_name' and 'file' are required")
         limit = min(st.max_upload_bytes, MAX_CONFIG_BYTES) if file_name == CONFIG_NAME else st.max_upload_bytes

@@ -20,8 +20,8 @@ from serving.backend import AdapterError, BadRequest
 class ApiError(Exception):
     """An error answer: HTTP status, Workers AI code, message (always starting `AiError: `)."""
 
-    def __init__(self, status: int, code: int, message: str):
-        self.status, self.code = status, code
+    def __init__(self, status: int, code: int, message: str, *, close: bool = False):
+        self.status, self.code, self.close = status, code, close  # close: end the connection after it
         self.message = message if message.startswith("AiError: ") else f"AiError: {message}"
         super().__init__(self.message)
 
@@ -69,12 +69,14 @@ def too_many_tokens(e: InputTooLong) -> ApiError:
         f"{e.max_tokens} max_tokens (input + max_tokens at most {e.limit_total})"))
 
 
-REQUEST_TOO_LARGE = 3006
-
-
 def request_too_large(limit: int) -> ApiError:
-    """3006 / 413; the app closes the connection after it (the rest of the body is never read)."""
-    return ApiError(413, REQUEST_TOO_LARGE, f"Request is too large (the limit is {limit} bytes)")
+    """3006 / 413; the connection is closed after it (the rest of the body is never read)."""
+    return ApiError(413, 3006, f"Request is too large (the limit is {limit} bytes)", close=True)
+
+
+def body_timeout() -> ApiError:
+    """3007 / 408 for a body that stopped arriving (serving/worker.py's pacing); closes the connection."""
+    return ApiError(408, 3007, "Request timeout: the request body did not arrive in time", close=True)
 
 
 def timeout() -> ApiError:

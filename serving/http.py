@@ -37,17 +37,21 @@ def state() -> ServerState:
 
 
 def read_body(limit: int) -> bytes:
-    """The request body, at most `limit` bytes (3006 beyond), read without trusting the client."""
+    """The request body, at most `limit` bytes (3006 beyond: Content-Length is checked before a byte is
+    read, a chunked body is cut off at the limit), read without trusting the client."""
     length = request.content_length
     if length is not None and length > limit:
         raise errors.request_too_large(limit)
     stream = request.stream
     parts, size = [], 0
-    while chunk := stream.read(_READ_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise errors.request_too_large(limit)
-        parts.append(chunk)
+    try:
+        while chunk := stream.read(_READ_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise errors.request_too_large(limit)
+            parts.append(chunk)
+    except OSError:  # a read timed out (serving/worker.py paces bodies) or the client went away
+        raise errors.body_timeout() from None
     return b"".join(parts)
 
 

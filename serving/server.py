@@ -6,8 +6,15 @@ worker process would load a second copy (or fight over the device). Concurrency 
 built inside the worker after the fork (`load()` runs there, never `preload_app`), so the master
 process never imports jax or touches the device.
 
-Life cycle: the master binds the socket; the worker calls `backend_factory()`, starts the scheduler,
-builds the app, and logs one readiness line (`gemma-jax ready: ...`). On SIGTERM gunicorn stops
+Slow clients: the worker class is `serving.worker.PacedThreadWorker`, gthread with request heads and
+small bodies read in its event loop, so clients that trickle bytes hold no thread (see its docstring
+for the exact rules and RELIABILITY.md for what tests/test_slowloris.py measures).
+
+Life cycle: the master binds the socket; the worker calls `backend_factory()` (which loads the model
+and compiles every bucket: `warmup`), starts the scheduler, builds the app, and only then logs one
+readiness line (`gemma-jax ready: ...`) and starts answering; until then connections wait in the
+listen backlog. While it loads, a thread in the worker keeps telling the master it is alive, so
+`worker_timeout` bounds a stuck event loop, not a long compile. On SIGTERM gunicorn stops
 accepting, lets in-flight requests finish for `graceful_timeout` seconds, then the worker's exit
 hook stops the scheduler (`backend.stop()`) and logs `gemma-jax stopped`; the master exits 0.
 """
@@ -16,11 +23,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from serving import worker as worker_lib
 from serving.backend import Backend
 
 log = logging.getLogger("serving.server")
@@ -46,7 +55,21 @@ class _GunicornApp(BaseApplication):
         return self._make_app()
 
 
+_loading = threading.Event()  # set once the worker has built its app
+HEARTBEAT_S = 5.0
+
+
+def _post_fork(server, worker) -> None:
+    """In the new worker: tell the master it is alive while the model loads and compiles."""
+    def beat():
+        while not _loading.wait(HEARTBEAT_S):
+            worker.notify()
+
+    threading.Thread(target=beat, name="gemma-jax-loading-heartbeat", daemon=True).start()
+
+
 def _post_worker_init(worker) -> None:
+    _loading.set()
     if _worker_backend:
         backend = _worker_backend[0]
         log.info("gemma-jax ready: serving %s on http://%s (pid %d, %d threads)", backend.model_name,
@@ -82,6 +105,7 @@ def serve(
     """Serve until SIGTERM/SIGINT. `backend_factory` runs in the worker (it loads the model)."""
     configure_logging(log_level)
     app_kwargs = dict(app_kwargs or {})
+    worker_lib.LIMITS.buffered_body = int(app_kwargs.get("max_body_bytes", 1 << 20))
 
     def make_app():
         from serving.app import create_app  # noqa: PLC0415 - imported in the worker
@@ -98,10 +122,10 @@ def serve(
     options = {
         "bind": [bind_address(host, port)],
         "workers": 1,
-        "worker_class": "gthread",
+        "worker_class": worker_lib.PacedThreadWorker,
         "threads": max(1, int(threads)),
+        "worker_connections": 1000,  # open connections; slow heads beyond it are closed oldest first
         "preload_app": False,
-        # loading a large checkpoint happens before the worker's first heartbeat
         "timeout": int(worker_timeout),
         "graceful_timeout": int(graceful_timeout),
         "keepalive": 5,
@@ -109,6 +133,7 @@ def serve(
         "errorlog": "-",
         "loglevel": log_level,
         "proc_name": "gemma-jax",
+        "post_fork": _post_fork,
         "post_worker_init": _post_worker_init,
         "worker_exit": _worker_exit,
         # one shared per-user control socket would clash between servers on one machine
