@@ -9,7 +9,10 @@ The schema is Workers AI's own for `@hf/google/gemma-7b-it`, byte for byte, ship
 Two deliberate departures, both documented in serving/README.md:
 
 - JSON's grammar has no NaN/Infinity; Python's `json` accepts them and the schema's `minimum`/
-  `maximum` never reject NaN, so they are refused at parse time (invalid JSON, 5006).
+  `maximum` never reject NaN, so they are refused at parse time (invalid JSON, 5006). So are what
+  RFC 8259 leaves to the parser and a tokenizer or database could trip on later: duplicate keys (one
+  reading, not "the last wins"), strings that are not Unicode text (a lone surrogate such as
+  `"\ud800"`, which has no UTF-8 form), and nesting deeper than `MAX_DEPTH`.
 - `"raw": "true"` / `"stream": "false"` (a string where the schema says boolean) are coerced to the
   boolean before validation, because the product page's own curl example sends `"raw": "true"`.
   Only the exact strings "true" and "false" are coerced; anything else still fails the schema.
@@ -42,16 +45,48 @@ def _validator() -> jsonschema.Draft7Validator:
     return jsonschema.Draft7Validator(schema)
 
 
+MAX_DEPTH = 32  # arrays / objects inside each other; the schemas need 3
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {duplicate[:64]!r}")
+    return out
+
+
+def _check_tree(value: Any) -> None:
+    """Depth at most MAX_DEPTH and every string (key or value) encodable as UTF-8; no recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a string holds a lone surrogate (not Unicode text)") from None
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
 def parse_json(data: bytes) -> Any:
-    """Strict JSON (UTF-8, no NaN/Infinity); raises ApiError 5006 on anything else."""
+    """Strict JSON (UTF-8, no NaN/Infinity, unique keys, Unicode strings, bounded depth); raises
+    ApiError 5006 on anything else."""
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        _check_tree(value)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise errors.invalid_json(str(e) or type(e).__name__) from None
+    return value
 
 
 def coerce_compat(body: Any) -> Any:
