@@ -21,6 +21,10 @@ its input axes first (q [D, N, H], kv [D, 2, K, H], gating [D, 2, F], where Deep
 [N, D, H], [2, K, D, H], [2, D, F]), so that each is one plain [in, out] matmul, the stacked pair
 included (why: `projections.py`, where each projection's axes are declared). The Kaggle loader
 transposes once, at load time.
+
+An int8 tree (`quantize.quantize_params`) has the same paths, with each projection weight and the
+embedding a `quantize.QArray` (int8 `w` + per-output-channel `scale`); `quantized=True` gives its
+shapes, axes and shardings.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from gemma_jax import sharding
+from gemma_jax import quantize, sharding
 from gemma_jax.config import GemmaConfig
 from gemma_jax.model import CACHE_AXES, LayerCache, Transformer, init_cache
+from gemma_jax.quantize import is_quantized  # noqa: F401 - re-exported: params.is_quantized(tree)
 
 
 def get_path(tree, path):
@@ -86,22 +91,27 @@ def _abstract_boxed(config: GemmaConfig, dtype):
     return jax.eval_shape(functools.partial(_boxed_init, config, dtype), jax.random.key(0))
 
 
-def param_shapes(config: GemmaConfig, dtype=jnp.float32):
-    """Tree of jax.ShapeDtypeStruct, computed without allocating anything."""
-    return jax.tree.map(lambda b: b.value, _abstract_boxed(config, jnp.dtype(dtype)), is_leaf=_is_box)
+def param_shapes(config: GemmaConfig, dtype=jnp.float32, quantized: bool = False):
+    """Tree of jax.ShapeDtypeStruct, computed without allocating anything. quantized: the tree
+    `quantize.quantize_params` makes (int8 weights, scales in `dtype`, as `quantize.QArray`s)."""
+    shapes = jax.tree.map(lambda b: b.value, _abstract_boxed(config, jnp.dtype(dtype)), is_leaf=_is_box)
+    return quantize.quantized_shapes(shapes, config) if quantized else shapes
 
 
-def param_axes(config: GemmaConfig):
-    """Tree of logical-axis tuples, one per weight."""
-    return jax.tree.map(lambda b: tuple(b.names), _abstract_boxed(config, jnp.dtype(jnp.float32)), is_leaf=_is_box)
+def param_axes(config: GemmaConfig, quantized: bool = False):
+    """Tree of logical-axis tuples, one per weight (quantized: a QArray of the weight's axes and
+    its scale's, the scale sharded like the weight's output axes)."""
+    axes = jax.tree.map(lambda b: tuple(b.names), _abstract_boxed(config, jnp.dtype(jnp.float32)), is_leaf=_is_box)
+    return quantize.quantized_axes(axes, config) if quantized else axes
 
 
 def count_params(config: GemmaConfig) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(config)))
 
 
-def param_shardings(config: GemmaConfig, mesh: Mesh):
-    return sharding.tree_shardings(param_axes(config), param_shapes(config), mesh)
+def param_shardings(config: GemmaConfig, mesh: Mesh, quantized: bool = False):
+    """NamedShardings of the parameter tree (quantized: of the `quantize_params` tree)."""
+    return sharding.tree_shardings(param_axes(config, quantized), param_shapes(config, quantized=quantized), mesh)
 
 
 def init_params(config: GemmaConfig, key: jax.Array, dtype=jnp.float32, mesh: Mesh | None = None):

@@ -237,9 +237,9 @@ class Engine:
         self._bank_lock = threading.Lock()  # bank updates (donated) vs dispatches that read it
 
     def _place_params(self, params):
-        shardings = params_lib.param_shardings(self.config, self.mesh)
+        shardings = params_lib.param_shardings(self.config, self.mesh, quantized=params_lib.is_quantized(params))
         if jax.tree.structure(shardings) != jax.tree.structure(params):
-            return params  # a tree the core does not know (e.g. quantized): the caller placed it
+            return params  # a tree the core does not know: the caller placed it
         return jax.device_put(params, shardings)
 
     def _jit_device_functions(self) -> None:
