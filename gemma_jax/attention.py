@@ -1,0 +1,187 @@
+"""Attention kernels: one new token per row against its KV cache (decode), and whole prompts (prefill).
+
+    decode_attention(q [B, N, H], k [B, K, S, H], v [B, K, S, H], lengths [B], *,
+                     window, scale, softcap, impl) -> [B, N, H]
+    prefill_attention(q [B, T, N, H], k [B, T, K, H], v [B, T, K, H], *,
+                      window, scale, softcap, impl) -> [B, T, N, H]
+
+Shape letters as in `projections.py` (K is kv heads; G = N // K query heads per kv head).
+
+Decode reads each row's own keys in place. Row b attends cache positions [start_b, lengths[b]) with
+start_b = max(0, lengths[b] - window) on sliding-window layers (else 0); lengths counts the current
+token, already written. A row with length 0 is idle: its output is zeros, and it costs nothing.
+Two implementations, equal to the masked softmax within float tolerance:
+
+- "xla" (CPU, TPU, fallback): an online softmax over blocks of `block` positions in a
+  `lax.fori_loop` whose bounds are computed on the device: from the first block any live row needs
+  to the last (the batch's longest live row). Each block is read with `lax.dynamic_slice`, so no
+  [B, K, span, H] copy of the cache is made and nothing is compiled per context length. Where XLA
+  fuses a slice into its consumer (TPU dots, GPU reductions) the block is read in place; XLA:CPU
+  fuses no slice into a dot, so there each block is materialised once as the dot's operand (a
+  [B, K, block, H] temporary; see BENCHMARKS.md, "Issue 9 proofs").
+- "pallas_gpu": JAX's Triton decode kernel (`jax.experimental.pallas.ops.gpu.decode_attention`,
+  `decode_attn_unbatched`) mapped over (B, K) on our [B, K, S, H] layout as it is (no transpose),
+  with start_idx = start_b and kv_seq_len = lengths[b]: each program loops only over its row's
+  blocks. It needs S to split into
+  power-of-two blocks (`pallas_fits`), no softcap, and no mesh (not wrapped in shard_map).
+  "pallas_interpret" is the same kernel in Pallas interpret mode: it runs on the CPU (tests).
+
+Prefill uses `jax.nn.dot_product_attention`, causal by *index* (each row's real tokens at
+positions 0, 1, ..., padding after them), with `local_window_size` on sliding-window layers; with
+impl "pallas_gpu" it asks for cuDNN's flash attention (causal blocks skipped, no [T, T] scores in
+memory), falling back to XLA where cuDNN refuses the call (dtype, head size, version). A softcap
+(which neither supports) uses the plain masked einsum.
+
+`default_impl()` is the explicit automatic choice: "pallas_gpu" on a GPU backend, else "xla".
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("xla", "pallas_gpu", "pallas_interpret")
+DEFAULT_BLOCK = 256  # positions per block of the XLA decode loop
+_NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+def default_impl(backend: str | None = None) -> str:
+    """The implementation `Engine` picks unless told: "pallas_gpu" on a GPU backend, else "xla"."""
+    return "pallas_gpu" if (backend or jax.default_backend()) == "gpu" else "xla"
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, not {impl!r}")
+
+
+# -- decode ----------------------------------------------------------------------------------------
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, window: int | None = None,
+                     scale: float, softcap: float | None = None, impl: str = "xla",
+                     block: int = DEFAULT_BLOCK) -> jax.Array:
+    """One query per row against that row's cache: q [B, N, H], k/v [B, K, S, H], lengths [B] int32
+    (valid positions, the current token included; 0 = idle row) -> [B, N, H] in q's dtype.
+
+    window: sliding-window size (a row attends its last `window` positions) or None. scale: the query
+    scale. softcap: tanh cap of the logits or None. impl: one of IMPLS (see the module docstring);
+    block: the XLA loop's block."""
+    _check_impl(impl)
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads do not group over {k.shape[1]} kv heads")
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, k.shape[2])
+    starts = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
+    if impl != "xla":
+        if softcap:
+            raise ValueError("the Pallas decode kernel has no logit softcap: use impl='xla'")
+        return _decode_pallas(q, k, v, starts, lengths, scale, interpret=impl == "pallas_interpret")
+    return _decode_xla(q, k, v, starts, lengths, scale, softcap, min(block, k.shape[2]))
+
+
+def _decode_xla(q, k, v, starts, lengths, scale, softcap, block):
+    b, n, h = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    qg = q.reshape(b, kv_heads, g, h)
+    live = lengths > 0
+    first = jnp.min(jnp.where(live, starts, s)) // block  # no live row: first >= last, no iteration
+    last = (jnp.max(jnp.where(live, lengths, 0)) + block - 1) // block
+
+    def body(i, carry):
+        m, l, acc = carry  # running max [B, K, G], denominator [B, K, G], numerator [B, K, G, H]
+        at = jnp.minimum(i * block, s - block)  # the last block may overlap the one before it
+        kb = lax.dynamic_slice_in_dim(k, at, block, axis=2)  # [B, K, block, H]
+        vb = lax.dynamic_slice_in_dim(v, at, block, axis=2)
+        pos = at + jnp.arange(block)
+        valid = (pos >= i * block)[None] & (pos >= starts[:, None]) & (pos < lengths[:, None])  # [B, block]
+        valid = valid[:, None, None]  # [B, 1, 1, block]
+        logits = jnp.einsum("BKGH,BKSH->BKGS", qg, kb.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+        if softcap:
+            logits = jnp.tanh(logits / softcap) * softcap
+        logits = jnp.where(valid, logits, _NEG_INF)
+        m_next = jnp.maximum(m, logits.max(axis=-1))
+        p = jnp.where(valid, jnp.exp(logits - m_next[..., None]), 0.0)  # a fully masked block adds 0
+        correction = jnp.exp(m - m_next)
+        pv = jnp.einsum("BKGS,BKSH->BKGH", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        return m_next, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv
+
+    init = (jnp.full((b, kv_heads, g), _NEG_INF, jnp.float32), jnp.zeros((b, kv_heads, g), jnp.float32),
+            jnp.zeros((b, kv_heads, g, h), jnp.float32))
+    with jax.named_scope("decode_attention"):
+        _, l, acc = lax.fori_loop(first, last, body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # idle rows: 0
+    return out.reshape(b, n, h).astype(q.dtype)
+
+
+def pallas_fits(max_len: int) -> bool:
+    """Whether the Pallas decode kernel can split a cache of `max_len` positions (power-of-two blocks)."""
+    return _pallas_split(max_len) is not None
+
+
+def _pallas_split(s: int, block_k: int = 128, most_splits: int = 16) -> tuple[int, int] | None:
+    """(k_splits, block_k) for a cache of s positions: s = k_splits x split, split a multiple of a
+    power-of-two block_k >= 16 (Triton's tiles), or None."""
+    for splits in range(most_splits, 0, -1):
+        if s % splits:
+            continue
+        split = s // splits
+        blk = min(block_k, split)
+        if split >= 16 and blk & (blk - 1) == 0 and split % blk == 0:
+            return splits, blk
+    return None
+
+
+def _decode_pallas(q, k, v, starts, lengths, scale, interpret):
+    from jax.experimental.pallas.ops.gpu import decode_attention as kernels
+
+    b, n, h = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    split = _pallas_split(s)
+    if split is None:
+        raise ValueError(f"the Pallas decode kernel cannot split a cache of {s} positions into power-of-two blocks")
+    k_splits, block_k = split
+    options = dict(sm_scale=scale, block_h=16, block_k=block_k, k_splits=k_splits, num_warps=None, num_stages=2,
+                   grid=None, interpret=interpret, debug=False, return_residuals=False, normalize_output=True)
+    accepted = inspect.signature(kernels.decode_attn_unbatched).parameters  # normalize_output is newer
+    kernel = functools.partial(kernels.decode_attn_unbatched, **{key: val for key, val in options.items() if key in accepted})
+    start_idx = jnp.broadcast_to(starts[:, None], (b, kv_heads))  # [B, K]: one program per (row, kv head)
+    kv_len = jnp.broadcast_to(lengths[:, None], (b, kv_heads))
+    # [B, K] programs of q [G, H] against k, v [S, H]: the kernel's own layout, cut from ours with no copy.
+    out = jax.vmap(jax.vmap(kernel))(q.reshape(b, kv_heads, n // kv_heads, h), k.astype(q.dtype), v.astype(q.dtype),
+                                     start_idx, kv_len)
+    return out.reshape(b, n, h).astype(q.dtype)
+
+
+# -- prefill ---------------------------------------------------------------------------------------
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int | None = None, scale: float,
+                      softcap: float | None = None, impl: str = "xla") -> jax.Array:
+    """Causal self-attention of whole prompts: q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H].
+
+    Causal by index: token t attends tokens j <= t (and j > t - window with a window), so each row's
+    real tokens must sit at positions 0..len-1 with any padding after them (whose outputs are junk)."""
+    _check_impl(impl)
+    if softcap:
+        return _prefill_einsum(q, k, v, window, scale, softcap)
+    kw = dict(scale=scale, is_causal=True, local_window_size=None if window is None else (window - 1, 0))
+    if impl == "pallas_gpu":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kw)
+        except (NotImplementedError, RuntimeError, ValueError, TypeError):
+            pass  # cuDNN refuses this call (dtype, head size, version): XLA below
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla", **kw)
+
+
+def _prefill_einsum(q, k, v, window, scale, softcap):
+    """The plain masked softmax (materialises [B, K, G, T, T] logits): only for a softcap."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.tanh(logits / softcap) * softcap
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    mask = (j <= i) if window is None else (j <= i) & (j > i - window)
+    probs = jax.nn.softmax(jnp.where(mask, logits, _NEG_INF), axis=-1).astype(v.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h).astype(q.dtype)

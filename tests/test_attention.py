@@ -1,0 +1,170 @@
+"""gemma_jax.attention against numpy by hand: decode (XLA loop and the Pallas GPU kernel in interpret
+mode) and prefill (jax.nn.dot_product_attention), over MHA / GQA / MQA, sliding windows, rows of
+different lengths and idle rows; and the Pallas decode lowered for CUDA (no GPU needed) takes the
+cache whole, with no slice or copy of it outside the kernel."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_jax import attention
+
+
+def _np_attention(q, k, v, allowed, scale, softcap=None):
+    """q [N, H] against k, v [S, H] over the positions in `allowed` [S] (numpy, float64)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    if not allowed.any():
+        return np.zeros_like(q)
+    logits = q @ k[allowed].T * scale  # [N, L]
+    if softcap:
+        logits = np.tanh(logits / softcap) * softcap
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v[allowed]
+
+
+def np_decode(q, k, v, lengths, window, scale, softcap=None):
+    b, n, h = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    out = np.zeros((b, n, h))
+    pos = np.arange(s)
+    for row in range(b):
+        start = 0 if window is None else max(0, lengths[row] - window)
+        allowed = (pos >= start) & (pos < lengths[row])
+        for head in range(n):
+            kh = head // g
+            out[row, head] = _np_attention(q[row, head][None], k[row, kh], v[row, kh], allowed, scale, softcap)[0]
+    return out
+
+
+def _inputs(b, n, kv_heads, s, h, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, n, h)).astype(np.float32)
+    k = rng.standard_normal((b, kv_heads, s, h)).astype(np.float32)
+    v = rng.standard_normal((b, kv_heads, s, h)).astype(np.float32)
+    return q, k, v, (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype))
+
+
+# heads (N, K): MHA, GQA, MQA; lengths include an idle row (0), a full row (S) and a short one.
+CASES = [(4, 4), (4, 2), (4, 1)]
+
+
+@pytest.mark.parametrize("heads", CASES, ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("window", [None, 24], ids=["global", "window24"])
+@pytest.mark.parametrize("block", [16, 32, 256], ids=["block16", "block32-overlap", "block>S"])
+def test_xla_decode_equals_numpy(heads, window, block):
+    n, kv_heads = heads
+    s = 80  # not a multiple of 32: the last block overlaps the one before it
+    q, k, v, (jq, jk, jv) = _inputs(5, n, kv_heads, s, 8, seed=n + kv_heads)
+    lengths = np.asarray([1, 37, 0, 80, 53], np.int32)
+    fn = jax.jit(lambda *a: attention.decode_attention(*a, window=window, scale=0.3, impl="xla", block=block))
+    got = np.asarray(fn(jq, jk, jv, jnp.asarray(lengths)))
+    np.testing.assert_allclose(got, np_decode(q, k, v, lengths, window, 0.3), rtol=2e-5, atol=2e-5)
+    assert np.all(got[2] == 0)  # the idle row
+
+
+def test_xla_decode_softcap_and_bfloat16():
+    q, k, v, (jq, jk, jv) = _inputs(3, 4, 2, 64, 16, seed=3)
+    lengths = np.asarray([64, 5, 30], np.int32)
+    got = attention.decode_attention(jq, jk, jv, jnp.asarray(lengths), scale=0.5, softcap=5.0, block=16)
+    np.testing.assert_allclose(np.asarray(got), np_decode(q, k, v, lengths, None, 0.5, 5.0), rtol=2e-5, atol=2e-5)
+    _, _, _, (bq, bk, bv) = _inputs(3, 4, 2, 64, 16, seed=3, dtype=jnp.bfloat16)
+    want = np_decode(*(np.asarray(x.astype(jnp.float32)) for x in (bq, bk, bv)), lengths, 16, 0.5)
+    got = attention.decode_attention(bq, bk, bv, jnp.asarray(lengths), window=16, scale=0.5, block=16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=2e-2, atol=2e-2)
+
+
+def test_xla_decode_loop_runs_only_over_live_blocks():
+    """Positions past every live row's length are never read: NaN there changes nothing."""
+    q, k, v, (jq, jk, jv) = _inputs(3, 2, 1, 128, 8, seed=4)
+    lengths = np.asarray([20, 0, 33], np.int32)
+    poisoned_k, poisoned_v = jk.at[:, :, 48:].set(jnp.nan), jv.at[:, :, 48:].set(jnp.nan)
+    got = attention.decode_attention(jq, poisoned_k, poisoned_v, jnp.asarray(lengths), scale=1.0, block=16)
+    np.testing.assert_allclose(np.asarray(got), np_decode(q, k, v, lengths, None, 1.0), rtol=2e-5, atol=2e-5)
+    # and with a window, the blocks before every live row's window are skipped too
+    poisoned_k, poisoned_v = poisoned_k.at[:, :, :16].set(jnp.nan), poisoned_v.at[:, :, :16].set(jnp.nan)
+    got = attention.decode_attention(jq, poisoned_k, poisoned_v, jnp.asarray(lengths), window=4, scale=1.0, block=16)
+    np.testing.assert_allclose(np.asarray(got), np_decode(q, k, v, lengths, 4, 1.0), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("heads,window", [((4, 2), None), ((4, 1), 24), ((2, 2), 7)], ids=["gqa", "mqa-window", "mha-window"])
+def test_pallas_gpu_kernel_in_interpret_mode_equals_numpy(heads, window):
+    n, kv_heads = heads
+    q, k, v, (jq, jk, jv) = _inputs(4, n, kv_heads, 64, 16, seed=7)
+    lengths = np.asarray([64, 0, 9, 40], np.int32)
+    got = attention.decode_attention(jq, jk, jv, jnp.asarray(lengths), window=window, scale=0.25,
+                                     impl="pallas_interpret")
+    np.testing.assert_allclose(np.asarray(got), np_decode(q, k, v, lengths, window, 0.25), rtol=1e-4, atol=1e-4)
+    assert np.all(np.asarray(got)[1] == 0)  # idle row: every split skipped, zeros (not NaN)
+
+
+def test_pallas_split_rule():
+    assert attention._pallas_split(2048) == (16, 128)
+    assert attention._pallas_split(64) == (4, 16)
+    assert attention._pallas_split(1536) == (12, 128)
+    assert not attention.pallas_fits(100) and not attention.pallas_fits(8)
+    with pytest.raises(ValueError):
+        attention.decode_attention(jnp.ones((1, 2, 8)), jnp.ones((1, 1, 100, 8)), jnp.ones((1, 1, 100, 8)),
+                                   jnp.ones((1,), jnp.int32), scale=1.0, impl="pallas_interpret")
+
+
+def test_pallas_decode_lowered_for_cuda_reads_the_cache_only_inside_the_kernel():
+    """jax.export lowers the GPU path on this CPU: the Triton kernel is the only consumer of the
+    cache, reached through reshapes (views), with no slice, gather, transpose or copy before it."""
+    b, n, kv_heads, s, h = 4, 8, 2, 512, 64
+    args = [jax.ShapeDtypeStruct((b, n, h), jnp.bfloat16), jax.ShapeDtypeStruct((b, kv_heads, s, h), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, kv_heads, s, h), jnp.bfloat16), jax.ShapeDtypeStruct((b,), jnp.int32)]
+    fn = jax.jit(lambda q, k, v, lengths: attention.decode_attention(q, k, v, lengths, window=128, scale=0.125,
+                                                                     impl="pallas_gpu"))
+    exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    text = exported.mlir_module()
+    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
+    ops = set(re.findall(r"stablehlo\.([a-z_]+)", text))
+    assert not ops & {"slice", "dynamic_slice", "gather", "transpose", "copy", "concatenate", "pad"}, ops
+    body = [line for line in text.splitlines() if "func.func" not in line]
+    cache_type = f"tensor<{b}x{kv_heads}x{s}x{h}x"
+    uses = [line for line in body if re.search(r"%arg[12]\b", line) and cache_type in line]  # main's k and v
+    assert len(uses) == 2 and all("stablehlo.reshape" in line for line in uses), uses
+    views = [re.match(r"\s*(%\w+)", line).group(1) for line in uses]
+    assert all(any(f"{v}," in ln or f"{v})" in ln for ln in body if "custom_call" in ln) for v in views)
+
+
+# -- prefill ---------------------------------------------------------------------------------------
+def np_prefill(q, k, v, window, scale, softcap=None):
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    out = np.zeros((b, t, n, h))
+    pos = np.arange(t)
+    for row in range(b):
+        for i in range(t):
+            allowed = (pos <= i) if window is None else (pos <= i) & (pos > i - window)
+            for head in range(n):
+                kh = head // (n // kv_heads)
+                out[row, i, head] = _np_attention(q[row, i, head][None], k[row, :, kh], v[row, :, kh], allowed,
+                                                  scale, softcap)[0]
+    return out
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])  # on a CPU, pallas_gpu's cuDNN request falls back to XLA
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 4.0), (5, 4.0)])
+def test_prefill_equals_numpy(impl, window, softcap):
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((2, 12, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 12, 2, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 12, 2, 8)).astype(np.float32)
+    got = attention.prefill_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), window=window, scale=0.4,
+                                      softcap=softcap, impl=impl)
+    np.testing.assert_allclose(np.asarray(got), np_prefill(q, k, v, window, 0.4, softcap), rtol=2e-5, atol=2e-5)
+
+
+def test_default_impl_is_explicit():
+    assert attention.default_impl("gpu") == "pallas_gpu"
+    assert attention.default_impl("cpu") == "xla" and attention.default_impl("tpu") == "xla"
+    with pytest.raises(ValueError):
+        attention.decode_attention(jnp.ones((1, 2, 8)), jnp.ones((1, 1, 16, 8)), jnp.ones((1, 1, 16, 8)),
+                                   jnp.ones((1,), jnp.int32), scale=1.0, impl="cuda")
