@@ -1,6 +1,6 @@
 """The `gemma-jax` command: one argparse subcommand per job.
 
-    gemma-jax generate "prompt" [--max-tokens N] [--raw] [--checkpoint DIR|FILE.gguf]
+    gemma-jax generate "prompt" [--max-tokens N] [--raw] [--checkpoint DIR|FILE.gguf] [--quantize int8]
     gemma-jax convert ...      (weights in other formats -> our native checkpoint)
     gemma-jax serve ...        (the Workers AI compatible HTTP server)
 
@@ -30,15 +30,17 @@ def _add_generate(subparsers) -> None:
                    help="a native checkpoint directory (gemma-jax convert) or a .gguf file; default: embedded model")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and activation dtype (default float32)")
+    p.add_argument("--quantize", choices=("int8",),
+                   help="int8: quantize the weights at load (int8 weight-only, per-channel scales; --dtype computes)")
     p.set_defaults(func=_run_generate)
 
 
-def load_model(checkpoint: str | None, dtype):
+def load_model(checkpoint: str | None, dtype, quantize: str | None = None):
     """(config, params, tokenizer) from a native checkpoint, a GGUF file, or the embedded model."""
     from gemma_jax.weights.load import load_parts
 
     try:
-        return load_parts(checkpoint, dtype)
+        return load_parts(checkpoint, dtype, quantize)
     except ValueError as error:
         raise SystemExit(f"gemma-jax: {error}") from None
 
@@ -52,7 +54,7 @@ def _run_generate(args) -> int:
 
     if args.max_tokens < 1:
         raise SystemExit("gemma-jax: --max-tokens must be at least 1")
-    config, params, tokenizer = load_model(args.checkpoint, jnp.dtype(args.dtype))
+    config, params, tokenizer = load_model(args.checkpoint, jnp.dtype(args.dtype), args.quantize)
     model = Model(config, params, tokenizer, engine_options={"slots": 1})
     try:
         for piece in stream(model, args.prompt, max_tokens=args.max_tokens, chat=not args.raw, temperature=0.0):

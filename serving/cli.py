@@ -68,6 +68,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--log-level", default=_env("LOG_LEVEL", "info"), help="[GEMMA_JAX_LOG_LEVEL] (default info)")
     a("--dtype", choices=("float32", "bfloat16"), default=_env("DTYPE", "float32"),
       help="parameter / activation dtype [GEMMA_JAX_DTYPE] (default float32; bfloat16 on accelerators)")
+    a("--quantize", choices=("int8",), default=_env("QUANTIZE") or None,
+      help="int8: quantize the weights at load, int8 weight-only with per-channel scales, computing in "
+           "--dtype [GEMMA_JAX_QUANTIZE] (default: the weights as loaded)")
     a("--lora-slots", type=int, default=int(_env("LORA_SLOTS", "8")),
       help="LoRA adapters held on device at once, mixed per batch row [GEMMA_JAX_LORA_SLOTS] (default 8; 0 = no LoRA)")
     a("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", "32")),

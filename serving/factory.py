@@ -36,6 +36,7 @@ def load_model(args: argparse.Namespace):
     from gemma_jax.weights.load import load_parts
 
     dtype = jnp.dtype(args.dtype)
+    quantize = getattr(args, "quantize", None)
     if args.random_weights:
         from gemma_jax.params import init_params
 
@@ -48,8 +49,13 @@ def load_model(args: argparse.Namespace):
         config = config.replace(vocab_size=max(config.vocab_size, tokenizer.vocab_size),
                                 start_of_turn_id=tokenizer.start_of_turn_id, end_of_turn_id=tokenizer.end_of_turn_id)
         # unsafe_rbg: random init compiles and runs several times faster than threefry on CPU.
-        return config, init_params(config, jax.random.key(0, impl="unsafe_rbg"), dtype), tokenizer
-    return load_parts(args.checkpoint, dtype)  # a checkpoint dir, a .gguf, or (None) the embedded model
+        params = init_params(config, jax.random.key(0, impl="unsafe_rbg"), dtype)
+        if quantize:
+            from gemma_jax.quantize import quantize_params
+
+            params = quantize_params(params, config, dtype, method=quantize)
+        return config, params, tokenizer
+    return load_parts(args.checkpoint, dtype, quantize)  # a checkpoint dir, a .gguf, or (None) the embedded model
 
 
 def build_backend(args: argparse.Namespace) -> Backend:

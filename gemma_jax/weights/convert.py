@@ -1,11 +1,13 @@
 """`gemma-jax convert`: HF safetensors, Kaggle/DeepMind Flax or GGUF weights -> our native checkpoint.
 
     gemma-jax convert --from {hf,kaggle,gguf} SRC OUT [--dtype bfloat16|float32] [--variant 2b|7b]
+                      [--quantize int8]
 
 Converting once means every later start is one orbax restore straight into the device sharding
 (`weights/native.py`), whatever the weights came as. The tokenizer travels with the weights:
 `tokenizer.model` from the HF directory, from beside the Kaggle checkpoint, or rebuilt from a GGUF's
-own vocabulary. The output always carries a NOTICE (Gemma's weights are under the Gemma Terms of
+own vocabulary. `--quantize int8` writes the int8 weight-only tree (`gemma_jax/quantize.py`; the
+scales in --dtype, the compute dtype), which config.json records. The output always carries a NOTICE (Gemma's weights are under the Gemma Terms of
 Use, which a redistribution must pass on, and a converted copy is a modified file).
 
 This module imports no JAX at import time, so `gemma-jax --help` stays instant.
@@ -18,17 +20,19 @@ import os
 import sys
 
 FORMATS = ("hf", "kaggle", "gguf")
+QUANTIZE = ("int8",)  # gemma_jax.quantize.METHODS, without importing JAX here
 
 GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 
 
-def notice_for(source_format: str, src: str) -> str:
+def notice_for(source_format: str, src: str, quantize: str | None = None) -> str:
     """The NOTICE written with a converted checkpoint."""
     return (f"{GEMMA_NOTICE}\n\n"
             f"Modified files: converted by gemma-jax from the {source_format} checkpoint "
             f"{os.path.basename(os.path.normpath(src))} (tensors re-laid out for named-dimension einsums"
             f"{', vocabulary padding removed' if source_format == 'kaggle' else ''}"
-            f"{', dequantized, norm weights without the +1' if source_format == 'gguf' else ''}).\n")
+            f"{', dequantized, norm weights without the +1' if source_format == 'gguf' else ''}"
+            f"{', projections and embedding quantized to int8 with per-channel scales' if quantize else ''}).\n")
 
 
 def load_source(source_format: str, src: str, dtype, variant: str | None = None):
@@ -61,8 +65,10 @@ def load_source(source_format: str, src: str, dtype, variant: str | None = None)
 
 
 def convert(source_format: str, src: str | os.PathLike, out: str | os.PathLike, dtype="bfloat16",
-            variant: str | None = None, overwrite: bool = False, notice: str | None = None) -> str:
-    """Convert `src` into a native checkpoint at `out`. Returns the absolute output path."""
+            variant: str | None = None, overwrite: bool = False, notice: str | None = None,
+            quantize: str | None = None) -> str:
+    """Convert `src` into a native checkpoint at `out`. Returns the absolute output path.
+    quantize: None, or "int8" to save the int8 weight-only tree (scales in `dtype`)."""
     src = os.fspath(src)
     if variant is not None and source_format != "kaggle":
         raise ValueError("--variant only applies to --from kaggle (HF and GGUF files carry their config)")
@@ -72,14 +78,20 @@ def convert(source_format: str, src: str | os.PathLike, out: str | os.PathLike, 
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
     if not os.path.exists(src):
         raise FileNotFoundError(f"{src} does not exist")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"--quantize must be one of {QUANTIZE}, not {quantize!r}")
 
     import jax.numpy as jnp
 
     from gemma_jax.weights import native
 
     config, params, tokenizer = load_source(source_format, src, jnp.dtype(dtype), variant)
+    if quantize is not None:
+        from gemma_jax.quantize import quantize_params
+
+        params = quantize_params(params, config, jnp.dtype(dtype), method=quantize)
     return native.save_checkpoint(out, config, params, tokenizer,
-                                  notice if notice is not None else notice_for(source_format, src),
+                                  notice if notice is not None else notice_for(source_format, src, quantize),
                                   overwrite=overwrite)
 
 
@@ -105,6 +117,9 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
                    help="dtype of the saved parameters (default bfloat16)")
     p.add_argument("--variant", choices=("2b", "7b"),
                    help="model size of a Kaggle checkpoint (required with --from kaggle)")
+    p.add_argument("--quantize", choices=QUANTIZE,
+                   help="int8: save int8 weight-only weights (per-output-channel scales in --dtype, the "
+                        "compute dtype); projections and embedding take 1 byte per weight")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (once the new one is complete)")
     p.add_argument("--notice", metavar="FILE", help="write this file as NOTICE instead of the default Gemma notice")
     p.set_defaults(func=run_convert)
@@ -117,7 +132,8 @@ def run_convert(args) -> int:
         with open(args.notice, encoding="utf-8") as f:
             notice = f.read()
     try:
-        path = convert(args.source_format, args.src, args.out, args.dtype, args.variant, args.overwrite, notice)
+        path = convert(args.source_format, args.src, args.out, args.dtype, args.variant, args.overwrite, notice,
+                       args.quantize)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"gemma-jax convert: {e}") from None
     print(f"gemma-jax: wrote {path}", file=sys.stderr)

@@ -1,8 +1,10 @@
 """Our native checkpoint format: a directory that restores straight onto a device mesh.
 
-    <dir>/config.json       {"format_version": 1, "config": config_to_dict(config)}: nothing is
-                            guessed on load (not an HF config.json: no "model_type")
-    <dir>/params/           an orbax checkpoint of the parameter tree (see `params.py`)
+    <dir>/config.json       {"format_version": 1, "config": config_to_dict(config)} and, for an int8
+                            tree, "quantization": "int8": nothing is guessed on load (not an HF
+                            config.json: no "model_type")
+    <dir>/params/           an orbax checkpoint of the parameter tree (see `params.py`); a quantized
+                            weight (`quantize.QArray`) is stored as its two arrays, "w" and "scale"
     <dir>/tokenizer.model   optional: the serialized sentencepiece ModelProto
     <dir>/NOTICE            optional: the weights' terms of use, passed on with them
 
@@ -31,6 +33,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from gemma_jax import params as P
+from gemma_jax import quantize as Q
 from gemma_jax.config import GemmaConfig, Limits
 
 CONFIG_FILE = "config.json"
@@ -68,14 +71,17 @@ def save_checkpoint(directory: str | os.PathLike, config: GemmaConfig, params,
                     *, overwrite: bool = False) -> str:
     """Write `params` (any placement: host, one device or sharded) as a native checkpoint.
 
-    Arrays are saved in the dtype they have. Raises FileExistsError if `directory` exists and not
+    Arrays are saved in the dtype they have; a quantized tree (`quantize.quantize_params`) is saved
+    as such, and config.json records "quantization": "int8". Raises FileExistsError if `directory` exists and not
     `overwrite`; with `overwrite` the old checkpoint is replaced only once the new one is complete.
     Returns the absolute path written.
     """
     target = os.path.abspath(os.fspath(directory))
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} exists (pass overwrite=True to replace it)")
-    _check_tree(config, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+    quantization = "int8" if P.is_quantized(params) else None
+    _check_tree(config, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), Q.as_dicts(params)),
+                quantization)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=parent)
@@ -85,7 +91,10 @@ def save_checkpoint(directory: str | os.PathLike, config: GemmaConfig, params,
             ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
             ckptr.wait_until_finished()
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump({"format_version": FORMAT_VERSION, "config": config_to_dict(config)}, f, indent=2)
+            meta = {"format_version": FORMAT_VERSION, "config": config_to_dict(config)}
+            if quantization:
+                meta["quantization"] = quantization
+            json.dump(meta, f, indent=2)
         if tokenizer_model_bytes is not None:
             with open(os.path.join(tmp, TOKENIZER_FILE), "wb") as f:
                 f.write(tokenizer_model_bytes)
@@ -107,12 +116,24 @@ def save_checkpoint(directory: str | os.PathLike, config: GemmaConfig, params,
 
 # --- load ----------------------------------------------------------------------------------------
 def read_config(directory: str | os.PathLike) -> GemmaConfig:
+    return _read_meta(directory)[0]
+
+
+def read_quantization(directory: str | os.PathLike) -> str | None:
+    """A checkpoint's quantization: "int8" for a quantized tree, None for a float one."""
+    return _read_meta(directory)[1]
+
+
+def _read_meta(directory) -> tuple[GemmaConfig, str | None]:
     with open(os.path.join(os.fspath(directory), CONFIG_FILE)) as f:
         data = json.load(f)
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{directory}: checkpoint format_version {version!r}, this code reads {FORMAT_VERSION}")
-    return config_from_dict(data["config"])
+    quantization = data.get("quantization")
+    if quantization not in (None, *Q.METHODS):
+        raise ValueError(f"{directory}: unknown quantization {quantization!r}")
+    return config_from_dict(data["config"]), quantization
 
 
 def is_native_checkpoint(directory: str | os.PathLike) -> bool:
@@ -124,23 +145,30 @@ def is_native_checkpoint(directory: str | os.PathLike) -> bool:
 def load_checkpoint(directory: str | os.PathLike, dtype=None, mesh: Mesh | None = None):
     """Restore a native checkpoint -> (config, params, tokenizer_model_bytes | None).
 
-    dtype: None keeps each array's saved dtype; otherwise every array is restored (cast) to it.
+    dtype: None keeps each array's saved dtype; otherwise every float array is restored (cast) to
+    it (a quantized checkpoint keeps its int8 weights; their scales, the compute dtype, take `dtype`).
     mesh: None puts everything on the first local device; otherwise each array is restored straight
     into its `param_shardings` placement, each device reading only its own shard.
+    A quantized checkpoint restores as the quantized tree (`quantize.QArray` weights).
     """
     directory = os.path.abspath(os.fspath(directory))
-    config = read_config(directory)
+    config, quantization = _read_meta(directory)
     params_dir = os.path.join(directory, PARAMS_DIR)
     saved = _saved_shapes(params_dir)
-    _check_tree(config, saved)
+    _check_tree(config, saved, quantization)
+    if quantization:
+        saved = Q.from_dicts(saved, config)
     if mesh is None:
         device = SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, saved)
     else:
-        shardings = P.param_shardings(config, mesh)
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype) if dtype is not None else s.dtype, sharding=sh),
-        saved, shardings)
+        shardings = P.param_shardings(config, mesh, quantized=bool(quantization))
+
+    def target(s, sh):
+        keep = dtype is None or s.dtype == jnp.int8  # int8 weights are never cast
+        return jax.ShapeDtypeStruct(s.shape, s.dtype if keep else jnp.dtype(dtype), sharding=sh)
+
+    abstract = jax.tree.map(target, saved, shardings)
     print(f"gemma-jax: restoring {directory}", file=sys.stderr, flush=True)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(params_dir, abstract)
@@ -162,9 +190,11 @@ def _saved_shapes(params_dir: str):
                         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
 
-def _check_tree(config: GemmaConfig, tree) -> None:
-    """Raise ValueError unless `tree` has exactly the names and shapes `config` declares."""
-    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(P.param_shapes(config))}
+def _check_tree(config: GemmaConfig, tree, quantization: str | None = None) -> None:
+    """Raise ValueError unless `tree` (QArrays as dicts) has exactly the names and shapes `config`
+    declares (quantized: the int8 tree's, with its "w" and "scale")."""
+    expected = Q.as_dicts(P.param_shapes(config, quantized=bool(quantization)))
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
     problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
     problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
