@@ -32,7 +32,7 @@ import tempfile
 
 from flask import Flask, Request, Response, g, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from serving import errors, openapi, sse, validation
 from serving.adapter_files import CONFIG_NAME, MAX_CONFIG_BYTES
@@ -158,6 +158,8 @@ def _install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
+        if isinstance(e, ClientDisconnected):  # the body stopped (read timeout) or ended early
+            return _render(errors.body_timeout())
         if e.code == 404:
             return _render(errors.not_found())
         if e.code == 405:
