@@ -81,46 +81,53 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
-def lora_delta(lora, target: str, x: jax.Array, eqn_in: str, eqn_out: str) -> jax.Array | None:
-    """Per-row LoRA delta (x A[ids]) B[ids] * scale[ids], or None when the bank lacks `target`.
+def lora_delta(lora, target: str, x: jax.Array) -> jax.Array | None:
+    """Per-row LoRA delta (x A[id]) B[id] * scale[id] of `target`, or None when the bank lacks it.
 
-    lora: None, or (bank layer, ids [B]) where the bank layer maps a target name ("q_proj", ...) to
-    weights with a [A, *in, R], b [A, R, *out], scale [A] (see `lora.AdapterBank`; A adapter slots).
-    eqn_in contracts x with one row's A (e.g. "BTD,BDR->BTR"), eqn_out the result with one row's B
-    ("BTR,BRD->BTD"); both come from `projections.Target.lora_equations`. Slot 0 of a bank is zeros,
-    so rows with id 0 get exactly +0.
+    x: [B, T, *in]; returns [B, T, *out]. lora: None, or (bank layer, ids [B] int32) where the bank
+    layer maps a target name ("q_proj", ...) to one `lora.BankWeights` per rank bucket (a [A, *in, R],
+    b [A, R, *out], scale [A]; A slots, slot 0 zeros) and id k * (A - 1) + s names bucket k's slot s
+    (`lora.AdapterBank`); id 0 is no adapter in every bucket and adds exactly +0.
 
     Given a bank, the delta is always computed: a caller whose batch has no adapter at all passes
     lora=None instead (the engine compiles that variant separately), so base-model traffic never
-    reads the bank. Two ways to apply it, chosen statically by what reads less memory per step
-    (decode is bound by memory reads): with A <= B every row meets every adapter (the bank is read
-    once, a one-hot mask keeps each row's own: "BTD,ADR->BTAR"); with A > B each row gathers its own
-    A and B.
+    reads the bank. Per bucket, S-LoRA / Punica's shrink and expand as two grouped matmuls
+    (`_grouped_delta`): no per-row copy of any weight, each adapter's A and B read once per step.
     """
     if lora is None:
         return None
     bank, ids = lora
-    weights = bank.get(target)
-    if weights is None:
+    buckets = bank.get(target)
+    if buckets is None:
         return None
-    slots, batch = weights.a.shape[0], ids.shape[0]
-
-    if slots > batch:  # gather each row's own adapter
-        a = jnp.take(weights.a, ids, axis=0).astype(x.dtype)  # [B, *in, R]
-        b = jnp.take(weights.b, ids, axis=0).astype(x.dtype)  # [B, R, *out]
-        out = jnp.einsum(eqn_out, jnp.einsum(eqn_in, x, a), b)
-        scale = jnp.take(weights.scale, ids, axis=0).astype(x.dtype)  # [B]
-        return out * scale.reshape((-1,) + (1,) * (out.ndim - 1))
-
-    (x_in, a_in), r_out = _split(eqn_in)  # e.g. BTD, BDR -> BTR
-    (r_in, b_in), out = _split(eqn_out)  # e.g. BTR, BRD -> BTD
-    mask = jax.nn.one_hot(ids, slots, dtype=x.dtype) * weights.scale.astype(x.dtype)[None]  # [B, A]
-    xa = jnp.einsum(f"{x_in},A{a_in[1:]}->{r_out[:-1]}AR", x, weights.a.astype(x.dtype))  # [B, T, A, R]
-    xa = xa * mask.reshape((batch,) + (1,) * (xa.ndim - 3) + (slots, 1))
-    return jnp.einsum(f"{r_in[:-1]}AR,A{b_in[1:]}->{out}", xa, weights.b.astype(x.dtype))
+    delta, first = None, 0  # first: the id of this bucket's slot 0 (its slot s is id first + s)
+    for weights in buckets:
+        slots = weights.scale.shape[0]
+        local = ids - first
+        local = jnp.where((local > 0) & (local < slots), local, 0)  # rows of other buckets: slot 0
+        d = _grouped_delta(weights, local, x)
+        delta = d if delta is None else delta + d
+        first += slots - 1
+    return delta
 
 
-def _split(eqn: str) -> tuple[tuple[str, str], str]:
-    inputs, output = eqn.split("->")
-    first, second = inputs.split(",")
-    return (first, second), output
+def _grouped_delta(weights, ids: jax.Array, x: jax.Array) -> jax.Array:
+    """One bucket's delta: rows sorted by slot, shrink x A and expand (x A) B as `lax.ragged_dot`s.
+
+    ids [B] (slots of this bucket), x [B, T, *in] -> [B, T, *out]. The rows are put in slot order by
+    a stable argsort of the B ids (only activations move), group g being the T * count(ids == g)
+    sorted rows of slot g; the result is put back in row order. The multi-axis in / out dims are
+    flattened for the matmuls (A [A, in, R], B [A, R, out]) and restored after.
+    """
+    slots, rank = weights.scale.shape[0], weights.a.shape[-1]
+    batch, length, outs = x.shape[0], x.shape[1], weights.b.shape[2:]
+    order = jnp.argsort(ids, stable=True)  # [B]: rows in slot order
+    sizes = (ids[:, None] == jnp.arange(slots, dtype=ids.dtype)).sum(0, dtype=jnp.int32) * length  # [A]
+    xs = jnp.take(x, order, axis=0).reshape(batch * length, -1)  # [B*T, in]
+    a = weights.a.reshape(slots, -1, rank).astype(x.dtype)  # [A, in, R]
+    b = weights.b.reshape(slots, rank, -1).astype(x.dtype)  # [A, R, out]
+    xa = jax.lax.ragged_dot(xs, a, sizes).reshape(batch, length, rank)  # [B, T, R]
+    xa = xa * jnp.take(weights.scale, ids[order]).astype(x.dtype)[:, None, None]
+    y = jax.lax.ragged_dot(xa.reshape(batch * length, rank), b, sizes).reshape(batch, length, -1)
+    back = jnp.zeros_like(order).at[order].set(jnp.arange(batch, dtype=order.dtype))  # inverse permutation
+    return jnp.take(y, back, axis=0).reshape(batch, length, *outs)

@@ -20,11 +20,13 @@ of a weight is exactly `einsum(A, B)` back in the weight's axis order (`Target.m
 Two ways to serve an adapter (docs/lora.md says when to use which):
 - `merge_lora(params, adapter, scale)`: a merged copy of the weights, zero per-token overhead. Pure and
   jit-compiled; each weight keeps its dtype and sharding (the delta is computed in float32).
-- `AdapterBank`: `capacity` adapter slots on device (A in shapes), padded to one max rank R (zero rows/columns of A and
-  B add exactly nothing), slot 0 all zeros = "no adapter". `forward(..., lora=(bank, ids))` adds
-  each row's delta (x A[ids]) B[ids] * scale[ids] (see `layers.lora_delta`), so one batch can mix
-  adapters. `bank_add` / `bank_remove` update one slot in place (the bank is donated, the shapes never
-  change): no recompilation of anything that takes the bank as an argument.
+- `AdapterBank`: adapter slots on device in rank buckets (e.g. ranks 8, 16, 32), each adapter
+  zero-padded to the smallest bucket rank that holds it (zero rows/columns of A and B add exactly
+  nothing), slot 0 of every bucket all zeros = "no adapter". `forward(..., lora=(bank, ids))` adds
+  each row's delta (x A[id]) B[id] * scale[id] as grouped matmuls over the rows sorted by adapter
+  (see `layers.lora_delta`), so one batch can mix adapters. `bank_add` / `bank_remove` update one
+  slot in place (its bucket is donated, the shapes never change): no recompilation of anything that
+  takes the bank as an argument.
 
 PEFT files are read and validated by `weights.peft.load_adapter`; this module knows nothing of files.
 """
@@ -47,6 +49,7 @@ from gemma_jax.config import GemmaConfig
 
 TARGETS: tuple[str, ...] = tuple(projections.TARGETS)  # q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
 DEFAULT_MAX_RANK = 32
+DEFAULT_RANK_BUCKETS = (8, 16)  # with the maximum rank: buckets 8, 16, 32 (`bank_ranks`)
 
 
 class LoraError(ValueError):
@@ -158,7 +161,7 @@ def merge_lora(params, adapter: Adapter, scale: float = 1.0):
 # --- the adapter bank -----------------------------------------------------------------------------
 @flax.struct.dataclass
 class BankWeights:
-    """One target of one layer for all A slots, padded to the bank's rank R."""
+    """One target of one layer for all A slots of one rank bucket, padded to the bucket's rank R."""
 
     a: jax.Array  # [A, *ins, R]
     b: jax.Array  # [A, R, *outs]
@@ -167,79 +170,143 @@ class BankWeights:
 
 @flax.struct.dataclass
 class AdapterBank:
-    """A adapter slots on device: "layer_i" -> target -> BankWeights. Slot 0 stays zero (no adapter)."""
+    """Adapter slots on device, in rank buckets: "layer_i" -> target -> one BankWeights per bucket
+    (ascending rank). Every bucket has `capacity` slots, its slot 0 zero (no adapter).
 
-    layers: dict[str, dict[str, BankWeights]]
+    Adapter ids number the slots of all buckets in a row: bucket k's slot s (1 <= s < capacity) is id
+    k * (capacity - 1) + s, so an id names its bucket and slot with no table (`locate`), on the host
+    and on the device alike (`layers.lora_delta`), and id 0 is no adapter in every bucket.
+    """
+
+    layers: dict[str, dict[str, tuple[BankWeights, ...]]]
     config: GemmaConfig = flax.struct.field(pytree_node=False)
+
+    def _first(self) -> tuple[BankWeights, ...]:
+        return next(iter(next(iter(self.layers.values())).values()))
 
     @property
     def capacity(self) -> int:
-        return next(iter(next(iter(self.layers.values())).values())).scale.shape[0]
+        """Slots per bucket, slot 0 included."""
+        return self._first()[0].scale.shape[0]
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The rank of each bucket, ascending."""
+        return tuple(w.a.shape[-1] for w in self._first())
 
     @property
     def rank(self) -> int:
-        return next(iter(next(iter(self.layers.values())).values())).a.shape[-1]
+        """The largest rank an adapter may have here (the last bucket's)."""
+        return self.ranks[-1]
+
+    @property
+    def num_ids(self) -> int:
+        """Adapter ids are 1..num_ids."""
+        return len(self.ranks) * (self.capacity - 1)
 
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(next(iter(self.layers.values())))
 
-    def layer(self, i: int) -> dict[str, BankWeights]:
+    def layer(self, i: int) -> dict[str, tuple[BankWeights, ...]]:
         return self.layers[f"layer_{i}"]
+
+    def bucket(self, k: int) -> dict[str, dict[str, BankWeights]]:
+        """Bucket k alone: "layer_i" -> target -> BankWeights."""
+        return {name: {t: ws[k] for t, ws in targets.items()} for name, targets in self.layers.items()}
+
+    def locate(self, adapter_id: int) -> tuple[int, int]:
+        """Adapter id (1..num_ids) -> (bucket, slot in that bucket)."""
+        index = _check_index(self, adapter_id)
+        return (index - 1) // (self.capacity - 1), (index - 1) % (self.capacity - 1) + 1
+
+    def bucket_ids(self, k: int) -> range:
+        """The adapter ids of bucket k's slots 1..capacity-1."""
+        return range(k * (self.capacity - 1) + 1, (k + 1) * (self.capacity - 1) + 1)
+
+    def bucket_for(self, rank: int) -> int:
+        """The smallest bucket that holds an adapter of `rank`; LoraError if none does."""
+        if rank > self.rank:
+            raise LoraError(f"adapter rank {rank} exceeds the bank's maximum rank {self.rank}")
+        return next(k for k, r in enumerate(self.ranks) if r >= rank)
+
+
+def bank_ranks(max_rank: int, rank_buckets: Iterable[int] = ()) -> tuple[int, ...]:
+    """The ranks of a bank's buckets: those of `rank_buckets` below `max_rank`, then `max_rank`."""
+    rank_buckets = tuple(int(r) for r in rank_buckets)
+    if max_rank < 1 or any(r < 1 for r in rank_buckets):
+        raise LoraError(f"LoRA ranks must be >= 1, got max_rank {max_rank} and rank buckets {list(rank_buckets)}")
+    return tuple(sorted({r for r in rank_buckets if r < max_rank})) + (int(max_rank),)
 
 
 def bank_nbytes(config: GemmaConfig, capacity: int, rank: int, dtype=jnp.float32,
-                targets: Iterable[str] = TARGETS) -> int:
-    """Device bytes of a bank: A * L * sum over targets of R * (in + out) * dtype bytes (+ scales)."""
+                targets: Iterable[str] = TARGETS, rank_buckets: Iterable[int] = ()) -> int:
+    """Device bytes of a bank: A * L * sum over buckets and targets of R * (in + out) * dtype bytes
+    (+ scales), A = `capacity` slots per bucket."""
+    targets = tuple(targets)
     ts = [projections.TARGETS[t] for t in targets]
-    per_layer = sum(rank * (t.in_features(config) + t.out_features(config)) for t in ts)
-    return capacity * config.num_layers * (per_layer * jnp.dtype(dtype).itemsize + 4 * len(tuple(targets)))
+    ranks = bank_ranks(rank, rank_buckets)
+    per_layer = sum(r * (t.in_features(config) + t.out_features(config)) for t in ts for r in ranks)
+    return capacity * config.num_layers * (per_layer * jnp.dtype(dtype).itemsize + 4 * len(targets) * len(ranks))
 
 
-def _bank_axes(config: GemmaConfig, targets: tuple[str, ...]) -> dict:
-    """Logical axes of every bank array (slot and rank axes are never sharded)."""
+def _bucket_axes(config: GemmaConfig, targets: tuple[str, ...]) -> dict:
+    """Logical axes of every array of one bucket (slot and rank axes are never sharded)."""
     def weights(name):
         t = projections.TARGETS[name]
         return BankWeights(a=(None, *t.ins, None), b=(None, None, *t.outs), scale=(None,))
     return {f"layer_{i}": {t: weights(t) for t in targets} for i in range(config.num_layers)}
 
 
-def _zeros_bank(config: GemmaConfig, capacity: int, rank: int, dtype, targets: tuple[str, ...]) -> AdapterBank:
+def _zeros_bucket(config: GemmaConfig, capacity: int, rank: int, dtype, targets: tuple[str, ...]) -> dict:
     def weights(name):
         t = projections.TARGETS[name]
         return BankWeights(a=jnp.zeros((capacity, *t.in_shape(config), rank), dtype),
                            b=jnp.zeros((capacity, rank, *t.out_shape(config)), dtype),
                            scale=jnp.zeros((capacity,), jnp.float32))
-    return AdapterBank({f"layer_{i}": {t: weights(t) for t in targets} for i in range(config.num_layers)}, config)
+    return {f"layer_{i}": {t: weights(t) for t in targets} for i in range(config.num_layers)}
+
+
+def _join(config: GemmaConfig, buckets: list[dict]) -> AdapterBank:
+    """Per-bucket trees ("layer_i" -> target -> BankWeights) -> one AdapterBank."""
+    return AdapterBank({name: {t: tuple(b[name][t] for b in buckets) for t in targets}
+                        for name, targets in buckets[0].items()}, config)
 
 
 def bank_shardings(config: GemmaConfig, capacity: int, rank: int, mesh: Mesh,
-                   targets: Iterable[str] = TARGETS) -> AdapterBank:
+                   targets: Iterable[str] = TARGETS, rank_buckets: Iterable[int] = ()) -> AdapterBank:
     """NamedShardings for a bank: in/out axes sharded like the weights they modify (heads, mlp...)."""
     targets = tuple(targets)
-    shapes = jax.eval_shape(lambda: _zeros_bank(config, capacity, rank, jnp.float32, targets))
-    axes = _bank_axes(config, targets)
-    return AdapterBank(sharding.tree_shardings(axes, shapes.layers, mesh), config)
+    axes = _bucket_axes(config, targets)
+    buckets = []
+    for r in bank_ranks(rank, rank_buckets):
+        shapes = jax.eval_shape(lambda r=r: _zeros_bucket(config, capacity, r, jnp.float32, targets))
+        buckets.append(sharding.tree_shardings(axes, shapes, mesh))
+    return _join(config, buckets)
 
 
 def make_bank(config: GemmaConfig, capacity: int, max_rank: int = DEFAULT_MAX_RANK, dtype=jnp.float32,
-              mesh: Mesh | None = None, targets: Iterable[str] = TARGETS) -> AdapterBank:
-    """An empty bank of `capacity` slots (slot 0 included) and rank `max_rank`, created on device."""
+              mesh: Mesh | None = None, targets: Iterable[str] = TARGETS,
+              rank_buckets: Iterable[int] = ()) -> AdapterBank:
+    """An empty bank, created on device: one bucket per rank of `bank_ranks(max_rank, rank_buckets)`
+    (just `max_rank` by default), each of `capacity` slots (slot 0 included)."""
     targets = tuple(targets)
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise LoraError(f"unknown target module(s) {unknown}: supported are {', '.join(TARGETS)}")
     if capacity < 1 or max_rank < 1:
         raise LoraError(f"a bank needs capacity >= 1 and max_rank >= 1, got {capacity} and {max_rank}")
-    out = None if mesh is None else bank_shardings(config, capacity, max_rank, mesh, targets)
-    return jax.jit(lambda: _zeros_bank(config, capacity, max_rank, jnp.dtype(dtype), targets), out_shardings=out)()
+    ranks = bank_ranks(max_rank, rank_buckets)
+    out = None if mesh is None else bank_shardings(config, capacity, max_rank, mesh, targets, ranks)
+    return jax.jit(lambda: _join(config, [_zeros_bucket(config, capacity, r, jnp.dtype(dtype), targets)
+                                          for r in ranks]), out_shardings=out)()
 
 
-def _slot_impl(bank: AdapterBank, index: jax.Array, slot: dict) -> AdapterBank:
-    """Write one slot (slot: "layer_i" -> target -> BankWeights without the A axis)."""
+def _slot_impl(bucket: dict, index: jax.Array, slot: dict) -> dict:
+    """Write one slot of one bucket (slot: "layer_i" -> target -> BankWeights without the A axis)."""
     def put(full, one):
         return jax.lax.dynamic_update_index_in_dim(full, one.astype(full.dtype), index, axis=0)
-    return bank.replace(layers=jax.tree.map(put, bank.layers, slot))
+    return jax.tree.map(put, bucket, slot)
 
 
 @functools.lru_cache(maxsize=16)
@@ -247,36 +314,41 @@ def _slot_jit(out_shardings):
     return jax.jit(_slot_impl, donate_argnums=(0,), out_shardings=out_shardings.tree)
 
 
-def _write_slot(bank: AdapterBank, index: int, slot: dict) -> AdapterBank:
-    shardings = bank.replace(layers=jax.tree.map(lambda x: x.sharding, bank.layers))
-    return _slot_jit(_Hashable(shardings))(bank, jnp.int32(index), slot)
+def _write_slot(bank: AdapterBank, k: int, index: int, slot: dict) -> AdapterBank:
+    """Bucket k with `slot` written at `index` (that bucket donated, the others untouched)."""
+    bucket = bank.bucket(k)
+    shardings = jax.tree.map(lambda x: x.sharding, bucket)
+    new = _slot_jit(_Hashable(shardings))(bucket, jnp.int32(index), slot)
+    return _join(bank.config, [new if j == k else bank.bucket(j) for j in range(len(bank.ranks))])
 
 
 def _check_index(bank: AdapterBank, index: int) -> int:
     index = int(index)
-    if not 1 <= index < bank.capacity:
-        raise LoraError(f"adapter slot {index} is out of range: slots 1..{bank.capacity - 1} hold adapters "
+    if not 1 <= index <= bank.num_ids:
+        raise LoraError(f"adapter slot {index} is out of range: slots 1..{bank.num_ids} hold adapters "
                         "(slot 0 means no adapter)")
     return index
 
 
 def bank_add(bank: AdapterBank, index: int, adapter: Adapter) -> AdapterBank:
-    """Put `adapter` in slot `index` (1 <= index < A), zero-padded to the bank's rank. The bank is donated.
+    """Put `adapter` at adapter id `index` (1..num_ids), zero-padded to the rank of that id's bucket.
+    The bucket is donated.
 
-    The padded slot always has the bank's shapes, so this compiles once per bank, whatever the
-    adapter's rank or targets; functions that take the bank as an argument never recompile.
+    The padded slot always has the bucket's shapes, so this compiles once per bucket shape, whatever
+    the adapter's rank or targets; functions that take the bank as an argument never recompile.
     """
-    index = _check_index(bank, index)
+    k, slot_index = bank.locate(index)
     if adapter.config != bank.config:
         raise LoraError("the adapter was built for a different base model than the bank's")
-    if adapter.rank > bank.rank:
-        raise LoraError(f"adapter rank {adapter.rank} exceeds the bank's maximum rank {bank.rank}")
+    bank.bucket_for(adapter.rank)  # refuses a rank above the bank's maximum
+    r = bank.ranks[k]
+    if adapter.rank > r:
+        raise LoraError(f"adapter rank {adapter.rank} exceeds the rank {r} of the bucket of adapter id {index}")
     missing = [t for t in adapter.targets if t not in bank.targets]
     if missing:
         raise LoraError(f"the bank has no room for target module(s) {missing} (bank targets: {', '.join(bank.targets)})")
-    r = bank.rank
     slot = {}
-    for name, targets in bank.layers.items():
+    for name, targets in bank.bucket(k).items():
         slot[name] = {}
         for t, full in targets.items():
             lw = adapter.layers.get(name, {}).get(t)
@@ -288,14 +360,14 @@ def bank_add(bank: AdapterBank, index: int, adapter: Adapter) -> AdapterBank:
             slot[name][t] = BankWeights(
                 a=jnp.pad(lw.a, [(0, 0)] * (lw.a.ndim - 1) + [(0, pad)]),
                 b=jnp.pad(lw.b, [(0, pad)] + [(0, 0)] * (lw.b.ndim - 1)), scale=lw.scale)
-    return _write_slot(bank, index, slot)
+    return _write_slot(bank, k, slot_index, slot)
 
 
 def bank_remove(bank: AdapterBank, index: int) -> AdapterBank:
-    """Zero slot `index`: rows that still name it get the base model. The bank is donated."""
-    index = _check_index(bank, index)
-    slot = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), bank.layers)
-    return _write_slot(bank, index, slot)
+    """Zero adapter id `index`'s slot: rows that still name it get the base model. Its bucket is donated."""
+    k, slot_index = bank.locate(index)
+    slot = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), bank.bucket(k))
+    return _write_slot(bank, k, slot_index, slot)
 
 
 # --- helpers --------------------------------------------------------------------------------------

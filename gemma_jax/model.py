@@ -143,7 +143,7 @@ def _plus_lora(y: jax.Array, lora, target: str, x: jax.Array) -> jax.Array:
     """y + the LoRA delta of `target` for input x (y itself without a bank or that target)."""
     if lora is None:
         return y
-    delta = lora_delta(lora, target, x, *proj.TARGETS[target].lora_equations)
+    delta = lora_delta(lora, target, x)
     return y if delta is None else y + delta.astype(y.dtype)
 
 

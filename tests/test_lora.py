@@ -18,25 +18,30 @@ import torch
 from safetensors.numpy import save_file
 
 from gemma_jax import config as C
-from gemma_jax import lora
+from gemma_jax import lora, projections
+from gemma_jax.layers import lora_delta
 from gemma_jax.lora import LoraError, bank_add, bank_remove, make_bank, merge_lora
 from gemma_jax.model import forward, init_cache
 from gemma_jax.params import param_shardings
 from gemma_jax.sharding import make_mesh
 from gemma_jax.weights.hf import params_from_hf_state
-from gemma_jax.weights.peft import load_adapter
+from gemma_jax.weights.peft import adapter_from_peft, load_adapter
 from hf_reference import hf_logits, random_hf_gemma, random_hf_gemma3, random_lora_tensors, rel_err, state_numpy
 
 ALL = list(lora.TARGETS)
 _fwd = jax.jit(forward, static_argnames=("config", "kv_len"))
 
 
-def bank_from_adapters(config, adapters, capacity=None, max_rank=lora.DEFAULT_MAX_RANK, dtype=jnp.float32, mesh=None):
-    """A bank holding `adapters` in slots 1, 2, ... (slot 0 = no adapter)."""
-    bank = make_bank(config, capacity or len(adapters) + 1, max_rank, dtype, mesh)
-    for i, adapter in enumerate(adapters, start=1):
-        bank = bank_add(bank, i, adapter)
-    return bank
+def bank_from_adapters(config, adapters, capacity=None, max_rank=lora.DEFAULT_MAX_RANK, dtype=jnp.float32, mesh=None,
+                       rank_buckets=()):
+    """A bank holding `adapters`, each in the smallest rank bucket that holds it: (bank, their ids)."""
+    bank = make_bank(config, capacity or len(adapters) + 1, max_rank, dtype, mesh, rank_buckets=rank_buckets)
+    free = [list(bank.bucket_ids(k)) for k in range(len(bank.ranks))]
+    ids = []
+    for adapter in adapters:
+        ids.append(free[bank.bucket_for(adapter.rank)].pop(0))
+        bank = bank_add(bank, ids[-1], adapter)
+    return bank, ids
 
 
 def _tokens(cfg, batch=2, length=13, seed=0):
@@ -82,8 +87,8 @@ def _check_against_peft(cfg, hf, params, model_type, tmp_path, tol, tokens, **pe
     assert rel_err(hf_logits(hf, tokens), ref) > 0.05  # the adapter really changes the model
 
     merged, _ = _fwd(merge_lora(params, adapter), tokens, _positions(tokens), config=cfg)
-    bank = bank_from_adapters(cfg, [adapter], capacity=3, max_rank=32)
-    ids = jnp.ones((tokens.shape[0],), jnp.int32)
+    bank, (index,) = bank_from_adapters(cfg, [adapter], capacity=3, max_rank=32, rank_buckets=(8, 16))
+    ids = jnp.full((tokens.shape[0],), index, jnp.int32)
     unmerged, _ = _fwd(params, tokens, _positions(tokens), config=cfg, lora=(bank, ids))
     errs = rel_err(merged, ref), rel_err(unmerged, ref)
     print(f"rel-err vs peft: merged {errs[0]:.2e} unmerged {errs[1]:.2e}")
@@ -145,8 +150,6 @@ def test_gemma3_270m_adapter_matches_peft(gemma3_270m, tmp_path):
 # --- mixed batches ---------------------------------------------------------------------------------
 def _random_adapter(cfg, rank, seed, targets=ALL, alpha=None):
     """An Adapter with random A and B (torch layout in, like a PEFT file)."""
-    from gemma_jax.weights.peft import adapter_from_peft
-
     tensors = random_lora_tensors(cfg, rank, seed, targets, std=0.1)
     return adapter_from_peft({"r": rank, "lora_alpha": alpha or rank, "target_modules": list(targets)}, tensors, cfg)
 
@@ -171,15 +174,16 @@ def _greedy(params, cfg, tokens, steps, lora_arg=None):
     return np.asarray(first), np.stack([np.asarray(o) for o in out], 1)
 
 
-@pytest.mark.parametrize("capacity", [4, 5], ids=["one-hot (A <= B)", "per-row gather (A > B)"])
-def test_mixed_batch_rows_equal_rows_alone(gqa, capacity):
-    """Both ways `layers.lora_delta` applies a bank give each row its own adapter's logits."""
+@pytest.mark.parametrize("rank_buckets", [(), (4, 8)], ids=["one bucket (rank 32)", "buckets 4/8/32"])
+def test_mixed_batch_rows_equal_rows_alone(gqa, rank_buckets):
+    """A bank in one rank bucket or several gives each row of a mixed batch its own adapter's logits."""
     cfg, params = gqa
     adapters = [_random_adapter(cfg, 4, 1), _random_adapter(cfg, 8, 2, targets=["q_proj", "v_proj", "down_proj"]),
                 _random_adapter(cfg, 32, 3, alpha=8)]
-    bank = bank_from_adapters(cfg, adapters, capacity=capacity, max_rank=32)
+    bank, index = bank_from_adapters(cfg, adapters, capacity=4, max_rank=32, rank_buckets=rank_buckets)
+    assert len(set(index)) == 3 and bank.ranks == (*rank_buckets, 32)
     tokens = _tokens(cfg, batch=4, length=9, seed=7)
-    ids = jnp.array([0, 1, 2, 3], jnp.int32)
+    ids = jnp.array([0, *index], jnp.int32)
     logits, greedy = _greedy(params, cfg, tokens, 6, (bank, ids))
     for row in range(4):
         one = tokens[row:row + 1]
@@ -197,11 +201,45 @@ def test_mixed_batch_rows_equal_rows_alone(gqa, capacity):
 
 def test_lora_none_and_id_zero_are_the_base_model(gqa):
     cfg, params = gqa
-    bank = bank_from_adapters(cfg, [_random_adapter(cfg, 8, 4)], capacity=2, max_rank=8)
+    bank, _ = bank_from_adapters(cfg, [_random_adapter(cfg, 8, 4)], capacity=2, max_rank=8, rank_buckets=(4,))
     tokens = _tokens(cfg, batch=2, seed=8)
     base, _ = _fwd(params, tokens, _positions(tokens), config=cfg)
     zero, _ = _fwd(params, tokens, _positions(tokens), config=cfg, lora=(bank, jnp.zeros((2,), jnp.int32)))
     np.testing.assert_array_equal(zero, base)  # slot 0 adds exactly +0
+
+
+def test_grouped_delta_equals_numpy_per_row(gqa):
+    """`layers.lora_delta` (rows grouped by adapter, `lax.ragged_dot` per rank bucket) against numpy
+    row by row from the torch-layout tensors: random ids with repeats and id 0, five adapters of
+    ranks 2..16 over three buckets, some on a few targets only; every target, every layer."""
+    cfg, _ = gqa
+    specs = [(2, ALL), (8, ["q_proj", "o_proj", "down_proj"]), (16, ALL), (4, ["k_proj", "up_proj"]), (12, ALL)]
+    tensors = [random_lora_tensors(cfg, r, 20 + i, targets, std=0.3) for i, (r, targets) in enumerate(specs)]
+    adapters = [adapter_from_peft({"r": r, "lora_alpha": 2 * r, "target_modules": targets}, t, cfg)
+                for (r, targets), t in zip(specs, tensors)]
+    bank, index = bank_from_adapters(cfg, adapters, capacity=3, max_rank=16, rank_buckets=(4, 8))
+    assert bank.ranks == (4, 8, 16) and sorted(index) == [1, 2, 3, 5, 6]  # buckets 4: 1, 2; 8: 3; 16: 5, 6
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, len(adapters) + 1, 11)  # 0 = no adapter, else 1 + position in `adapters`
+    rows[:2] = 0
+    ids = jnp.asarray([0 if r == 0 else index[r - 1] for r in rows], jnp.int32)
+    delta = jax.jit(lora_delta, static_argnums=1)
+    seen = 0
+    for layer in range(cfg.num_layers):
+        for name, target in projections.TARGETS.items():
+            x = rng.normal(0, 1, (len(rows), 3, *target.in_shape(cfg))).astype(np.float32)
+            got = np.asarray(delta((bank.layer(layer), ids), name, jnp.asarray(x)))
+            stem = f"base_model.model.model.layers.{layer}.{'self_attn' if target.path[0] == 'attn' else 'mlp'}.{name}"
+            for b, r in enumerate(rows):
+                t = {} if r == 0 else tensors[r - 1]
+                if f"{stem}.lora_A.weight" not in t:
+                    np.testing.assert_array_equal(got[b], 0)  # no adapter here: exactly +0
+                    continue
+                a, bm = t[f"{stem}.lora_A.weight"].astype(np.float64), t[f"{stem}.lora_B.weight"].astype(np.float64)
+                want = (x[b].reshape(3, -1) @ a.T @ bm.T * 2.0).reshape(3, *target.out_shape(cfg))
+                np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+                seen += 1
+    assert seen >= cfg.num_layers * 7 * 4  # most rows and targets carry a delta
 
 
 def test_bank_add_remove_do_not_recompile(gqa, monkeypatch):
@@ -217,29 +255,30 @@ def test_bank_add_remove_do_not_recompile(gqa, monkeypatch):
         return forward(params, tokens, _positions(tokens), config=cfg, lora=(bank, ids))[0]
 
     tokens = _tokens(cfg, batch=3, seed=9)
-    ids = jnp.array([1, 2, 3], jnp.int32)
-    bank = make_bank(cfg, capacity=4, max_rank=16)
+    bank = make_bank(cfg, capacity=4, max_rank=16, rank_buckets=(4,))  # ids 1..3 rank 4, 4..6 rank 16
+    assert bank.ranks == (4, 16) and [list(bank.bucket_ids(k)) for k in (0, 1)] == [[1, 2, 3], [4, 5, 6]]
+    ids = jnp.array([4, 5, 3], jnp.int32)
     base = np.asarray(logits_of(params, bank, tokens, jnp.zeros((3,), jnp.int32)))
     np.testing.assert_array_equal(logits_of(params, bank, tokens, ids), base)  # empty slots: base model
     a, b = _random_adapter(cfg, 16, 5), _random_adapter(cfg, 4, 6, targets=["o_proj", "up_proj"])
-    bank = bank_add(bank, 1, a)
-    bank = bank_add(bank, 3, b)  # another rank, other targets: same padded shapes
+    bank = bank_add(bank, 4, a)
+    bank = bank_add(bank, 3, b)  # another bucket, other targets
     with_ab = np.asarray(logits_of(params, bank, tokens, ids))
     for row, adapter in ((0, a), (2, b)):
         alone, _ = _fwd(merge_lora(params, adapter), tokens[row:row + 1], _positions(tokens[:1]), config=cfg)
         assert rel_err(with_ab[row], alone[0]) <= 1e-5
-    np.testing.assert_array_equal(with_ab[1], base[1])  # slot 2 still empty
-    bank = bank_remove(bank, 1)
+    np.testing.assert_array_equal(with_ab[1], base[1])  # id 5 still empty
+    bank = bank_remove(bank, 4)
     removed = np.asarray(logits_of(params, bank, tokens, ids))
     np.testing.assert_array_equal(removed[0], base[0])
-    np.testing.assert_array_equal(removed[2], with_ab[2])  # slot 3 unaffected
-    bank = bank_add(bank, 2, a)  # a again, in another slot
+    np.testing.assert_array_equal(removed[2], with_ab[2])  # id 3 (the other bucket) unaffected
+    bank = bank_add(bank, 5, a)  # a again, in another slot
     alone, _ = _fwd(merge_lora(params, a), tokens[1:2], _positions(tokens[:1]), config=cfg)
     assert rel_err(np.asarray(logits_of(params, bank, tokens, ids))[1], alone[0]) <= 1e-5
     assert len(traces) == 1
-    assert len(slot_traces) == 1  # one slot writer for every add and remove, whatever the rank
+    assert len(slot_traces) == 2  # one slot writer per bucket for every add and remove, whatever the rank
     lora._slot_jit.cache_clear()
-    assert lora.bank_nbytes(cfg, 4, 16) == sum(x.nbytes for x in jax.tree.leaves(bank))
+    assert lora.bank_nbytes(cfg, 4, 16, rank_buckets=(4,)) == sum(x.nbytes for x in jax.tree.leaves(bank))
 
 
 # --- merge: un-merge, dtypes, shardings -------------------------------------------------------------
@@ -280,10 +319,11 @@ def test_merge_keeps_shardings_on_a_mesh(gqa):
     for m, ref in zip(jax.tree.leaves(merged), jax.tree.leaves(merge_lora(params, adapter))):
         np.testing.assert_allclose(m, ref, rtol=1e-6, atol=1e-7)
     # A bank on the mesh is sharded like the weights it modifies, and forward runs with it.
-    bank = bank_from_adapters(cfg, [adapter], capacity=2, max_rank=8, mesh=mesh)
-    assert bank.layers["layer_0"]["q_proj"].b.sharding.spec == jax.sharding.PartitionSpec(None, None, "model", None)
+    bank, (index,) = bank_from_adapters(cfg, [adapter], capacity=2, max_rank=8, mesh=mesh, rank_buckets=(4,))
+    for bucket in bank.layers["layer_0"]["q_proj"]:
+        assert bucket.b.sharding.spec == jax.sharding.PartitionSpec(None, None, "model", None)
     tokens = _tokens(cfg, seed=10)
-    ours, _ = _fwd(placed, tokens, _positions(tokens), config=cfg, lora=(bank, jnp.ones((2,), jnp.int32)))
+    ours, _ = _fwd(placed, tokens, _positions(tokens), config=cfg, lora=(bank, jnp.full((2,), index, jnp.int32)))
     ref, _ = _fwd(merge_lora(params, adapter), tokens, _positions(tokens), config=cfg)
     assert rel_err(ours, ref) <= 1e-5
 
@@ -449,6 +489,14 @@ def test_bank_and_merge_errors(gqa):
     with pytest.raises(LoraError) as e:
         bank_add(bank, 1, _random_adapter(cfg, 16, 1, targets=["q_proj"]))
     assert str(e.value) == "adapter rank 16 exceeds the bank's maximum rank 8"
+    bucketed = make_bank(cfg, capacity=2, max_rank=8, targets=["q_proj"], rank_buckets=(4, 8, 64))
+    assert bucketed.ranks == (4, 8) and bucketed.num_ids == 2
+    with pytest.raises(LoraError) as e:
+        bank_add(bucketed, 1, _random_adapter(cfg, 8, 1, targets=["q_proj"]))
+    assert str(e.value) == "adapter rank 8 exceeds the rank 4 of the bucket of adapter id 1"
+    with pytest.raises(LoraError) as e:
+        make_bank(cfg, capacity=2, max_rank=8, rank_buckets=(0, 4))
+    assert str(e.value) == "LoRA ranks must be >= 1, got max_rank 8 and rank buckets [0, 4]"
     with pytest.raises(LoraError) as e:
         bank_add(bank, 1, _random_adapter(cfg, 4, 1, targets=["q_proj", "down_proj"]))
     assert str(e.value) == "the bank has no room for target module(s) ['down_proj'] (bank targets: q_proj, v_proj)"

@@ -5,15 +5,18 @@ params with X merged by `merge_lora`; the engine instead runs the unmerged bank 
 """
 
 import json
+import re
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 from engine_reference import naive_greedy, prompts_for, tiny_params
-from gemma_jax import lora
+from gemma_jax import lora, projections
 from gemma_jax.engine.api import SamplingParams, UnknownAdapter
-from gemma_jax.engine.engine import Engine
+from gemma_jax.engine.engine import Engine, generate_steps
+from gemma_jax.engine.state import init_decode_state
 from gemma_jax.lora import LoraError, merge_lora
 from gemma_jax.weights.peft import adapter_from_peft
 from hf_reference import random_lora_tensors
@@ -64,38 +67,42 @@ class _Driver:
 
 def test_adapters_hot_loaded_and_unloaded_while_requests_run(tmp_path):
     cfg, params = tiny_params("tiny_mha")
-    engine = Engine(cfg, params, **ENGINE_KW, adapter_slots=3, adapter_rank=16)
+    engine = Engine(cfg, params, **ENGINE_KW, adapter_slots=2, adapter_rank=16, adapter_rank_buckets=(8,))
+    assert engine.bank.ranks == (8, 16)  # ids 1, 2: rank 8; ids 3, 4: rank 16
     engine.warmup()
     compiled = engine.compile_counts()
-    a, b, c, d = _adapter(cfg, 16, 1), _adapter(cfg, 4, 2, ["q_proj", "down_proj"]), _adapter(cfg, 8, 3), _adapter(cfg, 2, 4)
+    a, b, c, d = _adapter(cfg, 16, 1), _adapter(cfg, 4, 2, ["q_proj", "down_proj"]), _adapter(cfg, 12, 3), _adapter(cfg, 9, 4)
     prompts = prompts_for([7, 12, 5, 9, 20], seed=3)
     budget = [12, 14, 10, 8, 6]
 
     drive = _Driver(engine)
-    assert engine.load_adapter("a", a) == 1
+    assert engine.load_adapter("a", a) == 3
     drive.admit("base", 0, prompts[0], budget[0])
     drive.admit("on_a", 1, prompts[1], budget[1], "a")
     drive.dispatch()
-    assert engine.load_adapter("b", b) == 2  # hot add while two requests run
+    assert engine.load_adapter("b", b) == 1  # hot add while two requests run; rank 4: the rank-8 bucket
     drive.admit("on_b", 2, prompts[2], budget[2], "b")
     drive.dispatch()
     engine.unload_adapter("a")  # "on_a" is still running: its slot keeps A until reused
     with pytest.raises(UnknownAdapter) as e:
         engine.adapter_id("a")
     assert str(e.value) == "no LoRA adapter named 'a' is loaded"
-    assert engine.load_adapter("c", c) == 3  # never-used slot first
+    assert engine.load_adapter("c", c) == 4  # never-used slot of the rank-16 bucket first
     drive.admit("on_c", 3, prompts[3], budget[3], "c")
+    with pytest.raises(LoraError) as e:
+        engine.load_adapter("d", d)  # the rank-8 bucket has a free slot, but 2 adapters are loaded
+    assert str(e.value) == "the adapter bank is full (2 adapters loaded)"
     while "on_a" in drive.owner.values():
         drive.dispatch()
-    assert engine.load_adapter("d", d) == 1  # A's slot, reused once free
+    engine.unload_adapter("b")  # "on_b" still running
+    assert engine.load_adapter("d", d) == 3  # A's slot, reused once free
     free = next(s for s in range(engine.slots) if s not in drive.owner)
     drive.admit("on_d", free, prompts[4], budget[4], "d")
-    engine.unload_adapter("b")
     while drive.owner:
         drive.dispatch()
 
     assert engine.compile_counts() == compiled  # no recompilation for any of it
-    assert engine.adapters() == {"c": 3, "d": 1}
+    assert engine.adapters() == {"c": 4, "d": 3}
     want = {
         "base": naive_greedy(cfg, params, [prompts[0]], budget[0])[0],
         "on_a": naive_greedy(cfg, merge_lora(params, a), [prompts[1]], budget[1])[0],
@@ -116,7 +123,7 @@ def test_engine_adapter_errors(tmp_path):
     assert str(e.value) == "adapter rank 16 exceeds the bank's maximum rank 8"
     assert engine.adapters() == {}  # a refused adapter takes no slot
     assert engine.load_adapter("x", _adapter(cfg, 8, 1, directory=tmp_path / "x")) == 1  # from PEFT files
-    np.testing.assert_array_equal(engine.bank.layer(0)["q_proj"].a[1], _adapter(cfg, 8, 1).layers["layer_0"]["q_proj"].a)
+    np.testing.assert_array_equal(engine.bank.layer(0)["q_proj"][0].a[1], _adapter(cfg, 8, 1).layers["layer_0"]["q_proj"].a)
     with pytest.raises(LoraError) as e:
         engine.load_adapter("x", _adapter(cfg, 8, 2))
     assert str(e.value) == "an adapter named 'x' is already loaded"
@@ -129,3 +136,40 @@ def test_engine_adapter_errors(tmp_path):
     with pytest.raises(LoraError) as e:
         Engine(cfg, params, **ENGINE_KW).load_adapter("x", _adapter(cfg, 8, 1))
     assert str(e.value) == "this engine has no adapter bank (adapter_slots=0)"
+    bucketed = Engine(cfg, params, **ENGINE_KW, adapter_slots=1, adapter_rank=16)  # default buckets: 8, 16
+    assert bucketed.bank.ranks == (8, 16) and bucketed.load_adapter("r16", _adapter(cfg, 16, 3)) == 2
+    with pytest.raises(LoraError) as e:
+        bucketed.load_adapter("r32", _adapter(cfg, 32, 3))
+    assert str(e.value) == "the adapter bank is full (1 adapters loaded)"
+    bucketed.unload_adapter("r16")
+    with pytest.raises(LoraError) as e:
+        bucketed.load_adapter("r32", _adapter(cfg, 32, 3))
+    assert str(e.value) == "adapter rank 32 exceeds the bank's maximum rank 16"
+    assert bucketed.load_adapter("r2", _adapter(cfg, 2, 3)) == 1 and bucketed.adapters() == {"r2": 1}
+
+
+def _per_row_weight_shapes(cfg, batch, ranks):
+    """HLO shapes "B,in...,R" / "B,R,out..." of a per-row copy of some bank weight."""
+    shapes = set()
+    for target in projections.TARGETS.values():
+        for r in ranks:
+            shapes.add(",".join(map(str, (batch, *target.in_shape(cfg), r))))
+            shapes.add(",".join(map(str, (batch, r, *target.out_shape(cfg)))))
+    return shapes
+
+
+def test_compiled_decode_with_a_bank_has_no_per_row_weight_copy_and_no_conditional():
+    """The decode dispatch with LoRA on, compiled: no `conditional`, and no array shaped like a per-row
+    copy of a bank weight ([B, *in, R] or [B, R, *out]), with more bank slots than rows (where the
+    old per-row path gathered one)."""
+    cfg, params = tiny_params("tiny_mha")
+    batch = 2
+    bank = lora.make_bank(cfg, 4, 16, rank_buckets=(8,))
+    state = init_decode_state(cfg, batch, 64)
+    generate = jax.jit(generate_steps, static_argnames=("config", "steps", "kv_len", "use_lora", "mode"))
+    hlo = generate.lower(params, bank, state, config=cfg, steps=2, kv_len=64, use_lora=True,
+                         mode="greedy").compile().as_text()
+    assert not re.search(r"\bconditional\(", hlo)
+    shapes = set(re.findall(r"\[([\d,]+)\]", hlo))
+    assert ",".join(map(str, (4, cfg.embed_dim, 8))) in shapes  # the bank is there: the reader sees shapes
+    assert shapes & _per_row_weight_shapes(cfg, batch, bank.ranks) == set()

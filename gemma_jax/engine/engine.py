@@ -42,10 +42,11 @@ draws (`sampling.mode_for`). The caller picks both from what it knows on the hos
   it uses an adapter and its sampling mode; `generate(state, longest, live)` picks the least general
   variant that serves the `live` slots (default: every slot inserted since `init_state` and not
   released). The records follow one decode state at a time, the latest `init_state`'s;
-- the LoRA bank (with `adapter_slots` > 0) and its names. Loading or unloading an adapter rewrites
-  one bank slot in place (same shapes: nothing that takes the bank recompiles). An unloaded
+- the LoRA bank (with `adapter_slots` > 0), in rank buckets, and its names. Loading or unloading an
+  adapter rewrites one slot of the smallest bucket that holds its rank in place (same shapes: nothing
+  that takes the bank recompiles); at most `adapter_slots` adapters are loaded at once. An unloaded
   adapter's name disappears at once, but its slot keeps its weights until a later load reuses it
-  (free slots are reused oldest-freed first), so requests already admitted or queued on it finish
+  (a bucket's free slots are reused oldest-freed first), so requests already admitted or queued on it finish
   as they started. See docs/lora.md for the bank vs a merged copy;
 - the limits (`check`, the one rule: `api.check_limits`).
 
@@ -189,7 +190,9 @@ class Engine:
     params: the model's parameter tree (placed on `mesh` with `param_shardings` if not already).
     mesh: a ("data", "model") mesh; None means the first device alone.
     adapter_slots: how many LoRA adapters the bank holds at once (0: no bank, no LoRA cost);
-    adapter_rank: the bank's maximum rank (higher ranks are refused); adapter_dtype: the bank's
+    adapter_rank: the bank's maximum rank (higher ranks are refused); adapter_rank_buckets: the
+    smaller ranks that get a bucket of their own (`lora.bank_ranks`; each bucket has
+    `adapter_slots` slots, an adapter goes to the smallest that holds it); adapter_dtype: the bank's
     dtype (default: the params' dtype).
     """
 
@@ -197,7 +200,8 @@ class Engine:
                  mesh: Mesh | None = None, prefill_buckets: Sequence[int] | None = None,
                  prefill_batches: Sequence[int] = (1, 2, 4, 8), steps_per_call: int = 8,
                  kv_buckets: Sequence[int] | None = None, cache_dtype=None,
-                 adapter_slots: int = 0, adapter_rank: int = lora_lib.DEFAULT_MAX_RANK, adapter_dtype=None):
+                 adapter_slots: int = 0, adapter_rank: int = lora_lib.DEFAULT_MAX_RANK,
+                 adapter_rank_buckets: Sequence[int] = lora_lib.DEFAULT_RANK_BUCKETS, adapter_dtype=None):
         limits = config.limits
         self.config = config
         self.slots = int(slots)
@@ -227,13 +231,16 @@ class Engine:
 
         # Per slot, what its decode needs: (adapter id > 0, sampling mode), recorded at insert.
         self._needs: dict[int, tuple[bool, str]] = {}
-        # LoRA bank: slot 0 is "no adapter"; names -> slots; free slots, oldest-freed first.
+        # LoRA bank: id 0 is "no adapter"; names -> ids; per rank bucket, its free ids, oldest-freed first.
         self.bank: lora_lib.AdapterBank | None = None
-        if adapter_slots > 0:
+        self.adapter_slots = max(int(adapter_slots), 0)
+        if self.adapter_slots > 0:
             dtype = adapter_dtype or params["embedder"]["input_embedding"].dtype
-            self.bank = lora_lib.make_bank(config, int(adapter_slots) + 1, int(adapter_rank), dtype, self.mesh)
+            self.bank = lora_lib.make_bank(config, self.adapter_slots + 1, int(adapter_rank), dtype, self.mesh,
+                                           rank_buckets=adapter_rank_buckets)
         self._adapters: dict[str, int] = {}
-        self._free = collections.deque(range(1, int(adapter_slots) + 1))
+        buckets = range(len(self.bank.ranks)) if self.bank is not None else ()
+        self._free = [collections.deque(self.bank.bucket_ids(k)) for k in buckets]
         self._bank_lock = threading.Lock()  # bank updates (donated) vs dispatches that read it
 
     def _place_params(self, params):
@@ -388,9 +395,10 @@ class Engine:
     # -- LoRA adapters ------------------------------------------------------------------------------
     def load_adapter(self, name: str, adapter: "lora_lib.Adapter | str | os.PathLike", *,
                      require_model_type: bool = False) -> int:
-        """Put an adapter (an `lora.Adapter`, or a PEFT directory, validated here) into a free bank
-        slot under `name`; returns its id. Running requests and compiled functions are unaffected.
-        Raises LoraError (a ValueError) if it does not fit, the name is taken or the bank is full."""
+        """Put an adapter (an `lora.Adapter`, or a PEFT directory, validated here) into a free slot
+        of the smallest rank bucket that holds it, under `name`; returns its id. Running requests and
+        compiled functions are unaffected. Raises LoraError (a ValueError) if it does not fit, the
+        name is taken or `adapter_slots` adapters are loaded already."""
         if self.bank is None:
             raise lora_lib.LoraError("this engine has no adapter bank (adapter_slots=0)")
         if not isinstance(adapter, lora_lib.Adapter):
@@ -401,11 +409,12 @@ class Engine:
         with self._bank_lock:
             if name in self._adapters:
                 raise lora_lib.LoraError(f"an adapter named {name!r} is already loaded")
-            if not self._free:
+            if len(self._adapters) >= self.adapter_slots:
                 raise lora_lib.LoraError(f"the adapter bank is full ({len(self._adapters)} adapters loaded)")
-            index = self._free[0]
-            self.bank = lora_lib.bank_add(self.bank, index, adapter)  # validates; donates the old bank
-            self._free.popleft()
+            free = self._free[self.bank.bucket_for(adapter.rank)]  # refuses a rank above the maximum
+            index = free[0]  # a bucket has adapter_slots ids: one is free while fewer are loaded
+            self.bank = lora_lib.bank_add(self.bank, index, adapter)  # validates; donates the old bucket
+            free.popleft()
             self._adapters[name] = index
         return index
 
@@ -414,7 +423,8 @@ class Engine:
         with self._bank_lock:
             if name not in self._adapters:
                 raise UnknownAdapter(f"no LoRA adapter named {name!r} is loaded")
-            self._free.append(self._adapters.pop(name))
+            index = self._adapters.pop(name)
+            self._free[self.bank.locate(index)[0]].append(index)
 
     def adapters(self) -> dict[str, int]:
         """Loaded adapters: name -> id."""
@@ -423,7 +433,7 @@ class Engine:
 
     @property
     def bank_dtype(self):
-        return None if self.bank is None else next(iter(self.bank.layer(0).values())).a.dtype
+        return None if self.bank is None else next(iter(self.bank.layer(0).values()))[0].a.dtype
 
     def adapter_id(self, name: str) -> int:
         """The device id of a loaded LoRA adapter; UnknownAdapter if there is none by that name."""
