@@ -16,7 +16,9 @@ With lora=None nothing is added and the computation is the plain model's.
 
 Cache semantics: row b's token at position p writes its key/value at cache index p; a query at
 position q attends the cache indices j <= q (and j > q - window on sliding-window layers). Writes at
-positions >= S are dropped, so padding tokens can be given position S and cost nothing. The cache is
+positions >= S are dropped, so padding tokens can be given position S and cost nothing; in a decode
+step (one token per row) such a row is idle and reads nothing. Attention itself is `attention.py`:
+decode reads each row's own length in place, prefill (no cache) is `jax.nn.dot_product_attention`. The cache is
 laid out [B, K, S, H] so that both attention einsums are plain batched matmuls over (B, K): with the
 sequence axis outside the heads, XLA would transpose the whole cache on every decode step.
 """
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_jax import projections as proj
+from gemma_jax.attention import decode_attention, prefill_attention
 from gemma_jax.config import GemmaConfig
 from gemma_jax.layers import Einsum, RMSNorm, apply_rope, gelu_tanh, lora_delta
 from gemma_jax.quantize import is_qarray, lookup, qeinsum, stored_param
@@ -65,12 +68,17 @@ def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> j
 
 
 class Attention(nn.Module):
+    """Self-attention over the tokens given (no cache: `attention.prefill_attention`), or over the
+    cache after writing them into it: one token per row reads each row's own length in place
+    (`attention.decode_attention`); several per row use the masked einsum over the first kv_len."""
+
     config: GemmaConfig
     local: bool
     param_dtype: jnp.dtype = jnp.float32
+    impl: str = "xla"  # `attention.IMPLS`
 
     @nn.compact
-    def __call__(self, x, positions, cache: LayerCache | None, kv_len: int | None, lora=None):
+    def __call__(self, x, positions, cache: LayerCache | None, kv_len: int | None, lora=None, return_kv=False):
         cfg = self.config
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = self.param_dtype
@@ -90,30 +98,47 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, base, factor)
         key = apply_rope(key, positions, base, factor)
 
-        if cache is None:  # attend only the tokens given
-            keys, values = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, K, T, H]
-            k_pos, new_cache = positions, None
+        b, t = q.shape[:2]
+        window = cfg.sliding_window if self.local else None
+        kw = dict(window=window, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap, impl=self.impl)
+        if cache is None:  # the tokens given attend each other (causal by index)
+            encoded = prefill_attention(q, key, value, **kw)  # [B, T, N, H]
+            new_cache = None
+            if return_kv:  # this call's keys/values, [B, K, T, H], for the caller to place in a cache
+                new_cache = LayerCache(k=key.transpose(0, 2, 1, 3), v=value.transpose(0, 2, 1, 3))
         else:  # write this step's keys/values at their positions, attend the cache
-            rows = jnp.arange(x.shape[0])[:, None]  # [B, 1] with positions [B, T]: indexes [B, T, K, H]
+            rows = jnp.arange(b)[:, None]  # [B, 1] with positions [B, T]: indexes [B, T, K, H]
             new_cache = LayerCache(
                 k=cache.k.at[rows, :, positions].set(key.astype(cache.k.dtype), mode="drop"),
                 v=cache.v.at[rows, :, positions].set(value.astype(cache.v.dtype), mode="drop"),
             )
-            span = kv_len or cache.k.shape[2]
-            keys, values = new_cache.k[:, :, :span], new_cache.v[:, :, :span]
-            k_pos = jnp.broadcast_to(jnp.arange(span), (x.shape[0], span))
-
-        b, t = q.shape[:2]
-        q = (q * jnp.asarray(cfg.query_scale, q.dtype)).reshape(b, t, k, n // k, h)
-        logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        if cfg.attn_logit_softcap:
-            logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-        mask = _attention_mask(positions, k_pos, cfg.sliding_window if self.local else None)
-        logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-        encoded = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values).reshape(b, t, n, h).astype(x.dtype)
+            if t == 1:  # decode: row b attends [.., p] of its own cache; a position >= S is an idle row
+                p = positions[:, 0]
+                lengths = jnp.where(p < cache.k.shape[2], p + 1, 0)
+                encoded = decode_attention(q[:, 0], new_cache.k, new_cache.v, lengths, **kw)[:, None]
+            else:
+                encoded = _masked_attention(cfg, q, new_cache, positions, kv_len, window)
+        encoded = encoded.reshape(b, t, n, h).astype(x.dtype)
         out = _project(proj.ATTN_VEC, cfg, dt, encoded)  # [B, T, D]
         return _plus_lora(out, lora, "o_proj", encoded), new_cache
+
+
+def _masked_attention(cfg: GemmaConfig, q, cache: LayerCache, positions, kv_len: int | None, window):
+    """Several tokens per row against the first kv_len cache entries, masked by position (a [B, T, S]
+    mask and [B, K, G, T, S] logits): q [B, T, N, H] -> [B, T, N, H]."""
+    b, t, n, h = q.shape
+    k = cfg.num_kv_heads
+    span = kv_len or cache.k.shape[2]
+    keys, values = cache.k[:, :, :span], cache.v[:, :, :span]
+    k_pos = jnp.broadcast_to(jnp.arange(span), (b, span))
+    q = (q * jnp.asarray(cfg.query_scale, q.dtype)).reshape(b, t, k, n // k, h)
+    logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+    if cfg.attn_logit_softcap:
+        logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+    mask = _attention_mask(positions, k_pos, window)
+    logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    return jnp.einsum("BKGTS,BKSH->BTKGH", probs, values).reshape(b, t, n, h)
 
 
 class FeedForward(nn.Module):
@@ -151,13 +176,15 @@ class Block(nn.Module):
     config: GemmaConfig
     local: bool
     param_dtype: jnp.dtype = jnp.float32
+    attn_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, positions, cache, kv_len, lora=None):
+    def __call__(self, x, positions, cache, kv_len, lora=None, return_kv=False):
         cfg, dt = self.config, self.param_dtype
         with jax.named_scope("attention"):
             h = RMSNorm("embed", cfg.norm_eps, dt, name="pre_attention_norm")(x)
-            h, new_cache = Attention(cfg, self.local, dt, name="attn")(h, positions, cache, kv_len, lora)
+            h, new_cache = Attention(cfg, self.local, dt, self.attn_impl, name="attn")(
+                h, positions, cache, kv_len, lora, return_kv)
             if cfg.use_post_attn_norm:
                 h = RMSNorm("embed", cfg.norm_eps, dt, name="post_attention_norm")(h)
             x = x + h
@@ -206,20 +233,21 @@ class Transformer(nn.Module):
 
     config: GemmaConfig
     param_dtype: jnp.dtype = jnp.float32
+    attn_impl: str = "xla"
 
     @nn.compact
     def __call__(self, tokens, positions, cache: Cache | None = None, kv_len: int | None = None, lora=None,
-                 logits_at: jax.Array | None = None):
+                 logits_at: jax.Array | None = None, return_kv: bool = False):
         cfg, dt = self.config, self.param_dtype
         embedder = Embedder(cfg, dt, name="embedder")
         x = embedder.encode(tokens)
-        new_cache: Cache | None = None if cache is None else {}
+        new_cache: Cache | None = None if cache is None and not return_kv else {}
         for i, kind in enumerate(cfg.layer_types):
             name = f"layer_{i}"
             layer_lora = None if lora is None else (lora[0].layers[name], lora[1])
-            x, layer_cache = Block(cfg, kind == "local", dt, name=name)(
-                x, positions, None if cache is None else cache[name], kv_len, layer_lora)
-            if cache is not None:
+            x, layer_cache = Block(cfg, kind == "local", dt, self.attn_impl, name=name)(
+                x, positions, None if cache is None else cache[name], kv_len, layer_lora, return_kv)
+            if new_cache is not None:
                 new_cache[name] = layer_cache
         if logits_at is not None:  # only one position per row needs logits (e.g. a prompt's last)
             x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
@@ -231,16 +259,25 @@ class Transformer(nn.Module):
 
 
 def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, *,
-            config: GemmaConfig, kv_len: int | None = None, lora=None, logits_at: jax.Array | None = None):
+            config: GemmaConfig, kv_len: int | None = None, lora=None, logits_at: jax.Array | None = None,
+            return_kv: bool = False, attn_impl: str = "xla"):
     """Pure forward pass. params: the tree `params.init_params` returns (no "params" wrapper).
 
     tokens, positions: [B, T] int32. cache: from `init_cache` or a previous call, or None to run
-    without one. kv_len (static): attend only the first kv_len cache entries (must exceed every
-    position in this call). lora: None, or (bank, adapter_ids [B] int32) to add each row's LoRA
-    adapter from an `lora.AdapterBank` (id 0 = no adapter). logits_at: None, or [B] int positions:
+    without one. Without a cache the tokens attend each other causally by index, so each row's real
+    tokens must have positions 0, 1, ... (padding after them may have any position, e.g. S so that a
+    later cache write drops it). With a cache and T == 1 (decode), row b attends cache positions up
+    to its own (`attention.decode_attention`, reading only those; a position >= S marks an idle row).
+    kv_len (static): with a cache and T > 1, attend only the first kv_len cache entries (must exceed
+    every position in this call); decode needs no bound. return_kv (static, no cache): also return
+    this call's keys/values as a Cache of [B, K, T, H] per layer (index t = token t), for a caller to
+    place into a decode cache. attn_impl (static): one of `attention.IMPLS`. lora: None, or
+    (bank, adapter_ids [B] int32) to add each row's LoRA adapter from an `lora.AdapterBank` (id 0 =
+    no adapter). logits_at: None, or [B] int positions:
     then only those positions are unembedded and logits are [B, 1, V] (a prefill needs only each
     prompt's last position; the full [B, T, V] would be 2 GiB for one 2048-token Gemma 3 prompt).
-    Returns (logits [B, T, V] float32, new cache or None).
+    Returns (logits [B, T, V] float32, new cache, or this call's keys/values with return_kv, or None).
     """
     dtype = params["embedder"]["input_embedding"].dtype
-    return Transformer(config, dtype).apply({"params": params}, tokens, positions, cache, kv_len, lora, logits_at)
+    return Transformer(config, dtype, attn_impl).apply({"params": params}, tokens, positions, cache, kv_len, lora,
+                                                       logits_at, return_kv)

@@ -168,3 +168,39 @@ def test_default_impl_is_explicit():
     with pytest.raises(ValueError):
         attention.decode_attention(jnp.ones((1, 2, 8)), jnp.ones((1, 1, 16, 8)), jnp.ones((1, 1, 16, 8)),
                                    jnp.ones((1,), jnp.int32), scale=1.0, impl="cuda")
+
+
+# -- in the model ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_model_decode_steps_equal_the_full_forward(impl):
+    """Gemma 3 shape (sliding-window layers, window 8 < the 20 tokens): a 6-token prefill with
+    return_kv placed into a 64-position cache, then one token per step in rows of different lengths
+    (row 1 idle at position S in the first steps), against one full forward of each row."""
+    from gemma_jax import config as config_lib
+    from gemma_jax.model import LayerCache, forward, init_cache
+    from gemma_jax.params import init_params
+
+    cfg = config_lib.tiny_gemma3().replace(sliding_window=8)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(2, 20)), jnp.int32)
+    fwd = jax.jit(forward, static_argnames=("config", "kv_len", "return_kv", "attn_impl"))
+    full = np.asarray(fwd(params, tokens, jnp.broadcast_to(jnp.arange(20), (2, 20)), config=cfg)[0])
+
+    s, start = 64, 6
+    _, kv = fwd(params, tokens[:, :start], jnp.broadcast_to(jnp.arange(start), (2, start)), config=cfg,
+                    return_kv=True)
+    cache = {name: LayerCache(k=c.k.at[:, :, :start].set(kv[name].k), v=c.v.at[:, :, :start].set(kv[name].v))
+             for name, c in init_cache(cfg, 2, s).items()}
+    step = jax.jit(lambda p, t, pos, c: fwd(p, t, pos, c, config=cfg, attn_impl=impl))
+    late = 9  # row 1 joins at step 9: idle before (position S), its cache filled meanwhile by the prefill
+    for t in range(start, 20):
+        pos = jnp.asarray([[t], [t if t >= late else s]], jnp.int32)
+        if t == late:  # catch row 1 up to position `late` with a cached multi-token call (masked path)
+            ids = jnp.broadcast_to(jnp.arange(start, late), (2, late - start))
+            _, cache = fwd(params, tokens[:, start:late], jnp.where(jnp.arange(2)[:, None] == 1, ids, s), cache,
+                               config=cfg, kv_len=s)
+        logits, cache = step(params, tokens[:, t:t + 1], pos, cache)
+        np.testing.assert_allclose(np.asarray(logits)[0, 0], full[0, t], rtol=2e-4, atol=2e-4)
+        if t >= late:
+            np.testing.assert_allclose(np.asarray(logits)[1, 0], full[1, t], rtol=2e-4, atol=2e-4)
