@@ -75,8 +75,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="LoRA adapters held on device at once, mixed per batch row [GEMMA_JAX_LORA_SLOTS] (default 8; 0 = no LoRA)")
     a("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", "32")),
       help="largest adapter rank accepted [GEMMA_JAX_MAX_LORA_RANK] (default 32)")
-    a("--warmup", action="store_true", default=_env_bool("WARMUP", False),
-      help="compile every prefill/decode bucket before serving [GEMMA_JAX_WARMUP] (default: compile on first use)")
+    a("--warmup", action=argparse.BooleanOptionalAction, default=_env_bool("WARMUP", True),
+      help="compile every prefill/decode bucket before reporting ready, so the first request is as fast "
+           "as the tenth; --no-warmup compiles on first use instead [GEMMA_JAX_WARMUP=0] (default: on)")
     return parser
 
 

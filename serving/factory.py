@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,9 @@ log = logging.getLogger("serving.factory")
 RANDOM_CONFIGS = {
     "gemma_7b": config_lib.gemma_7b, "gemma_2b": config_lib.gemma_2b, "gemma3_270m": config_lib.gemma3_270m,
     "tiny_mha": config_lib.tiny_mha, "tiny_gemma3": config_lib.tiny_gemma3,
+    # a 256-token context: few buckets, so a full warmup compiles in seconds (smoke runs, startup tests)
+    "tiny_gemma3_short": lambda: config_lib.tiny_gemma3().replace(limits=config_lib.Limits(
+        max_input_tokens=192, max_total_tokens=256, max_batch_prefill_tokens=256)),
 }
 
 
@@ -59,12 +63,21 @@ def load_model(args: argparse.Namespace):
 
 
 def build_backend(args: argparse.Namespace) -> Backend:
+    """Load, then compile every bucket (`Engine.warmup`, unless --no-warmup) so that the server is
+    ready only once the first request runs as fast as the tenth; compiled executables come from
+    JAX's persistent cache (`gemma_jax.compilation_cache`) when an earlier start wrote them."""
+    from gemma_jax import compilation_cache
+
+    cache = compilation_cache.enable()
     config, params, tokenizer = load_model(args)
     engine = Engine(config, params, slots=args.max_batch, adapter_slots=args.lora_slots,
                     adapter_rank=args.max_lora_rank)
     if args.warmup:
-        log.info("compiling every prefill / decode bucket (--warmup)")
+        started = time.monotonic()
+        log.info("compiling every prefill / decode bucket (persistent cache: %s)", cache)
         engine.warmup()
+        log.info("compiled %d executables in %.1f s", sum(engine.compile_counts().values()),
+                 time.monotonic() - started)
     return make_backend(engine, tokenizer, model_name=args.model_name, max_queue=args.max_queue)
 
 

@@ -86,9 +86,22 @@ def _worker_exit(server, worker) -> None:
     log.info("gemma-jax stopped (pid %d)", worker.pid)
 
 
+QUIET_LIBRARIES = ("absl", "orbax", "jax", "jaxlib", "flax", "etils", "tensorstore", "urllib3", "filelock")
+
+
 def configure_logging(level: str = "info") -> None:
+    """Our lines at `level`; the libraries' (absl, orbax, jax, ...) only from WARNING up, so a start
+    logs what the server does, not each checkpoint read or compile."""
     logging.basicConfig(stream=sys.stderr, level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    floor = max(logging.WARNING, logging.getLevelName(level.upper()))
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(floor)
+    try:
+        from absl import logging as absl_logging  # noqa: PLC0415 - only if installed (orbax brings it)
+    except ImportError:
+        return
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def serve(
