@@ -50,7 +50,7 @@ def server(gguf_file, tmp_path_factory):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
     env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", GEMMA_JAX_CACHE=str(gguf_file.parent),
-               GEMMA_JAX_API_TOKEN=TOKEN)
+               GEMMA_JAX_API_TOKEN=TOKEN, GEMMA_JAX_WARMUP="0")  # warm starts: test_startup.py
     argv = [sys.executable, "-m", "serving.cli", "serve", "--random-weights", "tiny_gemma3", "--max-batch", "2",
             "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path_factory.mktemp("data")),
             "--threads", "4", "--graceful-timeout", str(GRACEFUL)]
