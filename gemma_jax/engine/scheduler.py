@@ -20,7 +20,15 @@ The device thread only moves token ids: each request's handle turns them into te
 device. An error while preparing one request, or while decoding its text, fails that request alone
 with `RequestFailed`; a failure of a whole dispatch fails the requests in it, and the loop goes on
 with a fresh decode state. `stats()` counts each request once, as what it ended as (completed,
-cancelled or failed), even when its text fails to decode after the device finished with it.
+cancelled or failed), even when its text fails to decode after the device finished with it. If the
+device thread itself dies (say a fresh decode state cannot be made), every request it held fails and
+`submit` refuses new ones with RequestFailed: nothing waits forever on a thread that is gone.
+
+Faults, for tests only: `Scheduler(fault=f)` calls `f("prefill")` where a group of prompts is about to
+be prefilled and `f("generate")` where a dispatch is about to be enqueued; whatever `f` raises there is
+what a failing device would raise (sleeping there is a slow device). Without `fault=`, the
+`GEMMA_JAX_TEST_FAULT` environment variable (`fault_from_env`) gives a real server process the same
+hook: a trigger file that a test writes when it wants the next dispatch to fail.
 
 Token accounting: `completion_tokens` counts every drawn token, a final stop token included (as TGI
 counts `generated_tokens`); the stop token is neither in `token_ids` nor in the text.
@@ -31,6 +39,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
+import os
 import queue
 import sys
 import threading
@@ -45,7 +55,11 @@ from gemma_jax.engine.api import (
 from gemma_jax.engine.engine import Engine
 from gemma_jax.tokenizer import IncrementalDecoder
 
+log = logging.getLogger("gemma_jax.scheduler")
+
 _TOKENS, _DONE, _ERROR = "tokens", "done", "error"
+FAULT_ENV = "GEMMA_JAX_TEST_FAULT"
+FAULT_STAGES = ("prefill", "generate")
 _STAT = {"completed": "requests_completed", "cancelled": "requests_cancelled", "failed": "requests_failed"}
 
 
@@ -192,10 +206,49 @@ class _Queued:
     adapter_id: int
 
 
+class InjectedFault(RuntimeError):
+    """What the test-only fault hook raises in place of a device failure."""
+
+
+def fault_from_env(environ=os.environ) -> Callable[[str], None] | None:
+    """The test-only fault hook of a real server process, or None when `GEMMA_JAX_TEST_FAULT` is unset.
+
+    `GEMMA_JAX_TEST_FAULT=<path>` names a trigger file, looked at (only while the variable is set)
+    each time the device thread reaches a stage. A file holding one word, a stage ("prefill" or
+    "generate"), makes the next such stage raise InjectedFault, once: the device thread removes
+    the file as it fires. "<stage> <seconds>" instead sleeps at each such stage for as long as the
+    file exists (a slow device, for deadline tests). Write the file atomically (write, then rename).
+    """
+    path = environ.get(FAULT_ENV)
+    if not path:
+        return None
+
+    def fault(stage: str) -> None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                words = f.read().split()
+        except OSError:  # no trigger now
+            return
+        if not words or words[0] != stage:
+            return
+        if len(words) > 1:
+            time.sleep(float(words[1]))
+            return
+        try:
+            os.remove(path)
+        except FileNotFoundError:  # someone else consumed it
+            return
+        raise InjectedFault(f"injected fault in {stage} (test hook {FAULT_ENV})")
+
+    return fault
+
+
 class Scheduler:
     """Owns the engine's device from one thread; see the module docstring."""
 
-    def __init__(self, engine: Engine, tokenizer, *, max_queue: int = 256, seed: int | None = None):
+    def __init__(self, engine: Engine, tokenizer, *, max_queue: int = 256, seed: int | None = None,
+                 fault: Callable[[str], None] | None = None):
+        """fault: the test-only hook (module docstring); None: `fault_from_env()`, normally nothing."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_queue = int(max_queue)
@@ -207,6 +260,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self._stats = collections.Counter()
+        self._fault = fault if fault is not None else fault_from_env()
+        self._dead: BaseException | None = None  # why the device thread died, if it did
 
     # -- public API -------------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -214,7 +269,8 @@ class Scheduler:
             if self._running:
                 return self
             self._running = True
-        self._thread = threading.Thread(target=self._loop, name="gemma-jax-device", daemon=True)
+            self._dead = None
+        self._thread = threading.Thread(target=self._run, name="gemma-jax-device", daemon=True)
         self._thread.start()
         return self
 
@@ -252,6 +308,8 @@ class Scheduler:
         adapter_id = 0 if request.adapter is None else self.engine.adapter_id(request.adapter)
         handle = Handle(request, self.tokenizer, next(self._ids), on_cancel=self._wake, on_outcome=self._counted)
         with self._cond:
+            if self._dead is not None:
+                raise RequestFailed(f"the device thread died: {self._dead!r}")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             self._queue.append(_Queued(handle, limit, adapter_id))
@@ -264,10 +322,10 @@ class Scheduler:
             active = sum(s is not None for s in self._slots)
             out = dict(self._stats)
             out.update(queue_depth=len(self._queue), active_slots=active, slots=self.engine.slots,
-                       max_queue=self.max_queue, running=self._running,
+                       max_queue=self.max_queue, running=self._running and self._dead is None,
                        compiles=sum(self.engine.compile_counts().values()))
         for key in ("tokens_generated", "requests_completed", "requests_failed", "requests_cancelled",
-                    "dispatches", "prefill_batches"):
+                    "dispatches", "prefill_batches", "dispatch_failures", "prefill_failures"):
             out.setdefault(key, 0)
         return out
 
@@ -290,6 +348,24 @@ class Scheduler:
     def _has_work(self) -> bool:
         return bool(self._queue) or any(s is not None for s in self._slots)
 
+    def _run(self) -> None:
+        """The device thread: `_loop`, and if it ever raises, fail everything rather than hang."""
+        try:
+            self._loop()
+        except BaseException as err:  # noqa: BLE001 - the thread is gone: say so to every waiter
+            log.exception("the scheduler's device thread died")
+            with self._cond:
+                self._dead = err
+                pending = [q.handle for q in self._queue] + [s.handle for s in self._slots if s is not None]
+                self._queue.clear()
+                self._slots = [None] * self.engine.slots
+            for handle in pending:
+                handle.fail(RequestFailed(f"the device thread died: {err!r}"))
+
+    def _fault_point(self, stage: str) -> None:
+        if self._fault is not None:
+            self._fault(stage)
+
     def _loop(self) -> None:
         engine = self.engine
         state = engine.init_state()
@@ -307,6 +383,7 @@ class Scheduler:
                 live = [s for s in self._slots if s is not None]
                 if live:
                     longest = max(s.bound for s in live)
+                    self._fault_point("generate")
                     state, tokens = engine.generate(state, longest, live=[s.slot for s in live])
                     for s in live:
                         s.bound = min(s.bound + engine.steps, s.prompt_len + s.limit - 1)
@@ -316,12 +393,15 @@ class Scheduler:
                     self._deliver(*inflight)
                 inflight = enqueued
             except Exception as err:  # a whole dispatch failed: fail its requests, start afresh
+                log.warning("a dispatch failed (%r): failing its %d request(s)", err,
+                            sum(s is not None for s in self._slots))
+                self._count("dispatch_failures")
                 owners = [s for s in self._slots if s is not None]
                 self._slots = [None] * engine.slots
                 inflight = None
                 for s in owners:
                     s.handle.fail(err)
-                state = engine.init_state()
+                state = engine.init_state()  # if even this fails, `_run` fails everything
 
     def _cancel_slots(self, state):
         freed = []
@@ -356,10 +436,12 @@ class Scheduler:
                 continue
             free = [i for i, s in enumerate(self._slots) if s is None][: len(group)]
             try:
+                self._fault_point("prefill")
                 prefix = self.engine.prefill_prompts(
                     [q.handle.request.prompt_ids for q in group], [q.handle.request.sampling for q in group],
                     [q.limit for q in group], [q.adapter_id for q in group], rng=self._rng)
             except Exception as err:  # the decode state is untouched: only this group fails
+                self._count("prefill_failures")
                 for q in group:
                     q.handle.fail(err)
                 continue
