@@ -419,6 +419,8 @@ def main(argv=None) -> int:
     p.add_argument("--request-timeout", type=float, default=300.0, help="client timeout of one request (a hang)")
     p.add_argument("--server-log", default=os.path.join(tempfile.gettempdir(), "gemma-jax-load-server.log"))
     p.add_argument("--no-capacity", action="store_true", help="skip phase 2")
+    p.add_argument("--ready-timeout", type=float, default=1800.0,
+                   help="seconds the started server may take to report ready (it compiles every bucket first)")
     args = p.parse_args(argv)
 
     headers = {"Authorization": f"Bearer {args.api_token}"} if args.api_token else {}
@@ -435,7 +437,7 @@ def main(argv=None) -> int:
                 flags += ["--random-weights", args.random_weights]
             print(f"starting gemma-jax serve {' '.join(flags[2:])} (log: {args.server_log})", flush=True)
             started = time.monotonic()
-            base = stack.enter_context(server(flags, log_path=args.server_log))
+            base = stack.enter_context(server(flags, log_path=args.server_log, ready_timeout=args.ready_timeout))
             print(f"ready in {time.monotonic() - started:.1f} s at {base}", flush=True)
         lora = None
         if not args.no_lora:
