@@ -154,7 +154,7 @@ def main(argv=None) -> None:
           f"python {platform.python_version()}, {os.cpu_count()} CPUs")
     print(f"load {load_s:.1f} s, warm-up (compiles) {compile_s:.1f} s, compiles {engine.compile_counts()}")
     print(f"batch {args.batch}, prompt {args.prompt_len}, new {args.new_tokens}, steps/dispatch {engine.steps}, "
-          f"kv buckets {engine.kv_buckets}")
+          f"attention {engine.attention_impl}")
     print(f"TTFT (prompt {args.prompt_len}, batch 1): median {statistics.median(ttfts) * 1e3:.1f} ms "
           f"(min {ttfts[0] * 1e3:.1f})")
     print(f"decode: {statistics.median(rates):.1f} tok/s median over {args.repeats} runs "

@@ -34,8 +34,7 @@ from gemma_jax.tokenizer import Tokenizer
 
 # Small limits so the tests use few, small buckets: prompts <= 32 tokens, 64 in all.
 TEST_LIMITS = config_lib.Limits(max_input_tokens=32, max_total_tokens=64, max_batch_prefill_tokens=64)
-ENGINE_KW = dict(slots=4, prefill_buckets=(16, 32), prefill_batches=(1, 4), kv_buckets=(32, 64),
-                 steps_per_call=4)
+ENGINE_KW = dict(slots=4, prefill_buckets=(16, 32), prefill_batches=(1, 4), steps_per_call=4)
 
 
 @functools.lru_cache(maxsize=None)

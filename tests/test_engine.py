@@ -103,10 +103,10 @@ def test_device_functions_work_without_the_engine_class():
     prefix = prefill(params, None, tokens, lengths, rows_from_params([GREEDY] * 2), np.asarray([10, 10], np.int32),
                      np.zeros((2,), np.int32), config=config, cache_dtype=jnp.float32, use_lora=False, mode="greedy")
     state = jax.jit(insert_step)(prefix, init_decode_state(config, 3, 64), np.asarray([2, 0], np.int32))
-    generate = jax.jit(generate_steps, static_argnames=("config", "steps", "kv_len", "use_lora", "mode"))
+    generate = jax.jit(generate_steps, static_argnames=("config", "steps", "use_lora", "mode"))
     got = {2: [int(prefix.tokens[0])], 0: [int(prefix.tokens[1])]}
     for _ in range(3):
-        state, out = generate(params, None, state, config=config, steps=4, kv_len=64, use_lora=False, mode="greedy")
+        state, out = generate(params, None, state, config=config, steps=4, use_lora=False, mode="greedy")
         for row in np.asarray(out):  # [steps, B]
             assert row[1] == -1  # slot 1 was never filled
             for slot in got:
@@ -138,8 +138,8 @@ def test_compile_count_constant_across_50_mixed_requests_after_warmup(bank):
     after warmup nothing compiles, whichever variant a dispatch needs."""
     config, params, engine = tiny_engine("tiny_gemma3", warm=True)
     if bank:  # one bucket of each kind: twice the variants, so fewer shapes
-        engine = Engine(config, params, **{**ENGINE_KW, "prefill_buckets": (32,), "prefill_batches": (1,),
-                                           "kv_buckets": (64,)}, adapter_slots=2, adapter_rank=8)
+        engine = Engine(config, params, **{**ENGINE_KW, "prefill_buckets": (32,), "prefill_batches": (1,)},
+                        adapter_slots=2, adapter_rank=8)
         tensors = random_lora_tensors(config, 8, 0, list(lora.TARGETS), std=0.2)
         adapter = adapter_from_peft({"r": 8, "lora_alpha": 8, "target_modules": list(lora.TARGETS)}, tensors, config)
         engine.warmup()  # before the load: a load changes no shape
@@ -168,7 +168,7 @@ def test_compile_count_constant_across_50_mixed_requests_after_warmup(bank):
     variants = len(MODES) * (2 if bank else 1)  # sampling modes x LoRA off/on
     # prefill always samples in the widest mode: one compile per bucket and LoRA off/on
     assert before["prefill"] == len(buckets) * (2 if bank else 1) and before["insert"] == len(buckets)
-    assert before["generate"] == len(engine.kv_buckets) * variants
+    assert before["generate"] == variants  # no kv bucket: one compile per variant
 
 
 def test_limits_refuse_over_long_requests():
@@ -192,3 +192,29 @@ def test_limits_refuse_over_long_requests():
     assert engine.plan_prefill([5, 6, 7, 3], free_slots=3) == 3  # padded to a batch of 4 x 16
     tokens, lengths = engine.pack([[2, 7], [2, 8, 9]])
     assert tokens.shape == (4, 16) and lengths.tolist() == [2, 3, 1, 1]
+
+
+def test_pallas_decode_kernel_in_the_engine_matches_full_recompute():
+    """The engine with attention_impl="pallas_interpret" (JAX's Triton decode kernel, run by Pallas's
+    interpreter on this CPU) over mixed lengths on the sliding-window Gemma 3 shape."""
+    config, params, _ = tiny_engine("tiny_gemma3")
+    engine = Engine(config, params, **{**ENGINE_KW, "prefill_batches": (1,)}, attention_impl="pallas_interpret")
+    prompts = prompts_for([3, 21, 12], seed=8)
+    assert run_to_completion(engine, prompts, max_tokens=10) == naive_greedy(config, params, prompts, 10)
+
+
+def test_attention_impl_choice_and_prompt_buckets():
+    config, params, _ = tiny_engine("tiny_gemma3")
+    assert Engine(config, params, **ENGINE_KW).attention_impl == "xla"  # the automatic choice on a CPU
+    sharded = Engine(config, params, mesh=make_mesh(data=2, model=4), **ENGINE_KW, attention_impl="xla")
+    assert sharded.attention_impl == "xla"
+    with pytest.raises(ValueError):
+        Engine(config, params, **ENGINE_KW, attention_impl="triton")
+    with pytest.raises(ValueError):  # 100 positions do not split into power-of-two blocks
+        Engine(config, params, **{**ENGINE_KW, "max_len": 100}, attention_impl="pallas_gpu")
+    # Default prompt buckets for the 1512-token input limit: quarter steps near the top, not 1024 -> 1536.
+    wide = config.replace(limits=config.limits.__class__(max_input_tokens=1512, max_total_tokens=2048,
+                                                         max_batch_prefill_tokens=4096))
+    engine = Engine(wide, params, slots=2)
+    assert engine.prefill_buckets == (32, 64, 128, 256, 512, 768, 1024, 1280, 1536)
+    assert engine.max_input == 1512 and engine.prompt_bucket(1100) == 1280 and engine.prompt_bucket(1300) == 1536

@@ -23,7 +23,7 @@ from hf_reference import random_lora_tensors
 
 GREEDY = SamplingParams(temperature=0.0)
 # One bucket of each kind (prompts <= 32 tokens, one prompt per prefill, 64 cache positions): few compiles.
-ENGINE_KW = dict(slots=4, prefill_buckets=(32,), prefill_batches=(1,), kv_buckets=(64,), steps_per_call=4)
+ENGINE_KW = dict(slots=4, prefill_buckets=(32,), prefill_batches=(1,), steps_per_call=4)
 ALL = list(lora.TARGETS)
 
 
@@ -166,8 +166,8 @@ def test_compiled_decode_with_a_bank_has_no_per_row_weight_copy_and_no_condition
     batch = 2
     bank = lora.make_bank(cfg, 4, 16, rank_buckets=(8,))
     state = init_decode_state(cfg, batch, 64)
-    generate = jax.jit(generate_steps, static_argnames=("config", "steps", "kv_len", "use_lora", "mode"))
-    hlo = generate.lower(params, bank, state, config=cfg, steps=2, kv_len=64, use_lora=True,
+    generate = jax.jit(generate_steps, static_argnames=("config", "steps", "use_lora", "mode"))
+    hlo = generate.lower(params, bank, state, config=cfg, steps=2, use_lora=True,
                          mode="greedy").compile().as_text()
     assert not re.search(r"\bconditional\(", hlo)
     shapes = set(re.findall(r"\[([\d,]+)\]", hlo))

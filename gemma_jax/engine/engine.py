@@ -7,9 +7,9 @@ The device functions are plain module-level functions; their keyword arguments a
 them, or name them in `static_argnames`, when you jit):
 
     prefill_step(params, bank, tokens [P, T], lengths [P], rows, limit [P], adapter_ids [P], *,
-                 config, cache_dtype, use_lora, mode) -> Prefix
+                 config, cache_dtype, use_lora, mode, attn_impl="xla") -> Prefix
     insert_step(prefix, state, slots [P]) -> state                 (slot >= B: that row is dropped)
-    generate_steps(params, bank, state, *, config, steps, kv_len, use_lora, mode)
+    generate_steps(params, bank, state, *, config, steps, use_lora, mode, attn_impl="xla")
         -> (state, tokens [steps, B])                              (-1 where a slot drew nothing)
     release_step(state, mask [B]) -> state
 
@@ -20,19 +20,26 @@ They need no `Engine`. With `state = init_decode_state(config, B, S)` and sampli
     prefix = prefill(params, None, tokens, lengths, rows, limit, ids, config=config,
                      cache_dtype=jnp.float32, use_lora=False, mode="greedy")
     state = insert_step(prefix, state, slots)
-    state, tokens = generate_steps(params, None, state, config=config, steps=8, kv_len=S,
-                                   use_lora=False, mode="greedy")
+    state, tokens = generate_steps(params, None, state, config=config, steps=8, use_lora=False,
+                                   mode="greedy")
 
 Static variants, so that no dispatch has data-dependent control flow (no `lax.cond`, whose predicate
 a GPU copies to the host): `use_lora` False runs the model with lora=None (no LoRA cost at all),
 True adds each row's adapter from the bank (`lora.AdapterBank`, id 0 = base model, so one batch
 mixes adapters); `mode` is the sampling mode (`sampling.MODES`), which must serve every row that
-draws (`sampling.mode_for`). The caller picks both from what it knows on the host.
+draws (`sampling.mode_for`). The caller picks both from what it knows on the host. `attn_impl` is the
+attention implementation (`attention.IMPLS`): "xla", or "pallas_gpu" (JAX's Triton decode kernel,
+cuDNN flash prefill).
 
 `Engine`, the host shell, owns what is not a device value:
-- buckets, so the number of compilations is bounded: prompts pad to `prefill_buckets` (T), prefill
-  batches to `prefill_batches` (P, with P * T within the batch prefill budget), the attention span
-  to `kv_buckets`; `compile_counts()` counts traces of each function for tests;
+- buckets, so the number of compilations is bounded: prompts pad to `prefill_buckets` (T: powers of
+  two to 512, then 768, 1024 and quarter steps of each octave above: 1280, 1536, ...), prefill
+  batches to `prefill_batches` (P, with P * T within the batch prefill budget); decode has no bucket
+  (one compile per variant: attention reads each slot's own length); `compile_counts()` counts
+  traces of each function for tests;
+- the attention implementation, `attention_impl`: by default `attention.default_impl()` ("pallas_gpu"
+  on a GPU, else "xla"), kept only where the kernel applies (one device, a cache length it can split:
+  `attention.pallas_fits`), else "xla"; an explicit choice is used as given;
 - the jit objects: the decode state donated, every function's output shardings pinned (the state
   split as `state.state_shardings`, a prefix as `state.prefix_shardings`, tokens replicated), so a
   steady state never sees a new layout or a recompile; slots are split over the mesh's "data" axis
@@ -54,8 +61,11 @@ What makes it fast on an accelerator:
 - `generate_steps` runs `steps` decode steps per dispatch in a `lax.fori_loop` and packs the
   steps x B tokens into one array whose host copy starts at once (`copy_to_host_async`): one host
   round trip per `steps` tokens.
-- Attention reads only a *kv bucket* covering the longest active length (`forward(kv_len=...)`), not
-  the whole cache; the caller passes an upper bound of the longest slot and the engine rounds it up.
+- Decode attention reads each slot's own length in place (`attention.decode_attention`): the Pallas
+  kernel per (slot, kv head); the XLA path block by block up to the longest live slot, the loop's
+  bounds computed on the device. No [B, K, span, H] copy of the cache, no compile per context length.
+- Prefill is `jax.nn.dot_product_attention` (causal; cuDNN flash attention with "pallas_gpu") and
+  returns each layer's K/V [P, K, T, H], which `insert_step` writes straight into the decode cache.
 - Sampling parameters, RNG keys, penalty state, token budgets and stop tests live on the device in
   the `DecodeState`; nothing crosses to the device per step.
 - Prefill computes logits only at each prompt's last position (the unembedding of all T positions
@@ -75,12 +85,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gemma_jax import attention
 from gemma_jax import lora as lora_lib
 from gemma_jax import params as params_lib
 from gemma_jax.config import GemmaConfig
 from gemma_jax.engine.api import SamplingParams, UnknownAdapter, check_limits
 from gemma_jax.engine.state import DecodeState, Prefix, init_decode_state, prefix_shardings, state_shardings
-from gemma_jax.model import LayerCache, forward, init_cache
+from gemma_jax.model import LayerCache, forward
 from gemma_jax.sampling import (MODES, SamplingRows, mode_for, prompt_seen, rows_from_params, sample,
                                 update_penalty_state)
 from gemma_jax.sharding import make_mesh
@@ -94,20 +105,23 @@ _MODE_EXAMPLES = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.
 # -- device functions ------------------------------------------------------------------------------
 def prefill_step(params, bank: lora_lib.AdapterBank | None, tokens: jax.Array, lengths: jax.Array,
                  rows: SamplingRows, limit: jax.Array, adapter_ids: jax.Array, *, config: GemmaConfig,
-                 cache_dtype, use_lora: bool, mode: str) -> Prefix:
+                 cache_dtype, use_lora: bool, mode: str, attn_impl: str = "xla") -> Prefix:
     """Prefill P padded prompts and draw each one's first token.
 
     tokens [P, T] int32 (padded), lengths [P] (true lengths >= 1), rows: [P] sampling rows,
     limit [P] most tokens each may draw, adapter_ids [P] (0 = base model; read only with use_lora).
+    The prefix's cache is each layer's K/V [P, K, T, H] as computed (no zero cache, no scatter);
+    entries at t >= length are padding, never read (decode attends [0, length) and overwrites them).
     """
     if use_lora and bank is None:
         raise ValueError("use_lora needs an adapter bank")
     p, t = tokens.shape
     index = jnp.arange(t)[None, :]
     positions = jnp.where(index < lengths[:, None], index, t)  # padding writes are dropped
-    cache = init_cache(config, p, t, cache_dtype)
     lora = (bank, adapter_ids) if use_lora else None
-    logits, cache = forward(params, tokens, positions, cache, config=config, lora=lora, logits_at=lengths - 1)
+    logits, kv = forward(params, tokens, positions, None, config=config, lora=lora, logits_at=lengths - 1,
+                         return_kv=True, attn_impl=attn_impl)
+    cache = jax.tree.map(lambda x: x.astype(cache_dtype), kv)  # [P, K, T, H] per layer
     logits = logits[:, 0]  # [P, V]: each prompt's last position only
     seen = prompt_seen(tokens, lengths, config.vocab_size)  # [P, V]
     counts = jnp.zeros((p, config.vocab_size), jnp.int32)
@@ -136,10 +150,10 @@ def insert_step(prefix: Prefix, state: DecodeState, slots: jax.Array) -> DecodeS
 
 
 def generate_steps(params, bank: lora_lib.AdapterBank | None, state: DecodeState, *, config: GemmaConfig,
-                   steps: int, kv_len: int, use_lora: bool, mode: str) -> tuple[DecodeState, jax.Array]:
-    """`steps` decode steps of every live slot, attending the first `kv_len` cache positions (which
-    must exceed every live slot's `lengths` + steps - 1). Returns (state, tokens [steps, B] int32,
-    -1 where a slot drew nothing)."""
+                   steps: int, use_lora: bool, mode: str, attn_impl: str = "xla") -> tuple[DecodeState, jax.Array]:
+    """`steps` decode steps of every live slot, each attending its own cache positions (an idle slot
+    is fed position S: it writes and reads nothing). Returns (state, tokens [steps, B] int32, -1 where
+    a slot drew nothing)."""
     if use_lora and bank is None:
         raise ValueError("use_lora needs an adapter bank")
     slots, max_len = state.tokens.shape[0], next(iter(state.cache.values())).k.shape[2]  # B, S
@@ -150,8 +164,8 @@ def generate_steps(params, bank: lora_lib.AdapterBank | None, state: DecodeState
         live = st.live  # [B]
         positions = jnp.where(live, st.lengths, max_len)[:, None]  # idle slots write nothing
         lora = (bank, st.adapter_ids) if use_lora else None
-        logits, cache = forward(params, st.tokens[:, None], positions, st.cache, config=config, kv_len=kv_len,
-                                lora=lora)
+        logits, cache = forward(params, st.tokens[:, None], positions, st.cache, config=config, lora=lora,
+                                attn_impl=attn_impl)
         drawn = sample(logits[:, 0], st.rows, st.seen, st.counts, st.step, mode=mode)  # [B]
         drawn = jnp.where(live, drawn, -1)
         seen, counts = update_penalty_state(st.seen, st.counts, drawn)  # -1 is ignored
@@ -171,11 +185,20 @@ def release_step(state: DecodeState, mask: jax.Array) -> DecodeState:
 
 
 # -- the host shell --------------------------------------------------------------------------------
-def _pow2_buckets(lo: int, hi: int) -> list[int]:
+def _prompt_buckets(lo: int, hi: int) -> list[int]:
+    """Prompt buckets below `hi`: powers of two from `lo` to 512, then 768, then four steps per
+    octave (1024, 1280, 1536, 1792, 2048, 2560, ...): a long prompt pads by at most a quarter, and the
+    count stays logarithmic in `hi`."""
     out, b = [], lo
-    while b < hi:
+    while b < min(hi, 512):
         out.append(b)
         b *= 2
+    if hi > 512:
+        out += [b for b in (512, 768) if b < hi]
+        octave = 1024
+        while octave < hi:
+            out += [b for b in range(octave, 2 * octave, octave // 4) if b < hi]
+            octave *= 2
     return out
 
 
@@ -199,7 +222,7 @@ class Engine:
     def __init__(self, config: GemmaConfig, params, *, slots: int, max_len: int | None = None,
                  mesh: Mesh | None = None, prefill_buckets: Sequence[int] | None = None,
                  prefill_batches: Sequence[int] = (1, 2, 4, 8), steps_per_call: int = 8,
-                 kv_buckets: Sequence[int] | None = None, cache_dtype=None,
+                 attention_impl: str | None = None, cache_dtype=None,
                  adapter_slots: int = 0, adapter_rank: int = lora_lib.DEFAULT_MAX_RANK,
                  adapter_rank_buckets: Sequence[int] = lora_lib.DEFAULT_RANK_BUCKETS, adapter_dtype=None):
         limits = config.limits
@@ -210,7 +233,7 @@ class Engine:
         want_input = min(limits.max_input_tokens, self.max_total - 1)
         if prefill_buckets is None:
             top = min(-(-want_input // 128) * 128 if want_input > 128 else want_input, self.max_len)
-            prefill_buckets = _pow2_buckets(32, top) + [top]
+            prefill_buckets = _prompt_buckets(32, top) + [top]
         self.prefill_buckets = tuple(sorted(set(int(b) for b in prefill_buckets)))
         if self.prefill_buckets[-1] > self.max_len:
             raise ValueError(f"prefill bucket {self.prefill_buckets[-1]} exceeds max_len {self.max_len}")
@@ -218,11 +241,9 @@ class Engine:
         self.prefill_budget = limits.max_batch_prefill_tokens
         self.prefill_batches = tuple(sorted({1, *(int(b) for b in prefill_batches if b <= self.slots)}))
         self.steps = int(steps_per_call)
-        if kv_buckets is None:
-            kv_buckets = _pow2_buckets(128, self.max_len)
-        self.kv_buckets = tuple(sorted({*(int(b) for b in kv_buckets if b < self.max_len), self.max_len}))
 
         self.mesh = mesh if mesh is not None else make_mesh(1, 1, devices=jax.devices()[:1])
+        self.attention_impl = self._attention_impl(attention_impl)
         self.params = self._place_params(params)
         self.cache_dtype = jnp.dtype(cache_dtype or params["embedder"]["input_embedding"].dtype)
         self.state_sharding = state_shardings(config, self.slots, self.max_len, self.mesh)
@@ -243,6 +264,20 @@ class Engine:
         self._free = [collections.deque(self.bank.bucket_ids(k)) for k in buckets]
         self._bank_lock = threading.Lock()  # bank updates (donated) vs dispatches that read it
 
+    def _attention_impl(self, asked: str | None) -> str:
+        """The explicit choice, else `attention.default_impl()` where it applies: the Pallas kernel
+        runs unsharded (one device) on a cache it can split into power-of-two blocks."""
+        if asked is not None:
+            if asked not in attention.IMPLS:
+                raise ValueError(f"attention_impl must be one of {attention.IMPLS}, not {asked!r}")
+            if asked != "xla" and not attention.pallas_fits(self.max_len):
+                raise ValueError(f"the Pallas decode kernel cannot split max_len {self.max_len}")
+            return asked
+        impl = attention.default_impl()
+        if impl != "xla" and (self.mesh.size > 1 or not attention.pallas_fits(self.max_len)):
+            impl = "xla"
+        return impl
+
     def _place_params(self, params):
         shardings = params_lib.param_shardings(self.config, self.mesh, quantized=params_lib.is_quantized(params))
         if jax.tree.structure(shardings) != jax.tree.structure(params):
@@ -254,6 +289,7 @@ class Engine:
         output shardings pinned. Each wrapper bumps a trace counter: a retrace is a compile."""
         cfg, dtype, slots, max_len, steps, traces = (self.config, self.cache_dtype, self.slots, self.max_len,
                                                      self.steps, self._traces)
+        impl = self.attention_impl
 
         def init():
             traces["init"] += 1
@@ -262,16 +298,16 @@ class Engine:
         def prefill(params, bank, tokens, lengths, rows, limit, adapter_ids, *, use_lora, mode):
             traces["prefill"] += 1
             return prefill_step(params, bank, tokens, lengths, rows, limit, adapter_ids, config=cfg,
-                                cache_dtype=dtype, use_lora=use_lora, mode=mode)
+                                cache_dtype=dtype, use_lora=use_lora, mode=mode, attn_impl=impl)
 
         def insert(prefix, state, slot_ids):
             traces["insert"] += 1
             return insert_step(prefix, state, slot_ids)
 
-        def generate(params, bank, state, *, kv_len, use_lora, mode):
+        def generate(params, bank, state, *, use_lora, mode):
             traces["generate"] += 1
-            return generate_steps(params, bank, state, config=cfg, steps=steps, kv_len=kv_len,
-                                  use_lora=use_lora, mode=mode)
+            return generate_steps(params, bank, state, config=cfg, steps=steps, use_lora=use_lora, mode=mode,
+                                  attn_impl=impl)
 
         def release(state, mask):
             traces["release"] += 1
@@ -282,7 +318,7 @@ class Engine:
         self._prefill_jit = jax.jit(prefill, static_argnames=("use_lora", "mode"),
                                     out_shardings=prefix_shardings(cfg, self.mesh))
         self._insert_jit = jax.jit(insert, donate_argnums=(1,), out_shardings=self.state_sharding)
-        self._generate_jit = jax.jit(generate, static_argnames=("kv_len", "use_lora", "mode"), donate_argnums=(2,),
+        self._generate_jit = jax.jit(generate, static_argnames=("use_lora", "mode"), donate_argnums=(2,),
                                      out_shardings=(self.state_sharding, replicated))
         self._release_jit = jax.jit(release, donate_argnums=(0,), out_shardings=self.state_sharding)
 
@@ -333,22 +369,20 @@ class Engine:
 
     def generate(self, state: DecodeState, longest: int | None = None,
                  live: Sequence[int] | None = None) -> tuple[DecodeState, jax.Array]:
-        """`steps` decode steps. `longest`: upper bound of any live slot's `lengths` (None: the whole
-        cache). `live`: the slots live in this dispatch (None: every slot inserted and not released);
+        """`steps` decode steps. `longest` is not used (attention reads each slot's own length, so
+        no bound is needed; callers that track one may still pass it). `live`: the slots live in this dispatch (None: every slot inserted and not released);
         the compiled variant is the least general that serves them (LoRA only if one of them has an
         adapter; their widest sampling mode). A live slot left out of `live` may decode wrongly.
 
         Returns (state, tokens [steps, B] int32, -1 where a slot drew nothing); the tokens' copy to
         the host has already started. Donates `state`.
         """
-        kv_len = self.kv_bucket(self.max_len if longest is None else longest + self.steps)
         slots = self._needs.keys() if live is None else live
         unknown = (self.bank is not None, MODES[-1])
         needs = [self._needs.get(int(s), unknown) for s in slots]
         use_lora, mode = any(a for a, _ in needs), _widest(m for _, m in needs)
         with self._bank_lock:
-            state, tokens = self._generate_jit(self.params, self.bank, state, kv_len=kv_len, use_lora=use_lora,
-                                               mode=mode)
+            state, tokens = self._generate_jit(self.params, self.bank, state, use_lora=use_lora, mode=mode)
         tokens.copy_to_host_async()
         return state, tokens
 
@@ -362,8 +396,8 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile every variant serving can reach, through the functions above: prefill (and
-        insert) per (P, T) bucket, generate per kv bucket, each for every sampling mode and, with a
-        bank, LoRA on and off; then release. Afterwards `compile_counts()` stays constant."""
+        insert) per (P, T) bucket, generate once per sampling mode and, with a bank, LoRA on and
+        off; then release. Afterwards `compile_counts()` stays constant."""
         examples = {mode_for([s]): s for s in _MODE_EXAMPLES}
         if set(examples) != set(MODES):
             raise AssertionError(f"warmup examples cover {sorted(examples)}, not every mode of {MODES}")
@@ -378,12 +412,10 @@ class Engine:
                         sampling = examples[MODES[-1]]
                         prefix = self.prefill_prompts([[bos] * t] * p, [sampling] * p, [1] * p, [adapter] * p, rng)
                         state = self.insert(prefix, state, self.pad_slots([], prefix))  # rows dropped
-        for kv_len in self.kv_buckets:
-            longest = max(1, kv_len - self.steps)  # the bucket generate(longest) picks: kv_len if reachable
-            for adapter, sampling in variants:
-                prefix = self.prefill_prompts([[bos]], [sampling], [1], [adapter], rng)  # done at once
-                state = self.insert(prefix, state, self.pad_slots([0], prefix))
-                state, _ = self.generate(state, longest, live=[0])
+        for adapter, sampling in variants:
+            prefix = self.prefill_prompts([[bos]], [sampling], [1], [adapter], rng)  # done at once
+            state = self.insert(prefix, state, self.pad_slots([0], prefix))
+            state, _ = self.generate(state, live=[0])
         jax.block_until_ready(self.release(state, range(self.slots)))
 
     # -- host-side planning -----------------------------------------------------------------------
@@ -448,9 +480,6 @@ class Engine:
 
     def batch_bucket(self, n: int) -> int:
         return next(b for b in self.prefill_batches if b >= n)
-
-    def kv_bucket(self, length: int) -> int:
-        return next((b for b in self.kv_buckets if b >= length), self.max_len)
 
     def plan_prefill(self, prompt_lengths: Sequence[int], free_slots: int) -> int:
         """How many of the leading prompts to prefill together (>= 1), within the slots free, the

@@ -37,7 +37,7 @@ from gemma_jax.sampling import SamplingRows, empty_rows
 class Prefix:
     """P prompts after prefill, ready to be inserted into decode slots (padding rows included)."""
 
-    cache: Cache  # [P, K, T, H] per layer, T = the prompt bucket
+    cache: Cache  # [P, K, T, H] per layer, T = the prompt bucket: prefill's K/V as computed (t >= length: padding)
     lengths: jax.Array  # [P] int32, true prompt lengths
     tokens: jax.Array  # [P] int32, the first drawn token
     rows: SamplingRows  # [P] per-row sampling parameters (keys included)
