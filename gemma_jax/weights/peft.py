@@ -204,3 +204,67 @@ def adapter_from_peft(adapter_config: Mapping, tensors: Mapping[str, np.ndarray]
         scale = alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
         torch_weights[(layer, target)] = (a.astype(np.float32), b.astype(np.float32), scale)
     return adapter_from_torch(config, torch_weights, dtype)
+
+
+# --- saving: the inverse of load_adapter -----------------------------------------------------------
+def adapter_to_peft(adapter: Adapter, *, base_model_name: str, model_type: str | None = None
+                    ) -> tuple[dict, dict[str, np.ndarray]]:
+    """An Adapter -> (adapter_config.json dict, PEFT-named float32 tensors lora_A [r, in] / lora_B [out, r]).
+
+    r and lora_alpha are the most common (rank, scale) of the adapter's modules; a module with another
+    rank or scale gets a `rank_pattern` / `alpha_pattern` entry under its full module name, so that
+    peft and `adapter_from_peft` give every module back its own rank and scale. `model_type` (which
+    Workers AI requires) defaults to the base model's family (`model_types(config)[0]`).
+    """
+    config = adapter.config
+    stems = {(slot.path[0], slot.target.name): name[: -len(".weight")]
+             for name, slot in hf_names(config).items() if slot.target is not None}
+    tensors: dict[str, np.ndarray] = {}
+    modules: dict[str, tuple[int, float]] = {}  # "model.layers.i.<parent>.<target>" -> (rank, alpha)
+    for layer, targets in adapter.layers.items():
+        for target, lw in targets.items():
+            a, b = np.asarray(lw.a, np.float32), np.asarray(lw.b, np.float32)
+            rank = a.shape[-1]
+            module = f"model.{stems[(layer, target)]}"
+            tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(np.moveaxis(a, -1, 0).reshape(rank, -1))
+            tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(np.moveaxis(b, 0, -1).reshape(-1, rank))
+            modules[module] = (rank, _number(float(lw.scale) * rank))
+    if not modules:
+        raise LoraError("the adapter has no LoRA weights")
+    counts: dict[tuple[int, float], int] = {}
+    for key in modules.values():
+        counts[key] = counts.get(key, 0) + 1
+    r, alpha = max(counts, key=counts.get)
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+        "model_type": model_types(config)[0] if model_type is None else model_type,
+        "r": r, "lora_alpha": alpha, "target_modules": list(adapter.targets),
+        "rank_pattern": {m: rank for m, (rank, _) in modules.items() if rank != r},
+        "alpha_pattern": {m: a for m, (_, a) in modules.items() if a != alpha},
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+    }
+    return adapter_config, tensors
+
+
+def _number(x: float) -> int | float:
+    """alpha = scale * r read back from a float32 scale: float32 rounding undone (16 for 15.9999995)."""
+    rounded = round(x, 5)
+    x = rounded if abs(x - rounded) <= 1e-6 * max(1.0, abs(x)) else x
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def save_adapter(adapter: Adapter, directory: str | os.PathLike, *, base_model_name: str,
+                 model_type: str | None = None) -> str:
+    """Write `adapter` as a PEFT LoRA adapter directory: adapter_config.json + adapter_model.safetensors
+    (float32), loadable by `load_adapter`, by peft's `PeftModel.from_pretrained` and by the finetunes
+    API. Creates `directory` if needed; returns its absolute path."""
+    from safetensors.numpy import save_file  # noqa: PLC0415 - only saving needs the writer
+
+    adapter_config, tensors = adapter_to_peft(adapter, base_model_name=base_model_name, model_type=model_type)
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(adapter_config, f, indent=2)
+    return directory
