@@ -24,7 +24,7 @@ class Einsum(nn.Module):
     """One weight `w` of `shape` with logical `axes`, applied by an einsum equation at call time.
 
     The stored `w` may be an int8 `quantize.QArray` (per-output-channel scales): then the einsum
-    runs on the int8 weight and scales its output (`quantize.qeinsum`), with no float copy of w."""
+    runs on the int8 weight cast to x's dtype and the scale multiplies its output (`quantize.qeinsum`)."""
 
     shape: tuple[int, ...]
     axes: Axes

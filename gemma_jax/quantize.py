@@ -19,6 +19,10 @@ activation dtype (int8 is exact in bf16) and its output is multiplied by the sca
 constant along the contracted axes, so it factors out of the sum: no dequantized float copy of a
 weight is kept, and decoding reads 1 byte per weight instead of 2 or 4.
 
+On XLA:CPU the int8 -> float convert is not fused into the matmul: each weight is converted into a
+temporary float buffer every step, so int8 decodes several times slower than float on a CPU (see
+BENCHMARKS.md). It is meant for accelerators, where decoding is bound by reading the weights.
+
 The compute dtype is the scales' dtype, chosen when quantizing (default: the float weights' dtype).
 `QArray.dtype` answers it, so code that asks the embedding for the model's dtype (`model.forward`,
 the engine's cache and LoRA bank) gets the compute dtype, never int8. LoRA deltas are added to the
@@ -65,10 +69,10 @@ def is_qarray(x) -> bool:
     return isinstance(x, QArray)
 
 
-def contracted_axes(config: GemmaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """{path of each quantized weight: its contracted (input) axes}."""
+def contracted_axes(config: GemmaConfig | int) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{path of each quantized weight: its contracted (input) axes}, for a config or a layer count."""
     out = {EMBEDDING: _EMBEDDING_CONTRACTED}
-    for i in range(config.num_layers):
+    for i in range(config if isinstance(config, int) else config.num_layers):
         for p in proj.PROJECTIONS:
             out[(f"layer_{i}", *p.path)] = tuple(range(len(p.ins)))
     return out
@@ -130,10 +134,12 @@ def stored_param(module: nn.Module, name: str, init, shape: tuple[int, ...], dty
 
 
 # --- whole trees ---------------------------------------------------------------------------------
-def _map_quantized(tree, config: GemmaConfig, fn):
-    """A copy of the nested-dict `tree` with fn(leaf, contracted) at every quantized path."""
+def _map_quantized(tree, config: GemmaConfig | None, fn):
+    """A copy of the nested-dict `tree` with fn(leaf, contracted) at every quantized path (config
+    None: the layers are the tree's own "layer_i" entries)."""
     out = _copy_dicts(tree)
-    for path, contracted in contracted_axes(config).items():
+    layers = sum(k.startswith("layer_") for k in tree) if config is None else config
+    for path, contracted in contracted_axes(layers).items():
         parent = out
         for key in path[:-1]:
             parent = parent[key]
@@ -145,9 +151,10 @@ def _copy_dicts(tree):
     return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
-def quantize_params(params, config: GemmaConfig, dtype=None, method: str = "int8"):
+def quantize_params(params, config: GemmaConfig | None = None, dtype=None, method: str = "int8"):
     """Quantize the projections and the embedding of a float tree (see the module docstring).
 
+    config: the model's (None: the layers are the tree's own "layer_i" entries).
     dtype: the compute dtype, stored as the scales' dtype (default: each weight's own float dtype).
     Norm scales keep their dtype (cast to `dtype` when it is given). Weights that are already
     QArrays are kept as they are. Runs on whatever devices the params are on; the result takes

@@ -120,6 +120,8 @@ def test_quantize_params_tree_layout():
     scales = sum(4 * np.asarray(qflat[(*p, "scale")]).size for p in quantized)
     weights = sum(np.asarray(flat[p]).size for p in quantized)
     assert Q.tree_bytes(qp) == weights + scales + norms
+    # without a config, the layers are the tree's own
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(Q.quantize_params(params)), jax.tree.leaves(qp)))
     # idempotent: an already quantized tree stays as it is
     again = Q.quantize_params(qp, config)
     assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(qp)))
