@@ -1,6 +1,7 @@
 """The `gemma-jax` command: one argparse subcommand per job.
 
     gemma-jax generate "prompt" [--max-tokens N] [--raw] [--checkpoint DIR|FILE.gguf] [--quantize int8]
+                       [--mesh data=D,model=M]
     gemma-jax convert ...      (weights in other formats -> our native checkpoint)
     gemma-jax serve ...        (the Workers AI compatible HTTP server)
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Callable, Sequence
+
+from gemma_jax.mesh_flag import parse_mesh
 
 
 # --- generate ------------------------------------------------------------------------------------
@@ -32,6 +35,9 @@ def _add_generate(subparsers) -> None:
                    help="parameter and activation dtype (default float32)")
     p.add_argument("--quantize", choices=("int8",),
                    help="int8: quantize the weights at load (int8 weight-only, per-channel scales; --dtype computes)")
+    p.add_argument("--mesh", metavar="data=D,model=M", type=parse_mesh,
+                   help="device mesh: D*M must equal the device count (default: one device on CPU; on TPU/GPU "
+                        "every device, M = the largest divisor of the device count dividing the head count)")
     p.set_defaults(func=_run_generate)
 
 
@@ -50,12 +56,13 @@ def _run_generate(args) -> int:
     import jax.numpy as jnp
 
     from gemma_jax.engine.api import EngineError
+    from gemma_jax.mesh_flag import build_mesh
     from gemma_jax.notebook import Model, stream
 
     if args.max_tokens < 1:
         raise SystemExit("gemma-jax: --max-tokens must be at least 1")
     config, params, tokenizer = load_model(args.checkpoint, jnp.dtype(args.dtype), args.quantize)
-    model = Model(config, params, tokenizer, engine_options={"slots": 1})
+    model = Model(config, params, tokenizer, engine_options={"slots": 1, "mesh": build_mesh(args.mesh, config)})
     try:
         for piece in stream(model, args.prompt, max_tokens=args.max_tokens, chat=not args.raw, temperature=0.0):
             sys.stdout.write(piece)

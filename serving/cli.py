@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from gemma_jax.mesh_flag import parse_mesh
 from serving.backend import DEFAULT_MODEL, Backend
 
 _FALSE = ("0", "false", "no", "off", "")
@@ -68,6 +69,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--log-level", default=_env("LOG_LEVEL", "info"), help="[GEMMA_JAX_LOG_LEVEL] (default info)")
     a("--dtype", choices=("float32", "bfloat16"), default=_env("DTYPE", "float32"),
       help="parameter / activation dtype [GEMMA_JAX_DTYPE] (default float32; bfloat16 on accelerators)")
+    a("--mesh", metavar="data=D,model=M", type=parse_mesh, default=_env("MESH") or None,
+      help="device mesh of the engine: decode slots split over D, heads / MLP / vocabulary over M; "
+           "D*M must equal the device count [GEMMA_JAX_MESH] (default: one device on CPU; on TPU/GPU "
+           "every device, M = the largest divisor of the device count dividing the head count)")
     a("--quantize", choices=("int8",), default=_env("QUANTIZE") or None,
       help="int8: quantize the weights at load, int8 weight-only with per-channel scales, computing in "
            "--dtype [GEMMA_JAX_QUANTIZE] (default: the weights as loaded)")

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from gemma_jax import config as config_lib
 from gemma_jax.engine.engine import Engine
 from gemma_jax.engine.scheduler import Scheduler
+from gemma_jax.mesh_flag import build_mesh
 from gemma_jax.tokenizer import Tokenizer
 from serving.backend import DEFAULT_MODEL, Backend
 
@@ -70,7 +71,9 @@ def build_backend(args: argparse.Namespace) -> Backend:
 
     cache = compilation_cache.enable()
     config, params, tokenizer = load_model(args)
-    engine = Engine(config, params, slots=args.max_batch, adapter_slots=args.lora_slots,
+    mesh = build_mesh(getattr(args, "mesh", None), config)  # --mesh, or the default rule (gemma_jax/mesh_flag.py)
+    log.info("mesh: data=%d, model=%d (%s)", mesh.shape["data"], mesh.shape["model"], mesh.devices.flat[0].platform)
+    engine = Engine(config, params, slots=args.max_batch, mesh=mesh, adapter_slots=args.lora_slots,
                     adapter_rank=args.max_lora_rank)
     if args.warmup:
         started = time.monotonic()
