@@ -100,12 +100,13 @@ def _split_instr(rest: str) -> tuple[str, str, str, str]:
 class Module:
     computations: dict[str, list[Instr]]
     entry: str
+    unknown_trips: int = 1  # runs assumed for a loop whose trip count XLA does not know (computed on device)
 
     def __post_init__(self):
         self.by_name = {i.name: i for comp in self.computations.values() for i in comp}
-        # Computation -> executions per run of the entry: a loop body times its known trip count (once
-        # if unknown), every branch of a conditional as if it ran (an upper bound). Fused computations
-        # are not scheduled: their fusion instruction is.
+        # Computation -> executions per run of the entry: a loop body times its known trip count
+        # (`unknown_trips` if unknown), every branch of a conditional as if it ran (an upper bound).
+        # Fused computations are not scheduled: their fusion instruction is.
         self.scheduled: dict[str, int] = {}
         self._walk(self.entry, 1)
 
@@ -115,7 +116,7 @@ class Module:
         self.scheduled[comp] = self.scheduled.get(comp, 0) + times
         for ins in self.computations[comp]:
             if ins.opcode == "while":
-                n = ins.trip_count or 1
+                n = ins.trip_count or self.unknown_trips
                 for c in ins.called("body"):
                     self._walk(c, times * n)
                 for c in ins.called("condition"):
@@ -145,8 +146,9 @@ class Module:
         return ins.shape if ins is not None else ""
 
 
-def parse(text: str) -> Module:
-    """Parse XLA's HLO module text (`compiled.as_text()` or `lowered.as_text(dialect="hlo")`)."""
+def parse(text: str, unknown_trips: int = 1) -> Module:
+    """Parse XLA's HLO module text (`compiled.as_text()` or `lowered.as_text(dialect="hlo")`);
+    `unknown_trips`: how many runs to count for a loop whose trip count is not known at compile time."""
     comps: dict[str, list[Instr]] = {}
     entry, current = None, None
     for line in text.splitlines():
@@ -169,7 +171,7 @@ def parse(text: str) -> Module:
         comps[current].append(Instr(m.group(2), shape, opcode, names, operands.strip(), attrs, current, bool(m.group(1))))
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
-    return Module(comps, entry)
+    return Module(comps, entry, unknown_trips)
 
 
 # -- questions --------------------------------------------------------------------------------------

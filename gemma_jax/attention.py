@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLS = ("xla", "pallas_gpu", "pallas_interpret")
-DEFAULT_BLOCK = 256  # positions per block of the XLA decode loop
+DEFAULT_BLOCK = 128  # positions per block of the XLA decode loop
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 

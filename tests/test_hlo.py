@@ -1,6 +1,6 @@
 """Issue 9's proof without a GPU, in CI: the compiled decode of the 7B shape (2 layers, the real
-256000 vocabulary, batch 32) has no `conditional` and no sort over the vocabulary, in every
-sampling mode and with a LoRA bank. The analysis is `benchmarks/hlo.py`'s (its HLO reader is
+256000 vocabulary, batch 32) has no `conditional`, no sort over the vocabulary and no [B, K, span, H]
+copy of the KV cache, in every sampling mode and with a LoRA bank. The analysis is `benchmarks/hlo.py`'s (its HLO reader is
 `benchmarks/hlo_text.py`); the first tests check that reader on programs whose answer is known by
 construction, so that "zero found" means something.
 """
@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import hlo  # noqa: E402
 import hlo_text  # noqa: E402
+from gemma_jax import attention  # noqa: E402
 from gemma_jax import config as config_lib  # noqa: E402
 from gemma_jax import sampling  # noqa: E402
 
@@ -103,3 +104,19 @@ def test_decode_has_no_conditional(decode_reports):
 def test_decode_has_no_sort_over_the_vocabulary(decode_reports):
     found = {r.name: [str(s) for s in r.vocab_sorts] for r in decode_reports if r.vocab_sorts}
     assert found == {}, f"sorts over the vocabulary in the compiled decode: {found}"
+
+
+def test_decode_has_no_cache_span_copy(decode_reports):
+    """No kv bucket or span is cut out of the cache: attention reads it block by block in a loop."""
+    found = {r.name: r.span_copies for r in decode_reports if r.span_copies}
+    assert found == {}, f"[B, K, span, H] cache copies in the compiled decode: {found}"
+
+
+def test_decode_attention_is_a_device_bounded_block_loop(decode_reports):
+    """One attention loop per layer whose trip count is computed on the device (no compile per
+    context). XLA:CPU materialises each block it reads (no slice fuses into a CPU dot): one K and one
+    V block per layer, [B, K, block, H], and nothing larger."""
+    for r in decode_reports:
+        assert r.dynamic_loops == 2, r.name  # 2 layers
+        assert len(r.block_copies) == 2 * 2, (r.name, r.block_copies)
+        assert all(f"[32,16,{attention.DEFAULT_BLOCK},256]" in c for c in r.block_copies)
