@@ -91,8 +91,12 @@ def lora_delta(lora, target: str, x: jax.Array) -> jax.Array | None:
 
     Given a bank, the delta is always computed: a caller whose batch has no adapter at all passes
     lora=None instead (the engine compiles that variant separately), so base-model traffic never
-    reads the bank. Per bucket, S-LoRA / Punica's shrink and expand as two grouped matmuls
-    (`_grouped_delta`): no per-row copy of any weight, each adapter's A and B read once per step.
+    reads the bank. Per bucket, S-LoRA / Punica's shrink and expand as two grouped matmuls over the
+    rows grouped by adapter (`_ragged_delta`): no per-row copy of any weight, each adapter's A and B
+    read once per step. On a CPU, where XLA has no grouped kernel (`lax.ragged_dot` lowers to a dense
+    masked matmul over every slot), the same product is computed densely as a one-hot product
+    (`_dense_delta`), 1.5-10x faster there; `lax.platform_dependent` picks one when the function is
+    lowered (a constant choice that XLA folds: no conditional in the compiled step).
     """
     if lora is None:
         return None
@@ -105,13 +109,13 @@ def lora_delta(lora, target: str, x: jax.Array) -> jax.Array | None:
         slots = weights.scale.shape[0]
         local = ids - first
         local = jnp.where((local > 0) & (local < slots), local, 0)  # rows of other buckets: slot 0
-        d = _grouped_delta(weights, local, x)
+        d = jax.lax.platform_dependent(weights, local, x, cpu=_dense_delta, default=_ragged_delta)
         delta = d if delta is None else delta + d
         first += slots - 1
     return delta
 
 
-def _grouped_delta(weights, ids: jax.Array, x: jax.Array) -> jax.Array:
+def _ragged_delta(weights, ids: jax.Array, x: jax.Array) -> jax.Array:
     """One bucket's delta: rows sorted by slot, shrink x A and expand (x A) B as `lax.ragged_dot`s.
 
     ids [B] (slots of this bucket), x [B, T, *in] -> [B, T, *out]. The rows are put in slot order by
@@ -131,3 +135,15 @@ def _grouped_delta(weights, ids: jax.Array, x: jax.Array) -> jax.Array:
     y = jax.lax.ragged_dot(xa.reshape(batch * length, rank), b, sizes).reshape(batch, length, -1)
     back = jnp.zeros_like(order).at[order].set(jnp.arange(batch, dtype=order.dtype))  # inverse permutation
     return jnp.take(y, back, axis=0).reshape(batch, length, *outs)
+
+
+def _dense_delta(weights, ids: jax.Array, x: jax.Array) -> jax.Array:
+    """One bucket's delta as the dense product `_ragged_delta` stands for: every row meets every
+    slot's A (read once, in place), a one-hot mask keeps each row's own, then B. ids [B], x [B, T, *in]."""
+    slots, rank = weights.scale.shape[0], weights.a.shape[-1]
+    batch, length, outs = x.shape[0], x.shape[1], weights.b.shape[2:]
+    a = weights.a.reshape(slots, -1, rank).astype(x.dtype)  # [A, in, R]
+    b = weights.b.reshape(slots, rank, -1).astype(x.dtype)  # [A, R, out]
+    mask = (ids[:, None] == jnp.arange(slots, dtype=ids.dtype)).astype(x.dtype) * weights.scale.astype(x.dtype)
+    xa = jnp.einsum("BTI,AIR->BTAR", x.reshape(batch, length, -1), a) * mask[:, None, :, None]  # [B, T, A, R]
+    return jnp.einsum("BTAR,ARO->BTO", xa, b).reshape(batch, length, *outs)

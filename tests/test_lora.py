@@ -18,8 +18,7 @@ import torch
 from safetensors.numpy import save_file
 
 from gemma_jax import config as C
-from gemma_jax import lora, projections
-from gemma_jax.layers import lora_delta
+from gemma_jax import layers, lora, projections
 from gemma_jax.lora import LoraError, bank_add, bank_remove, make_bank, merge_lora
 from gemma_jax.model import forward, init_cache
 from gemma_jax.params import param_shardings
@@ -208,10 +207,14 @@ def test_lora_none_and_id_zero_are_the_base_model(gqa):
     np.testing.assert_array_equal(zero, base)  # slot 0 adds exactly +0
 
 
-def test_grouped_delta_equals_numpy_per_row(gqa):
-    """`layers.lora_delta` (rows grouped by adapter, `lax.ragged_dot` per rank bucket) against numpy
-    row by row from the torch-layout tensors: random ids with repeats and id 0, five adapters of
-    ranks 2..16 over three buckets, some on a few targets only; every target, every layer."""
+@pytest.mark.parametrize("impl", ["ragged_dot", "dense (CPU)"])
+def test_grouped_delta_equals_numpy_per_row(gqa, impl, monkeypatch):
+    """`layers.lora_delta` against numpy row by row from the torch-layout tensors: random ids with
+    repeats and id 0, five adapters of ranks 2..16 over three buckets, some on a few targets only;
+    every target, every layer. Both per-bucket products: the rows grouped by adapter through
+    `lax.ragged_dot` (what a GPU or TPU runs; forced here) and the dense form a CPU runs."""
+    if impl == "ragged_dot":
+        monkeypatch.setattr(layers, "_dense_delta", layers._ragged_delta)
     cfg, _ = gqa
     specs = [(2, ALL), (8, ["q_proj", "o_proj", "down_proj"]), (16, ALL), (4, ["k_proj", "up_proj"]), (12, ALL)]
     tensors = [random_lora_tensors(cfg, r, 20 + i, targets, std=0.3) for i, (r, targets) in enumerate(specs)]
@@ -223,7 +226,7 @@ def test_grouped_delta_equals_numpy_per_row(gqa):
     rows = rng.integers(0, len(adapters) + 1, 11)  # 0 = no adapter, else 1 + position in `adapters`
     rows[:2] = 0
     ids = jnp.asarray([0 if r == 0 else index[r - 1] for r in rows], jnp.int32)
-    delta = jax.jit(lora_delta, static_argnums=1)
+    delta = jax.jit(lambda lora_arg, target, x: layers.lora_delta(lora_arg, target, x), static_argnums=1)  # traced here
     seen = 0
     for layer in range(cfg.num_layers):
         for name, target in projections.TARGETS.items():

@@ -9,6 +9,7 @@ import re
 
 import jax
 import numpy as np
+from jax import export
 import pytest
 from safetensors.numpy import save_file
 
@@ -148,20 +149,20 @@ def test_engine_adapter_errors(tmp_path):
     assert bucketed.load_adapter("r2", _adapter(cfg, 2, 3)) == 1 and bucketed.adapters() == {"r2": 1}
 
 
-def _per_row_weight_shapes(cfg, batch, ranks):
-    """HLO shapes "B,in...,R" / "B,R,out..." of a per-row copy of some bank weight."""
+def _per_row_weight_shapes(cfg, batch, ranks, sep=","):
+    """Shapes "B,in...,R" / "B,R,out..." of a per-row copy of some bank weight (HLO text: sep ",")."""
     shapes = set()
     for target in projections.TARGETS.values():
         for r in ranks:
-            shapes.add(",".join(map(str, (batch, *target.in_shape(cfg), r))))
-            shapes.add(",".join(map(str, (batch, r, *target.out_shape(cfg)))))
+            shapes.add(sep.join(map(str, (batch, *target.in_shape(cfg), r))))
+            shapes.add(sep.join(map(str, (batch, r, *target.out_shape(cfg)))))
     return shapes
 
 
 def test_compiled_decode_with_a_bank_has_no_per_row_weight_copy_and_no_conditional():
-    """The decode dispatch with LoRA on, compiled: no `conditional`, and no array shaped like a per-row
-    copy of a bank weight ([B, *in, R] or [B, R, *out]), with more bank slots than rows (where the
-    old per-row path gathered one)."""
+    """The decode dispatch with LoRA on, compiled for this CPU: no `conditional`, and no array shaped
+    like a per-row copy of a bank weight ([B, *in, R] or [B, R, *out]), with more bank slots than rows
+    (where the old per-row path gathered one)."""
     cfg, params = tiny_params("tiny_mha")
     batch = 2
     bank = lora.make_bank(cfg, 4, 16, rank_buckets=(8,))
@@ -173,3 +174,22 @@ def test_compiled_decode_with_a_bank_has_no_per_row_weight_copy_and_no_condition
     shapes = set(re.findall(r"\[([\d,]+)\]", hlo))
     assert ",".join(map(str, (4, cfg.embed_dim, 8))) in shapes  # the bank is there: the reader sees shapes
     assert shapes & _per_row_weight_shapes(cfg, batch, bank.ranks) == set()
+
+
+def test_decode_lowered_for_a_gpu_groups_rows_with_ragged_dot():
+    """The same decode dispatch lowered for CUDA on this CPU (`jax.export`, nothing compiled): every
+    LoRA product is a `chlo.ragged_dot` (2 per target, bucket and layer: shrink and expand), the only
+    sort is of the B adapter ids, and no per-row copy of a bank weight exists."""
+    cfg, params = tiny_params("tiny_mha")
+    batch = 2
+    bank = lora.make_bank(cfg, 4, 16, rank_buckets=(8,))
+    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    state = jax.eval_shape(lambda: init_decode_state(cfg, batch, 64))
+    generate = jax.jit(lambda p, b, s: generate_steps(p, b, s, config=cfg, steps=2, use_lora=True, mode="greedy"))
+    text = export.export(generate, platforms=("cuda",))(abstract(params), abstract(bank), state).mlir_module()
+    assert text.count('"chlo.ragged_dot"') == 2 * 7 * len(bank.ranks) * cfg.num_layers
+    sorted_shapes = re.findall(r'"stablehlo\.sort"\(.*?\}\) : \(tensor<([\dx]+)x', text, re.DOTALL)  # operand shapes
+    assert sorted_shapes and set(sorted_shapes) == {str(batch)}
+    shapes = set(re.findall(r"tensor<([\dx]+)x(?:f32|bf16|i32)>", text))
+    assert f"4x{cfg.embed_dim}x8" in shapes  # the bank is there: the reader sees shapes
+    assert shapes & _per_row_weight_shapes(cfg, batch, bank.ranks, sep="x") == set()
