@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -60,7 +62,7 @@ def engine(config, params, mesh):
                   steps_per_call=4)
 
 
-def main(coordinator: str, num_processes: int, process_id: int, out: str) -> None:
+def main(coordinator: str, num_processes: int, process_id: int, out: str, after_kill: bool = False) -> None:
     multihost.initialize(coordinator, num_processes, process_id, heartbeat_timeout_s=10)
     mesh = make_mesh(2, 4)  # over the 8 global devices
     config, params = model()
@@ -74,10 +76,25 @@ def main(coordinator: str, num_processes: int, process_id: int, out: str) -> Non
         handles = [scheduler.submit(Request(tuple(p), MAX_TOKENS, SamplingParams(temperature=0.0)))
                    for p in prompts()]
         tokens = [list(h.result(120).token_ids) for h in handles]
+        report = {"tokens": tokens, "devices": jax.device_count(), "processes": jax.process_count()}
+        if after_kill:  # the test kills the follower once it sees OUT.ready, then writes OUT.go
+            Path(out + ".ready").write_text("")
+            while not Path(out + ".go").exists():
+                time.sleep(0.1)
+            started = time.monotonic()
+            try:
+                scheduler.submit(Request(tuple(prompts()[0]), MAX_TOKENS, SamplingParams(temperature=0.0))).result(120)
+                report["after_kill"] = "completed"
+            except Exception as err:  # noqa: BLE001 - what the client would see
+                report["after_kill"] = f"{type(err).__name__}: {err}"
+            report["after_kill_s"] = time.monotonic() - started
+            with open(out, "w") as f:
+                json.dump(report, f)
+            os._exit(0)  # the distributed runtime would wait for the dead follower at exit
     leader.stop_followers()
     with open(out, "w") as f:
-        json.dump({"tokens": tokens, "devices": jax.device_count(), "processes": jax.process_count()}, f)
+        json.dump(report, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:] == ["kill"])

@@ -1,20 +1,23 @@
 """Multi-host serving (gemma_jax/engine/multihost.py) on this machine: two processes x 4 fake CPU
-devices, gloo collectives, the coordinator on 127.0.0.1. Process 0 runs the Scheduler over a
-LeaderEngine (data=2 x model=4 over the 8 global devices), process 1 follows; the greedy tokens of a
-batch must equal an independent reference: the plain model forward with no cache, recomputed for
-every token (`engine_reference.naive_greedy`), on the same random weights, in this process."""
+devices, gloo collectives, the coordinator on 127.0.0.1.
+
+Process 0 runs the Scheduler over a LeaderEngine (data=2 x model=4 over the 8 global devices),
+process 1 follows (tests/multihost_worker.py). The greedy tokens of a batch must equal an
+independent reference: the plain model forward with no cache, recomputed for every token
+(`engine_reference.naive_greedy`), on the same random weights, in this process. Then the test kills
+the follower: the leader's next request must fail with FollowerLost within seconds, not hang.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 HERE = Path(__file__).parent
 WORKER = HERE / "multihost_worker.py"
@@ -33,24 +36,42 @@ def start(args, log: Path) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def test_two_processes_match_the_single_process_reference(tmp_path):
+def wait_for(path: Path, procs, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"no {path.name} within {timeout} s"
+        assert all(p.poll() is None for p in procs), "a process exited early"
+        time.sleep(0.2)
+
+
+def test_two_processes_match_the_reference_and_a_lost_follower_fails_requests(tmp_path):
     sys.path.insert(0, str(HERE))
     import multihost_worker as w
     from engine_reference import naive_greedy
 
     coordinator = f"127.0.0.1:{free_port()}"
-    out = tmp_path / "tokens.json"
-    procs = [start([coordinator, 2, i, out], tmp_path / f"p{i}.log") for i in (0, 1)]
+    out = tmp_path / "report.json"
+    leader = start([coordinator, 2, 0, out, "kill"], tmp_path / "leader.log")
+    follower = start([coordinator, 2, 1, out], tmp_path / "follower.log")
+    logs = lambda: "\n".join(p.read_text()[-3000:] for p in (tmp_path / "leader.log", tmp_path / "follower.log"))
     try:
-        codes = [p.wait(timeout=170) for p in procs]
+        try:
+            wait_for(Path(f"{out}.ready"), (leader, follower), 170)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{logs()}") from None
+        follower.send_signal(signal.SIGKILL)
+        follower.wait(10)
+        Path(f"{out}.go").write_text("")
+        assert leader.wait(timeout=60) == 0, logs()
     finally:
-        for p in procs:
+        for p in (leader, follower):
             p.kill()
-    logs = "\n".join((tmp_path / f"p{i}.log").read_text()[-3000:] for i in (0, 1))
-    assert codes == [0, 0], logs
-    got = json.loads(out.read_text())
-    assert got["processes"] == 2 and got["devices"] == 8
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2 and report["devices"] == 8
+
     config, params = w.model()
-    want = naive_greedy(config, params, w.prompts(), w.MAX_TOKENS)
-    assert got["tokens"] == want
-    assert "follower 1:" in logs
+    assert report["tokens"] == naive_greedy(config, params, w.prompts(), w.MAX_TOKENS)
+
+    # The request after the kill failed, clearly and quickly: no hang, no garbage tokens.
+    assert report["after_kill"].startswith("RequestFailed") and "FollowerLost" in report["after_kill"], report
+    assert report["after_kill_s"] < 30, report

@@ -21,9 +21,12 @@ What crosses between processes:
 - a LoRA adapter is loaded by path on every process (the directory must be readable by all: a
   shared data dir, or the same files on each host).
 
-Failure: a collective with a dead peer fails (gloo: the connection closes) or waits;
-`jax.distributed`'s heartbeat (`heartbeat_timeout_s`) bounds the wait: the coordination service
-then reports the missing process and the leader's dispatch fails. See docs/multihost.md.
+Failure: when a follower dies its connections close, so the leader's next broadcast fails at once
+(gloo: "Connection reset by peer"; tests/test_multihost.py kills one): the `LeaderEngine` raises
+`FollowerLost`, the scheduler fails that request, and every later engine call fails at once with the
+same error (the processes no longer run the same programs: restart them all). A follower that hangs
+without dying leaves the collective waiting; what ends that wait is `jax.distributed`'s heartbeat
+(`heartbeat_timeout_s`), not tested here. See docs/multihost.md.
 """
 
 from __future__ import annotations
@@ -52,8 +55,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                *, heartbeat_timeout_s: int = 100, initialization_timeout_s: int = 300) -> None:
     """`jax.distributed.initialize`, before anything touches a device. With no arguments JAX finds
     the cluster itself (a TPU VM slice, SLURM, ...). CPU collectives go through gloo (fake-device
-    tests); the setting is ignored by TPU and GPU backends."""
+    tests); the setting is ignored by TPU and GPU backends. `jax_enable_recoverability` is on: when a
+    follower dies, JAX's coordination service would otherwise abort the leader too (after the
+    heartbeat timeout), dropping its HTTP connections; with it the leader lives on and answers each
+    request with an error (`FollowerLost`)."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_recoverability", True)
     kwargs = dict(heartbeat_timeout_seconds=int(heartbeat_timeout_s),
                   initialization_timeout=int(initialization_timeout_s))
     if coordinator is None and num_processes is None and process_id is None:
@@ -105,6 +112,10 @@ def _sampling_from_json(d: dict) -> SamplingParams:
     return SamplingParams(**d)
 
 
+class FollowerLost(RuntimeError):
+    """A command could not reach the followers: the processes no longer run the same programs."""
+
+
 # -- the leader -------------------------------------------------------------------------------------
 class LeaderEngine:
     """An `Engine` on process 0 that broadcasts each call to the followers before making it.
@@ -121,6 +132,7 @@ class LeaderEngine:
         self._lock = threading.RLock()
         self._prefixes = 0  # prefill sequence number: names a prefix for the followers' insert
         self._stopped = False
+        self._lost: BaseException | None = None  # the error that lost a follower; every later call fails
 
     def __getattr__(self, name):  # everything host-side: limits, buckets, planning, introspection
         return getattr(self.engine, name)
@@ -128,7 +140,14 @@ class LeaderEngine:
     def _send(self, op: str, **args) -> None:
         if self._stopped:
             raise RuntimeError("the followers were stopped")
-        _broadcast(_encode(op, **args))
+        if self._lost is not None:
+            raise FollowerLost(f"multi-host: a follower process was lost ({self._lost!r}); restart every process")
+        try:
+            _broadcast(_encode(op, **args))
+        except Exception as err:  # a dead peer: gloo closes the connection; TPU/GPU: the runtime's error
+            self._lost = err
+            raise FollowerLost(f"multi-host: the broadcast of {op!r} to the followers failed ({err!r}); "
+                               "restart every process") from err
 
     def init_state(self):
         with self._lock:
