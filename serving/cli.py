@@ -83,7 +83,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--warmup", action=argparse.BooleanOptionalAction, default=_env_bool("WARMUP", True),
       help="compile every prefill/decode bucket before reporting ready, so the first request is as fast "
            "as the tenth; --no-warmup compiles on first use instead [GEMMA_JAX_WARMUP=0] (default: on)")
+    a("--coordinator", metavar="HOST:PORT", default=_env("COORDINATOR"),
+      help="multi-host: the jax.distributed coordinator (process 0's address), or 'auto' where JAX finds "
+           "the cluster itself (a TPU VM slice); process 0 serves HTTP, the others follow "
+           "[GEMMA_JAX_COORDINATOR] (default: one process). See docs/multihost.md")
+    a("--num-processes", type=int, default=_env_int("NUM_PROCESSES"),
+      help="multi-host: how many processes [GEMMA_JAX_NUM_PROCESSES]")
+    a("--process-id", type=int, default=_env_int("PROCESS_ID", os.environ.get("TPU_WORKER_ID")),
+      help="multi-host: this process's index, 0 = the HTTP leader [GEMMA_JAX_PROCESS_ID, else TPU_WORKER_ID]")
     return parser
+
+
+def _env_int(name: str, fallback: str | None = None) -> int | None:
+    value = _env(name, fallback)
+    return None if value in (None, "") else int(value)
 
 
 def app_kwargs(args: argparse.Namespace) -> dict:
@@ -113,6 +126,17 @@ def _add_serve(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.coordinator:
+        if args.process_id is None:
+            raise SystemExit("gemma-jax serve: --coordinator needs --process-id (0 serves HTTP, others follow)")
+        if args.coordinator != "auto" and args.num_processes is None:
+            raise SystemExit("gemma-jax serve: --coordinator HOST:PORT needs --num-processes")
+        if args.process_id != 0:  # a follower: no HTTP, no gunicorn; it replays the leader's engine calls
+            from serving.factory import run_follower  # noqa: PLC0415
+            from serving.server import configure_logging  # noqa: PLC0415
+
+            configure_logging(args.log_level)
+            return run_follower(args)
     from serving.factory import build_backend  # noqa: PLC0415 - jax is imported in the worker only
 
     run_serve(args, build_backend)

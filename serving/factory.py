@@ -10,12 +10,16 @@ Runs inside the gunicorn worker (the process that owns the device). The model co
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import logging
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gemma_jax import config as config_lib
 from gemma_jax.engine.engine import Engine
@@ -70,11 +74,12 @@ def build_backend(args: argparse.Namespace) -> Backend:
     from gemma_jax import compilation_cache
 
     cache = compilation_cache.enable()
-    config, params, tokenizer = load_model(args)
-    mesh = build_mesh(getattr(args, "mesh", None), config)  # --mesh, or the default rule (gemma_jax/mesh_flag.py)
-    log.info("mesh: data=%d, model=%d (%s)", mesh.shape["data"], mesh.shape["model"], mesh.devices.flat[0].platform)
-    engine = Engine(config, params, slots=args.max_batch, mesh=mesh, adapter_slots=args.lora_slots,
-                    adapter_rank=args.max_lora_rank)
+    engine, tokenizer = build_engine(args)
+    if multihost_requested(args):
+        from gemma_jax.engine.multihost import LeaderEngine
+
+        engine = LeaderEngine(engine)  # broadcasts every engine call, warmup included, to the followers
+        atexit.register(_stop_followers, engine)
     if args.warmup:
         started = time.monotonic()
         log.info("compiling every prefill / decode bucket (persistent cache: %s)", cache)
@@ -82,6 +87,70 @@ def build_backend(args: argparse.Namespace) -> Backend:
         log.info("compiled %d executables in %.1f s", sum(engine.compile_counts().values()),
                  time.monotonic() - started)
     return make_backend(engine, tokenizer, model_name=args.model_name, max_queue=args.max_queue)
+
+
+def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
+    """The Engine the flags ask for, on its mesh. Multi-host (`--coordinator`): `jax.distributed`
+    first, then the same mesh over every process's devices (`jax.devices()` spans them; without
+    --mesh the accelerator rule of mesh_flag.py, on CPU too); a native checkpoint restores straight
+    into its global sharding, other weights load on each host and the engine places them."""
+    if not multihost_requested(args):
+        config, params, tokenizer = load_model(args)
+        mesh = build_mesh(getattr(args, "mesh", None), config)  # --mesh, or the default rule (gemma_jax/mesh_flag.py)
+    else:
+        from gemma_jax.engine import multihost
+        from gemma_jax.mesh_flag import default_shape
+        from gemma_jax.weights import native
+
+        auto = args.coordinator == "auto"  # a TPU VM slice (or SLURM ...): JAX finds the cluster itself
+        multihost.initialize(None if auto else args.coordinator, None if auto else args.num_processes,
+                             None if auto else args.process_id)
+        native_dir = args.checkpoint and not args.quantize and native.is_native_checkpoint(args.checkpoint)
+        config = native.read_config(args.checkpoint) if native_dir else None
+        if config is None:
+            config, params, tokenizer = load_model(args)
+            params = jax.tree.map(np.asarray, params)  # host copies, the same on every process
+        shape = getattr(args, "mesh", None) or default_shape(jax.device_count(), config.num_heads)
+        mesh = build_mesh(shape, config)
+        if native_dir:
+            config, params, proto = native.load_checkpoint(args.checkpoint, dtype=jnp.dtype(args.dtype), mesh=mesh)
+            if proto is None:
+                raise ValueError(f"{args.checkpoint} has no tokenizer.model; cannot turn text into tokens")
+            tokenizer = Tokenizer.from_model_proto(proto)
+    log.info("mesh: data=%d, model=%d (%s)", mesh.shape["data"], mesh.shape["model"], mesh.devices.flat[0].platform)
+    engine = Engine(config, params, slots=args.max_batch, mesh=mesh, adapter_slots=args.lora_slots,
+                    adapter_rank=args.max_lora_rank)
+    return engine, tokenizer
+
+
+def _stop_followers(leader) -> None:
+    try:
+        leader.stop_followers()
+    except Exception as err:  # noqa: BLE001 - exiting anyway: a lost follower has nothing to stop
+        log.warning("could not stop the multi-host followers: %r", err)
+
+
+def multihost_requested(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "coordinator", None))
+
+
+def run_follower(args: argparse.Namespace) -> int:
+    """A follower of `serve --coordinator` (process id != 0): no HTTP. It builds the same engine
+    and makes every engine call the leader broadcasts (`multihost.follow`) until the leader stops."""
+    from gemma_jax import compilation_cache
+    from gemma_jax.engine import multihost
+
+    compilation_cache.enable()
+    engine, _ = build_engine(args)
+    log.info("multi-host follower %d of %d ready", jax.process_index(), jax.process_count())
+    n = multihost.follow(engine)
+    log.info("multi-host follower %d: the leader stopped after %d commands", jax.process_index(), n)
+    # Exit now, skipping jax.distributed's shutdown at exit: its RPC goes to the coordination service,
+    # which lives in the leader, itself exiting; a failed shutdown RPC aborts the process.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def make_backend(engine: Engine, tokenizer: Tokenizer, *, model_name: str = DEFAULT_MODEL,

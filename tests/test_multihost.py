@@ -75,3 +75,36 @@ def test_two_processes_match_the_reference_and_a_lost_follower_fails_requests(tm
     # The request after the kill failed, clearly and quickly: no hang, no garbage tokens.
     assert report["after_kill"].startswith("RequestFailed") and "FollowerLost" in report["after_kill"], report
     assert report["after_kill_s"] < 30, report
+
+
+def test_serve_with_a_coordinator_answers_over_http_from_process_0(tmp_path, gguf_file):
+    """`gemma-jax serve --coordinator 127.0.0.1:P --num-processes 2 --process-id I` in two processes
+    (one CPU device each: a data=1 x model=2 mesh across them): a request to process 0 gets the text
+    an independent greedy loop gives on the same random weights; SIGTERM to the leader stops the
+    follower too."""
+    sys.path.insert(0, str(HERE))
+    import requests
+    from tiny_server import RUN_PATH, load, reference
+
+    coordinator = f"127.0.0.1:{free_port()}"
+    flags = ["--random-weights", "tiny_gemma3", "--lora-slots", "0", "--no-warmup", "--data-dir",
+             str(tmp_path / "data"), "--coordinator", coordinator, "--num-processes", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(GEMMA_JAX_CACHE=str(gguf_file.parent), JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]))
+    follower_log = tmp_path / "follower.log"
+    follower = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", *flags, "--process-id", "1"],
+                                cwd=HERE.parent, env=env, stdout=follower_log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        with load.server([*flags, "--process-id", "0"], log_path=tmp_path / "leader.log", ready_timeout=170,
+                         env={"GEMMA_JAX_CACHE": str(gguf_file.parent)}) as base:
+            r = requests.post(base + RUN_PATH, json={"prompt": "Tell me a story", "max_tokens": 8, "temperature": 0}, timeout=120)
+            assert r.status_code == 200, r.text
+            text, n = reference("Tell me a story", 8)
+            assert r.json()["result"]["response"] == text
+            assert r.json()["result"]["usage"]["completion_tokens"] == n
+        assert follower.wait(timeout=60) == 0, follower_log.read_text()[-3000:]
+    finally:
+        follower.kill()
+    assert "multi-host follower 1 of 2 ready" in follower_log.read_text()
+    assert "multi-host follower 1: the leader stopped after" in follower_log.read_text()

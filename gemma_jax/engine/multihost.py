@@ -61,6 +61,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     request with an error (`FollowerLost`)."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_recoverability", True)
+    # JAX's preemption service catches SIGTERM (TPU maintenance) and keeps it from the HTTP server's
+    # graceful stop; the leader stops the followers itself (`LeaderEngine.stop_followers`).
+    jax.config.update("jax_enable_preemption_service", False)
     kwargs = dict(heartbeat_timeout_seconds=int(heartbeat_timeout_s),
                   initialization_timeout=int(initialization_timeout_s))
     if coordinator is None and num_processes is None and process_id is None:
