@@ -59,7 +59,7 @@ class IdTokenizer:
 
 def engine(config, params, mesh):
     return Engine(config, params, slots=4, mesh=mesh, prefill_buckets=(16, 32, 48), prefill_batches=(1, 2, 4),
-                  steps_per_call=4)
+                  steps_per_call=4, adapter_slots=2, adapter_rank=8)
 
 
 def main(coordinator: str, num_processes: int, process_id: int, out: str, after_kill: bool = False) -> None:
@@ -77,7 +77,15 @@ def main(coordinator: str, num_processes: int, process_id: int, out: str, after_
                    for p in prompts()]
         tokens = [list(h.result(120).token_ids) for h in handles]
         report = {"tokens": tokens, "devices": jax.device_count(), "processes": jax.process_count()}
-        if after_kill:  # the test kills the follower once it sees OUT.ready, then writes OUT.go
+        if after_kill:  # adapters (dirs made by the test), then the test kills the follower
+            report["shared_adapter"] = leader.load_adapter("shared", os.environ["MH_SHARED_ADAPTER"])
+            try:  # a relative path that only the leader's working directory holds
+                leader.load_adapter("local", "adapter_local")
+                report["local_adapter"] = "loaded"
+            except Exception as err:  # noqa: BLE001 - what the finetunes API would report
+                report["local_adapter"] = f"{type(err).__name__}: {err}"
+            report["adapters"] = leader.adapters()
+            # the test kills the follower once it sees OUT.ready, then writes OUT.go
             Path(out + ".ready").write_text("")
             while not Path(out + ".go").exists():
                 time.sleep(0.1)

@@ -6,6 +6,7 @@ process 1 follows (tests/multihost_worker.py). The greedy tokens of a batch must
 independent reference: the plain model forward with no cache, recomputed for every token
 (`engine_reference.naive_greedy`), on the same random weights, in this process. Then the test kills
 the follower: the leader's next request must fail with FollowerLost within seconds, not hang.
+Before that, a LoRA adapter that only the leader can read is refused and loaded nowhere.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args, log: Path) -> subprocess.Popen:
+def start(args, log: Path, cwd: Path = HERE, **env_extra) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], cwd=HERE, env=env,
+    env.update(env_extra)
+    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], cwd=cwd, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -49,10 +51,25 @@ def test_two_processes_match_the_reference_and_a_lost_follower_fails_requests(tm
     import multihost_worker as w
     from engine_reference import naive_greedy
 
+    import jax
+    from gemma_jax.finetune import init_adapter
+    from gemma_jax.weights.peft import save_adapter
+
+    # A LoRA adapter every process can read, and one only the leader's working directory holds.
+    config, _ = w.model()
+    adapter = init_adapter(config, jax.random.key(1), rank=4)
+    shared = save_adapter(adapter, tmp_path / "shared_adapter", base_model_name="tiny")
+    cwd = {name: tmp_path / name for name in ("leader_cwd", "follower_cwd")}
+    for path in cwd.values():
+        path.mkdir()
+    save_adapter(adapter, cwd["leader_cwd"] / "adapter_local", base_model_name="tiny")
+
     coordinator = f"127.0.0.1:{free_port()}"
     out = tmp_path / "report.json"
-    leader = start([coordinator, 2, 0, out, "kill"], tmp_path / "leader.log")
-    follower = start([coordinator, 2, 1, out], tmp_path / "follower.log")
+    leader = start([coordinator, 2, 0, out, "kill"], tmp_path / "leader.log", cwd["leader_cwd"],
+                   MH_SHARED_ADAPTER=shared)
+    follower = start([coordinator, 2, 1, out], tmp_path / "follower.log", cwd["follower_cwd"],
+                     MH_SHARED_ADAPTER=shared)
     logs = lambda: "\n".join(p.read_text()[-3000:] for p in (tmp_path / "leader.log", tmp_path / "follower.log"))
     try:
         try:
@@ -71,6 +88,11 @@ def test_two_processes_match_the_reference_and_a_lost_follower_fails_requests(tm
 
     config, params = w.model()
     assert report["tokens"] == naive_greedy(config, params, w.prompts(), w.MAX_TOKENS)
+
+    # An adapter loads on every process or on none: the leader-only one is refused and unloaded.
+    assert report["shared_adapter"] >= 1
+    assert report["local_adapter"].startswith("LoraError") and "every process" in report["local_adapter"], report
+    assert report["adapters"] == {"shared": report["shared_adapter"]}
 
     # The request after the kill failed, clearly and quickly: no hang, no garbage tokens.
     assert report["after_kill"].startswith("RequestFailed") and "FollowerLost" in report["after_kill"], report

@@ -19,7 +19,8 @@ What crosses between processes:
 - tokens the host reads (each prefill's first tokens, each dispatch's [steps, B]) are replicated by
   the engine's pinned output shardings, so `np.asarray` on the leader reads its local copy.
 - a LoRA adapter is loaded by path on every process (the directory must be readable by all: a
-  shared data dir, or the same files on each host).
+  shared data dir, or the same files on each host); the processes then agree (`process_allgather`
+  of a flag) and if any failed, the leader unloads it everywhere and the load fails.
 
 Failure: when a follower dies its connections close, so the leader's next broadcast fails at once
 (gloo: "Connection reset by peer"; tests/test_multihost.py kills one): the `LeaderEngine` raises
@@ -43,6 +44,7 @@ import numpy as np
 
 from gemma_jax.engine.api import SamplingParams
 from gemma_jax.engine.engine import Engine
+from gemma_jax.lora import LoraError
 
 log = logging.getLogger("gemma_jax.multihost")
 
@@ -105,6 +107,13 @@ def _broadcast(payload: bytes | None) -> bytes:
         buf[:n] = np.frombuffer(payload, np.uint8)
     buf = np.asarray(multihost_utils.broadcast_one_to_all(buf, is_source=leader))
     return buf[:n].tobytes()
+
+
+def _agree(ok: bool) -> bool:
+    """Whether `ok` holds on every process. A collective: all must call it."""
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))))
 
 
 def _sampling_to_json(p: SamplingParams) -> dict:
@@ -199,11 +208,24 @@ class LeaderEngine:
             self.engine.warmup()
 
     def load_adapter(self, name: str, adapter, *, require_model_type: bool = False) -> int:
+        """Load by path on every process; if any process fails, unload it everywhere and raise
+        (a bank that differs between processes would decode wrongly, silently)."""
         if not isinstance(adapter, (str, os.PathLike)):
             raise TypeError("multi-host: load adapters by path (every process reads the same directory)")
         with self._lock:
             self._send("load_adapter", name=name, path=os.fspath(adapter), require_model_type=require_model_type)
-            return self.engine.load_adapter(name, adapter, require_model_type=require_model_type)
+            try:
+                index, error = self.engine.load_adapter(name, adapter, require_model_type=require_model_type), None
+            except Exception as err:  # noqa: BLE001 - agreed on below, then raised
+                index, error = None, err
+            if _agree(error is None):
+                return index
+            if error is None:  # loaded here, not on some follower
+                self._send("unload_adapter", name=name)
+                self.engine.unload_adapter(name)
+                error = LoraError(f"adapter {name!r} could not be loaded on every process "
+                                  "(multi-host: the adapter directory must be readable by all)")
+            raise error
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
@@ -258,7 +280,13 @@ def follow(engine: Engine) -> int:
             elif op == "warmup":
                 engine.warmup()
             elif op == "load_adapter":
-                engine.load_adapter(cmd["name"], cmd["path"], require_model_type=cmd["require_model_type"])
+                try:
+                    engine.load_adapter(cmd["name"], cmd["path"], require_model_type=cmd["require_model_type"])
+                    ok = True
+                except Exception:  # noqa: BLE001 - reported to the leader, which decides
+                    log.exception("follower: loading adapter %r failed", cmd["name"])
+                    ok = False
+                _agree(ok)
             elif op == "unload_adapter":
                 engine.unload_adapter(cmd["name"])
             else:
