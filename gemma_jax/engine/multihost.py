@@ -23,9 +23,11 @@ What crosses between processes:
   of a flag) and if any failed, the leader unloads it everywhere and the load fails.
 
 Failure: when a follower dies its connections close, so the leader's next broadcast fails at once
-(gloo: "Connection reset by peer"; tests/test_multihost.py kills one): the `LeaderEngine` raises
-`FollowerLost`, the scheduler fails that request, and every later engine call fails at once with the
-same error (the processes no longer run the same programs: restart them all). A follower that hangs
+(gloo: "Connection reset by peer"; tests/test_multihost.py kills one), as does a dispatch whose
+programs span it: the `LeaderEngine` raises `FollowerLost`, and every later call fails at once with
+the same error. The scheduler fails the requests involved; when its fresh `init_state` fails too its
+device thread stops, and `submit` refuses each new request with RequestFailed naming FollowerLost
+(the processes no longer run the same programs: restart them all). A follower that hangs
 without dying leaves the collective waiting; what ends that wait is `jax.distributed`'s heartbeat
 (`heartbeat_timeout_s`), not tested here. See docs/multihost.md.
 """
@@ -48,7 +50,7 @@ from gemma_jax.lora import LoraError
 
 log = logging.getLogger("gemma_jax.multihost")
 
-_HEADER = 4  # int32 words: [payload bytes, sequence number, 0, 0]
+_HEADER = 4  # int32 words: [payload bytes, 0, 0, 0] (room to grow without a new broadcast shape)
 _MIN_PAYLOAD = 256
 STOP = "stop"
 
