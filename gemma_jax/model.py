@@ -80,7 +80,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, cache: LayerCache | None, kv_len: int | None, lora=None, return_kv=False):
         cfg = self.config
-        n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        n, h = cfg.num_heads, cfg.head_dim
         dt = self.param_dtype
         q = _project(proj.Q, cfg, dt, x)  # [B, T, N, H]
         kv = _project(proj.KV, cfg, dt, x)  # [B, T, C, K, H]
