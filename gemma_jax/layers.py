@@ -94,9 +94,9 @@ def lora_delta(lora, target: str, x: jax.Array) -> jax.Array | None:
     reads the bank. Per bucket, S-LoRA / Punica's shrink and expand as two grouped matmuls over the
     rows grouped by adapter (`_ragged_delta`): no per-row copy of any weight, each adapter's A and B
     read once per step. On a CPU, where XLA has no grouped kernel (`lax.ragged_dot` lowers to a dense
-    masked matmul over every slot), the same product is computed densely as a one-hot product
-    (`_dense_delta`), 1.5-10x faster there; `lax.platform_dependent` picks one when the function is
-    lowered (a constant choice that XLA folds: no conditional in the compiled step).
+    masked matmul over every slot), the same product is computed as a one-hot product
+    (`_dense_delta`), faster there (`benchmarks/lora.py`); `lax.platform_dependent` picks one when
+    the function is lowered (a constant choice that XLA folds: no conditional in the compiled step).
     """
     if lora is None:
         return None

@@ -20,13 +20,13 @@ of a weight is exactly `einsum(A, B)` back in the weight's axis order (`Target.m
 Two ways to serve an adapter (docs/lora.md says when to use which):
 - `merge_lora(params, adapter, scale)`: a merged copy of the weights, zero per-token overhead. Pure and
   jit-compiled; each weight keeps its dtype and sharding (the delta is computed in float32).
-- `AdapterBank`: adapter slots on device in rank buckets (e.g. ranks 8, 16, 32), each adapter
-  zero-padded to the smallest bucket rank that holds it (zero rows/columns of A and B add exactly
-  nothing), slot 0 of every bucket all zeros = "no adapter". `forward(..., lora=(bank, ids))` adds
-  each row's delta (x A[id]) B[id] * scale[id] as grouped matmuls over the rows sorted by adapter
-  (see `layers.lora_delta`), so one batch can mix adapters. `bank_add` / `bank_remove` update one
-  slot in place (its bucket is donated, the shapes never change): no recompilation of anything that
-  takes the bank as an argument.
+- `AdapterBank`: adapter slots on device in rank buckets (e.g. ranks 8, 16, 32; the engine puts an
+  adapter in the smallest that holds it, `AdapterBank.bucket_for`), each adapter zero-padded to its
+  bucket's rank (zero rows/columns of A and B add exactly nothing), slot 0 of every bucket all zeros
+  = "no adapter". `forward(..., lora=(bank, ids))` adds each row's delta (x A[id]) B[id] * scale[id],
+  per bucket as grouped matmuls over the rows sorted by adapter (`layers.lora_delta`), so one batch
+  can mix adapters. `bank_add` / `bank_remove` update one slot in place (its bucket is donated, the
+  shapes never change): no recompilation of anything that takes the bank as an argument.
 
 PEFT files are read and validated by `weights.peft.load_adapter`; this module knows nothing of files.
 """
@@ -49,7 +49,6 @@ from gemma_jax.config import GemmaConfig
 
 TARGETS: tuple[str, ...] = tuple(projections.TARGETS)  # q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
 DEFAULT_MAX_RANK = 32
-DEFAULT_RANK_BUCKETS = (8, 16)  # with the maximum rank: buckets 8, 16, 32 (`bank_ranks`)
 
 
 class LoraError(ValueError):
@@ -237,6 +236,13 @@ def bank_ranks(max_rank: int, rank_buckets: Iterable[int] = ()) -> tuple[int, ..
     if max_rank < 1 or any(r < 1 for r in rank_buckets):
         raise LoraError(f"LoRA ranks must be >= 1, got max_rank {max_rank} and rank buckets {list(rank_buckets)}")
     return tuple(sorted({r for r in rank_buckets if r < max_rank})) + (int(max_rank),)
+
+
+def default_rank_buckets(platform: str) -> tuple[int, ...]:
+    """The smaller rank buckets a bank gets by default (with the maximum rank: 8, 16, 32) on a GPU or
+    TPU, where `lax.ragged_dot` reads only the slots a batch uses; none on a CPU, where the dense form
+    (`layers.lora_delta`) reads every slot of every bucket, so buckets only add reads there."""
+    return () if platform == "cpu" else (8, 16)
 
 
 def bank_nbytes(config: GemmaConfig, capacity: int, rank: int, dtype=jnp.float32,

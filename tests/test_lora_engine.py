@@ -137,7 +137,9 @@ def test_engine_adapter_errors(tmp_path):
     with pytest.raises(LoraError) as e:
         Engine(cfg, params, **ENGINE_KW).load_adapter("x", _adapter(cfg, 8, 1))
     assert str(e.value) == "this engine has no adapter bank (adapter_slots=0)"
-    bucketed = Engine(cfg, params, **ENGINE_KW, adapter_slots=1, adapter_rank=16)  # default buckets: 8, 16
+    assert Engine(cfg, params, **ENGINE_KW, adapter_slots=1, adapter_rank=32).bank.ranks == (32,)  # CPU default
+    assert lora.default_rank_buckets("gpu") == lora.default_rank_buckets("tpu") == (8, 16)
+    bucketed = Engine(cfg, params, **ENGINE_KW, adapter_slots=1, adapter_rank=16, adapter_rank_buckets=(8, 32))
     assert bucketed.bank.ranks == (8, 16) and bucketed.load_adapter("r16", _adapter(cfg, 16, 3)) == 2
     with pytest.raises(LoraError) as e:
         bucketed.load_adapter("r32", _adapter(cfg, 32, 3))

@@ -215,8 +215,9 @@ class Engine:
     adapter_slots: how many LoRA adapters the bank holds at once (0: no bank, no LoRA cost);
     adapter_rank: the bank's maximum rank (higher ranks are refused); adapter_rank_buckets: the
     smaller ranks that get a bucket of their own (`lora.bank_ranks`; each bucket has
-    `adapter_slots` slots, an adapter goes to the smallest that holds it); adapter_dtype: the bank's
-    dtype (default: the params' dtype).
+    `adapter_slots` slots, an adapter goes to the smallest that holds it; None:
+    `lora.default_rank_buckets` for the mesh's platform); adapter_dtype: the bank's dtype (default:
+    the params' dtype).
     """
 
     def __init__(self, config: GemmaConfig, params, *, slots: int, max_len: int | None = None,
@@ -224,7 +225,7 @@ class Engine:
                  prefill_batches: Sequence[int] = (1, 2, 4, 8), steps_per_call: int = 8,
                  attention_impl: str | None = None, cache_dtype=None,
                  adapter_slots: int = 0, adapter_rank: int = lora_lib.DEFAULT_MAX_RANK,
-                 adapter_rank_buckets: Sequence[int] = lora_lib.DEFAULT_RANK_BUCKETS, adapter_dtype=None):
+                 adapter_rank_buckets: Sequence[int] | None = None, adapter_dtype=None):
         limits = config.limits
         self.config = config
         self.slots = int(slots)
@@ -257,6 +258,8 @@ class Engine:
         self.adapter_slots = max(int(adapter_slots), 0)
         if self.adapter_slots > 0:
             dtype = adapter_dtype or params["embedder"]["input_embedding"].dtype
+            if adapter_rank_buckets is None:
+                adapter_rank_buckets = lora_lib.default_rank_buckets(self.mesh.devices.flat[0].platform)
             self.bank = lora_lib.make_bank(config, self.adapter_slots + 1, int(adapter_rank), dtype, self.mesh,
                                            rank_buckets=adapter_rank_buckets)
         self._adapters: dict[str, int] = {}
