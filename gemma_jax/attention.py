@@ -25,6 +25,17 @@ Two implementations, equal to the masked softmax within float tolerance:
   blocks. It needs S to split into
   power-of-two blocks (`pallas_fits`), no softcap, and no mesh (not wrapped in shard_map).
   "pallas_interpret" is the same kernel in Pallas interpret mode: it runs on the CPU (tests).
+- "pallas_tpu": JAX's TPU paged-attention kernel (`jax.experimental.pallas.ops.tpu.paged_attention`)
+  on our layout with no copy: the cache is viewed as one kv head of B*K*S/page pages
+  (k.reshape(1, B*K*S/page, page, H), a reshape), and each (row, kv head) pair is one of the
+  kernel's B*K sequences, whose G query heads (q.reshape(B*K, G, H)) read pages
+  (b*K + kh)*S/page + 0, 1, ... up to lengths[b]. (The kernel's own [K, pages, page, H] layout would
+  need a B<->K transpose, a copy of the cache; JAX's ragged_paged_attention wants k and v
+  interleaved in one array, a copy too.) The kernel rounds k and v to bfloat16 inside (its
+  dequantize step), so float32 caches lose precision there. It has no start position, so
+  sliding-window layers (`window` set) use "xla"; it needs a page size dividing S (`tpu_fits`).
+  The logit softcap is the kernel's own. "pallas_tpu_interpret" is the same kernel in Pallas TPU
+  interpret mode (`pltpu.force_tpu_interpret_mode`): it runs on the CPU (tests).
 
 Prefill uses `jax.nn.dot_product_attention`, causal by *index* (each row's real tokens at
 positions 0, 1, ..., padding after them), with `local_window_size` on sliding-window layers; with
@@ -44,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("xla", "pallas_gpu", "pallas_interpret")
+IMPLS = ("xla", "pallas_gpu", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret")
 DEFAULT_BLOCK = 128  # positions per block of the XLA decode loop
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
@@ -74,6 +85,10 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
         raise ValueError(f"{q.shape[1]} query heads do not group over {k.shape[1]} kv heads")
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, k.shape[2])
     starts = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
+    if impl in ("pallas_tpu", "pallas_tpu_interpret"):
+        if window is None:  # the TPU kernel has no start position: sliding-window layers use XLA
+            return _decode_pallas_tpu(q, k, v, lengths, scale, softcap, interpret=impl == "pallas_tpu_interpret")
+        impl = "xla"
     if impl != "xla":
         if softcap:
             raise ValueError("the Pallas decode kernel has no logit softcap: use impl='xla'")
@@ -153,6 +168,50 @@ def _decode_pallas(q, k, v, starts, lengths, scale, interpret):
     out = jax.vmap(jax.vmap(kernel))(q.reshape(b, kv_heads, n // kv_heads, h), k.astype(q.dtype), v.astype(q.dtype),
                                      start_idx, kv_len)
     return out.reshape(b, n, h).astype(q.dtype)
+
+
+def tpu_fits(max_len: int) -> bool:
+    """Whether the TPU paged-attention kernel can page a cache of `max_len` positions."""
+    return _tpu_split(max_len) is not None
+
+
+def _tpu_split(s: int, most_block: int = 512) -> tuple[int, int] | None:
+    """(page_size, pages_per_compute_block) for a cache of s positions: the largest page of
+    128, 64, 32, 16 or 8 positions (TPU sublane tiles) dividing s, and the most pages per kernel
+    step that divide s / page and span at most `most_block` positions; or None."""
+    for page in (128, 64, 32, 16, 8):
+        if s % page == 0:
+            pages = s // page
+            per_block = max(d for d in range(1, pages + 1) if pages % d == 0 and d * page <= max(most_block, page))
+            return page, per_block
+    return None
+
+
+def _decode_pallas_tpu(q, k, v, lengths, scale, softcap, interpret):
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+    b, n, h = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    split = _tpu_split(s)
+    if split is None:
+        raise ValueError(f"the TPU paged-attention kernel cannot page a cache of {s} positions (multiples of 8)")
+    page, per_block = split
+    pages = s // page
+    k_pages = k.reshape(1, b * kv_heads * pages, page, h)  # views of [B, K, S, H]: no copy
+    v_pages = v.reshape(1, b * kv_heads * pages, page, h)
+    page_indices = jnp.arange(b * kv_heads * pages, dtype=jnp.int32).reshape(b * kv_heads, pages)
+    seq_lengths = jnp.repeat(lengths, kv_heads)  # sequence b*K + kh is row b's kv head kh
+    qs = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(b * kv_heads, n // kv_heads, h)
+    call = functools.partial(paged_attention, attn_logits_soft_cap=softcap or None, pages_per_compute_block=per_block)
+    if interpret:
+        from jax.experimental.pallas import tpu as pltpu
+
+        with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+            out = call(qs, k_pages, v_pages, seq_lengths, page_indices)
+    else:
+        out = call(qs, k_pages, v_pages, seq_lengths, page_indices)
+    out = jnp.where((lengths > 0)[:, None, None], out.reshape(b, n, h), 0)  # idle rows: zeros
+    return out.astype(q.dtype)
 
 
 # -- prefill ---------------------------------------------------------------------------------------

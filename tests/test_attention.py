@@ -1,7 +1,7 @@
-"""gemma_jax.attention against numpy by hand: decode (XLA loop and the Pallas GPU kernel in interpret
-mode) and prefill (jax.nn.dot_product_attention), over MHA / GQA / MQA, sliding windows, rows of
-different lengths and idle rows; and the Pallas decode lowered for CUDA (no GPU needed) takes the
-cache whole, with no slice or copy of it outside the kernel."""
+"""gemma_jax.attention against numpy by hand: decode (XLA loop, the Pallas GPU kernel in interpret
+mode, JAX's TPU paged-attention kernel in TPU interpret mode) and prefill
+(jax.nn.dot_product_attention), over MHA / GQA / MQA, sliding windows, rows of different lengths and idle rows; and the Pallas decodes lowered for CUDA and for TPU (no device
+needed) take the cache whole, with no slice or copy of it outside the kernel."""
 
 import re
 
@@ -134,6 +134,59 @@ def test_pallas_decode_lowered_for_cuda_reads_the_cache_only_inside_the_kernel()
     assert all(any(f"{v}," in ln or f"{v})" in ln for ln in body if "custom_call" in ln) for v in views)
 
 
+def _bf16(x):
+    """x rounded to bfloat16, as the TPU paged-attention kernel reads k and v."""
+    return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("heads,softcap", [((4, 2), None), ((4, 1), None), ((2, 2), 3.0)], ids=["gqa", "mqa", "mha-softcap"])
+def test_pallas_tpu_kernel_in_interpret_mode_equals_numpy(heads, softcap):
+    """JAX's TPU paged-attention kernel in TPU interpret mode on our [B, K, S, H] cache: rows of
+    different lengths (full, idle, one page and a bit, past a compute block), against numpy on the
+    bfloat16-rounded k and v the kernel reads."""
+    n, kv_heads = heads
+    s = 1152  # 9 pages of 128: three compute blocks of 3 pages (384 positions)
+    assert attention._tpu_split(s) == (128, 3)
+    q, k, v, (jq, jk, jv) = _inputs(4, n, kv_heads, s, 128, seed=11)
+    lengths = np.asarray([s, 0, 130, 700], np.int32)
+    fn = jax.jit(lambda *a: attention.decode_attention(*a, scale=0.1, softcap=softcap, impl="pallas_tpu_interpret"))
+    got = np.asarray(fn(jq, jk, jv, jnp.asarray(lengths)))
+    np.testing.assert_allclose(got, np_decode(q, _bf16(k), _bf16(v), lengths, None, 0.1, softcap), rtol=2e-4, atol=2e-4)
+    assert np.all(got[1] == 0)  # idle row: zeros
+
+
+def test_pallas_tpu_window_layers_use_xla_and_paging_rule():
+    q, k, v, (jq, jk, jv) = _inputs(3, 4, 2, 64, 16, seed=12)
+    lengths = jnp.asarray([64, 5, 30], np.int32)
+    tpu = attention.decode_attention(jq, jk, jv, lengths, window=16, scale=0.5, impl="pallas_tpu_interpret")
+    xla = attention.decode_attention(jq, jk, jv, lengths, window=16, scale=0.5, impl="xla")
+    np.testing.assert_array_equal(np.asarray(tpu), np.asarray(xla))  # the same XLA loop, exactly
+    np.testing.assert_allclose(np.asarray(tpu), np_decode(q, k, v, np.asarray(lengths), 16, 0.5), rtol=2e-5, atol=2e-5)
+    assert attention._tpu_split(64) == (64, 1) and attention._tpu_split(24) == (8, 3)
+    assert attention._tpu_split(4096) == (128, 4)
+    assert attention.tpu_fits(2048) and not attention.tpu_fits(100)
+    with pytest.raises(ValueError):
+        attention.decode_attention(jnp.ones((1, 2, 8)), jnp.ones((1, 1, 100, 8)), jnp.ones((1, 1, 100, 8)),
+                                   jnp.ones((1,), jnp.int32), scale=1.0, impl="pallas_tpu_interpret")
+
+
+def test_pallas_tpu_decode_lowered_for_tpu_reads_the_cache_only_inside_the_kernel():
+    """jax.export lowers the TPU path on this CPU (Mosaic): one tpu_custom_call, reached from the
+    cache through reshapes (views) only: no transpose, slice, gather or copy of it."""
+    b, n, kv_heads, s, h = 4, 8, 2, 512, 128
+    args = [jax.ShapeDtypeStruct((b, n, h), jnp.bfloat16), jax.ShapeDtypeStruct((b, kv_heads, s, h), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, kv_heads, s, h), jnp.bfloat16), jax.ShapeDtypeStruct((b,), jnp.int32)]
+    fn = jax.jit(lambda q, k, v, lengths: attention.decode_attention(q, k, v, lengths, scale=0.125, impl="pallas_tpu"))
+    text = jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
+    assert len(re.findall(r"custom_call @tpu_custom_call", text)) == 1
+    ops = set(re.findall(r"stablehlo\.([a-z_]+)", text))
+    assert not ops & {"slice", "dynamic_slice", "gather", "transpose", "copy", "concatenate", "pad"}, ops
+    cache_type = f"tensor<{b}x{kv_heads}x{s}x{h}x"
+    uses = [line for line in text.splitlines() if "func.func" not in line and re.search(r"%arg[12]\b", line)
+            and cache_type in line]  # main's k and v
+    assert len(uses) == 2 and all("stablehlo.reshape" in line for line in uses), uses
+
+
 # -- prefill ---------------------------------------------------------------------------------------
 def np_prefill(q, k, v, window, scale, softcap=None):
     b, t, n, h = q.shape
@@ -204,3 +257,26 @@ def test_model_decode_steps_equal_the_full_forward(impl):
         np.testing.assert_allclose(np.asarray(logits)[0, 0], full[0, t], rtol=2e-4, atol=2e-4)
         if t >= late:
             np.testing.assert_allclose(np.asarray(logits)[1, 0], full[1, t], rtol=2e-4, atol=2e-4)
+
+
+def test_model_decode_with_the_tpu_kernel_equals_xla():
+    """A tiny Gemma 3 (global and sliding-window layers) decoding rows of different lengths with
+    "pallas_tpu_interpret" gives the logits of "xla" within the kernel's bfloat16 rounding of k, v."""
+    from gemma_jax import config as config_lib
+    from gemma_jax.model import LayerCache, forward, init_cache
+    from gemma_jax.params import init_params
+
+    cfg = config_lib.tiny_gemma3().replace(sliding_window=8)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(2)
+    s, start = 64, 12
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(2, start + 1)), jnp.int32)
+    _, kv = forward(params, tokens[:, :start], jnp.broadcast_to(jnp.arange(start), (2, start)), config=cfg,
+                    return_kv=True)
+    cache = {name: LayerCache(k=c.k.at[:, :, :start].set(kv[name].k), v=c.v.at[:, :, :start].set(kv[name].v))
+             for name, c in init_cache(cfg, 2, s).items()}
+    pos = jnp.asarray([[start], [5]], jnp.int32)  # row 1 shorter: it decodes at position 5
+    got = {impl: np.asarray(forward(params, tokens[:, start:], pos, cache, config=cfg, attn_impl=impl)[0])
+           for impl in ("xla", "pallas_tpu_interpret")}
+    assert np.abs(got["xla"]).max() > 1e-2  # not a trivial comparison
+    np.testing.assert_allclose(got["pallas_tpu_interpret"], got["xla"], rtol=2e-2, atol=2e-2)
