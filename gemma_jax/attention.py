@@ -10,7 +10,7 @@ Shape letters as in `projections.py` (K is kv heads; G = N // K query heads per 
 Decode reads each row's own keys in place. Row b attends cache positions [start_b, lengths[b]) with
 start_b = max(0, lengths[b] - window) on sliding-window layers (else 0); lengths counts the current
 token, already written. A row with length 0 is idle: its output is zeros, and it costs nothing.
-Two implementations, equal to the masked softmax within float tolerance:
+The implementations, equal to the masked softmax within float tolerance:
 
 - "xla" (CPU, TPU, fallback): an online softmax over blocks of `block` positions in a
   `lax.fori_loop` whose bounds are computed on the device: from the first block any live row needs
@@ -41,7 +41,7 @@ Prefill uses `jax.nn.dot_product_attention`, causal by *index* (each row's real 
 positions 0, 1, ..., padding after them), with `local_window_size` on sliding-window layers; with
 impl "pallas_gpu" it asks for cuDNN's flash attention (causal blocks skipped, no [T, T] scores in
 memory), falling back to XLA where cuDNN refuses the call (dtype, head size, version). A softcap
-(which neither supports) uses the plain masked einsum.
+(which neither supports) uses the plain masked einsum. The TPU impls prefill with XLA.
 
 `default_impl()` is the explicit automatic choice: "pallas_gpu" on a GPU backend, else "xla".
 """
