@@ -139,7 +139,7 @@ def test_cli_generate_prints_the_greedy_continuation(cache, first_load):
 def test_cli_generate_raw(first_load, monkeypatch, capsys):
     """--raw feeds the text verbatim after BOS (in-process, on the already loaded model)."""
     config, params, tokenizer = first_load
-    monkeypatch.setattr(cli, "load_model", lambda checkpoint, dtype: first_load)
+    monkeypatch.setattr(cli, "load_model", lambda checkpoint, dtype, quantize=None: first_load)
     assert cli.main(["generate", "The capital of France is", "--raw", "--max-tokens", "8"]) == 0
     expected = _reference_greedy(config, params, tokenizer.encode("The capital of France is"), 8)
     out = capsys.readouterr().out
