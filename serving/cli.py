@@ -67,8 +67,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--graceful-timeout", type=float, default=float(_env("GRACEFUL_TIMEOUT", "30")),
       help="seconds in-flight requests get after SIGTERM [GEMMA_JAX_GRACEFUL_TIMEOUT] (default 30)")
     a("--log-level", default=_env("LOG_LEVEL", "info"), help="[GEMMA_JAX_LOG_LEVEL] (default info)")
-    a("--dtype", choices=("float32", "bfloat16"), default=_env("DTYPE", "float32"),
-      help="parameter / activation dtype [GEMMA_JAX_DTYPE] (default float32; bfloat16 on accelerators)")
+    a("--dtype", choices=("float32", "bfloat16"), default=_env("DTYPE"),
+      help="parameter / activation dtype [GEMMA_JAX_DTYPE] (default: float32 on a CPU, bfloat16 on a "
+           "GPU or TPU)")
     a("--mesh", metavar="data=D,model=M", type=parse_mesh, default=_env("MESH") or None,
       help="device mesh of the engine: decode slots split over D, heads / MLP / vocabulary over M; "
            "D*M must equal the device count [GEMMA_JAX_MESH] (default: one device on CPU; on TPU/GPU "

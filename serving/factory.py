@@ -39,12 +39,19 @@ RANDOM_CONFIGS = {
 }
 
 
+def serve_dtype(args: argparse.Namespace):
+    """--dtype, else float32 on a CPU and bfloat16 on an accelerator (what benchmarks/gpu.py measures)."""
+    if args.dtype:
+        return jnp.dtype(args.dtype)
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
 def load_model(args: argparse.Namespace):
     """(config, params, tokenizer) as the flags ask."""
     from gemma_jax.embedded_gguf import gguf_path
     from gemma_jax.weights.load import load_parts
 
-    dtype = jnp.dtype(args.dtype)
+    dtype = serve_dtype(args)
     quantize = getattr(args, "quantize", None)
     if args.random_weights:
         from gemma_jax.params import init_params
@@ -113,7 +120,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
         shape = getattr(args, "mesh", None) or default_shape(jax.device_count(), config.num_heads)
         mesh = build_mesh(shape, config)
         if native_dir:
-            config, params, proto = native.load_checkpoint(args.checkpoint, dtype=jnp.dtype(args.dtype), mesh=mesh)
+            config, params, proto = native.load_checkpoint(args.checkpoint, dtype=serve_dtype(args), mesh=mesh)
             if proto is None:
                 raise ValueError(f"{args.checkpoint} has no tokenizer.model; cannot turn text into tokens")
             tokenizer = Tokenizer.from_model_proto(proto)
