@@ -18,7 +18,11 @@ into the event loop:
 - when all `worker_connections` are taken, the oldest connection still sending its head is closed
   to make room for the new one, so slow clients cannot fill the connection table either;
 - an answer that says `Connection: close` (the app's 3006/3007 refusals of a body it did not read)
-  really closes the connection, after a bounded linger in the thread, never in the event loop.
+  really closes the connection, after a bounded linger in the thread, never in the event loop;
+- a complete request that finds every thread busy (each open stream holds one) is answered at once
+  from the event loop with Workers AI's 429 / 3040 envelope and the connection closed, instead of
+  waiting in the thread pool's queue: over capacity is a quick 429, never a hang, whatever
+  `--threads`, `--max-batch` and `--max-queue` are.
 
 So a client that sends a JSON request promptly is served while any number of clients trickle their
 heads or small bodies, and threads are only ever held by requests being handled, by bodies arriving
@@ -148,6 +152,8 @@ class PacedThreadWorker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self._reading: dict[int, _Reading] = {}  # by id(conn), oldest first
         self._buffered = 0
+        self._busy = 0  # requests handed to the thread pool and not finished (event-loop thread only)
+        self._busy_body: bytes | None = None
 
     def load_wsgi(self):
         super().load_wsgi()
@@ -163,6 +169,9 @@ class PacedThreadWorker(ThreadWorker):
     def enqueue_req(self, conn):
         if self.cfg.is_ssl or getattr(conn, "head_ready", False):
             conn.head_ready = False
+            if self._busy >= self.cfg.threads:
+                return self._refuse_busy(conn)
+            self._busy += 1
             return super().enqueue_req(conn)
         if not isinstance(conn.sock, PacedSocket):
             conn.sock = PacedSocket(conn.sock)
@@ -227,6 +236,31 @@ class PacedThreadWorker(ThreadWorker):
         self._forget(reading)
         self.nr_conns -= 1
         reading.conn.close()
+
+    def finish_request(self, conn, fs):
+        self._busy -= 1
+        return super().finish_request(conn, fs)
+
+    def _refuse_busy(self, conn) -> None:
+        """Every thread is busy: answer 429 / 3040 here and close (the request is not read further)."""
+        if self._busy_body is None:
+            import json  # noqa: PLC0415
+
+            from serving import errors  # noqa: PLC0415 - only in the worker (it imports jax)
+
+            e = errors.out_of_capacity()
+            body = json.dumps(e.body()).encode()
+            self._busy_body = (f"HTTP/1.1 {e.status} Too Many Requests\r\nContent-Type: application/json\r\n"
+                               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+        sock = conn.sock._sock if isinstance(conn.sock, PacedSocket) else conn.sock
+        try:
+            sock.settimeout(1.0)  # a few hundred bytes into an empty socket buffer: never blocks long
+            sock.sendall(self._busy_body)
+        except OSError:
+            pass
+        conn.__dict__.pop("prebuffered", None)
+        self.nr_conns -= 1
+        conn.close()
 
     def murder_pending(self):
         super().murder_pending()
