@@ -25,6 +25,7 @@ from gemma_jax.engine.engine import Engine
 from gemma_jax.model import forward, init_cache
 from gemma_jax.sharding import make_mesh
 from gemma_jax.weights import native
+from test_checkpoints import _tiny_spm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -315,15 +316,3 @@ def test_serve_quantize_flag_quantizes_at_load(monkeypatch):
     assert serve_cli.add_serve_arguments(argparse.ArgumentParser()).parse_args([]).quantize == "int8"
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantize", "int4"])
-
-
-def _tiny_spm(vocab_size=32) -> bytes:
-    import io
-
-    import sentencepiece as spm
-
-    text = ["the quick brown fox jumps over the lazy dog", "gemma speaks jax and flax", "hello world"] * 20
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=vocab_size,
-                                   minloglevel=2)
-    return model.getvalue()
