@@ -106,7 +106,7 @@ def test_trickling_heads_and_bodies_do_not_starve_others(server):
         assert all(t.answer in (b"", None) for t in heads)  # no answer, just the close (FIN, or RST when bytes were unread)
         body_closed = [t.closed_after for t in bodies]  # event loop: BODY_GRACE + 1 KB / MIN_RATE, then closed
         assert all(c is not None and c <= worker.BODY_GRACE + 3 for c in body_closed), body_closed
-        assert all(t.answer == b"" for t in bodies)
+        assert all(t.answer in (b"", None) for t in bodies)  # closed without an answer (FIN or RST, as for heads)
         print(f"\nslowloris: 50 heads + 50 bodies + 1 chunked body at 1 byte/s, 8 threads: 25 requests, "
               f"max {max(durations) * 1000:.0f} ms, median {sorted(durations)[12] * 1000:.0f} ms; heads "
               f"closed after {min(head_closed):.1f}-{max(head_closed):.1f} s, bodies after "
