@@ -80,10 +80,9 @@ class Ours:
         state = engine.insert(prefix, state, engine.pad_slots(range(len(prompts)), prefix))
         for i, tok in enumerate(np.asarray(prefix.tokens)[: len(prompts)]):
             out[i].append(int(tok))
-        longest, inflight = max(len(p) for p in prompts), None
+        inflight = None
         for _ in range(-(-(new - 1) // engine.steps)):  # dispatch n + 1 before reading n
-            state, tokens = engine.generate(state, longest)
-            longest += engine.steps
+            state, tokens = engine.generate(state)
             if inflight is not None:
                 _collect(out, inflight)
             inflight = tokens

@@ -115,10 +115,9 @@ def main(argv=None) -> None:
         return state
 
     def decode(state):
-        longest, inflight, n = args.prompt_len, None, 0
+        inflight, n = None, 0
         for _ in range(steps):
-            state, tokens = engine.generate(state, longest)
-            longest += engine.steps
+            state, tokens = engine.generate(state)
             if inflight is not None:
                 n += int((np.asarray(inflight) >= 0).sum())
             inflight = tokens

@@ -191,11 +191,10 @@ class Bench:
     def decode(self, engine, prompts, new: int, adapter_ids=None) -> tuple[float, int]:
         """(seconds, tokens drawn) for the decode of `new` - 1 tokens per slot after prefill."""
         state = self.fill(engine, prompts, new, adapter_ids)
-        longest, inflight, n = max(len(p) for p in prompts), None, 0
+        inflight, n = None, 0
         t = time.perf_counter()
         for _ in range(-(-(new - 1) // engine.steps)):
-            state, tokens = engine.generate(state, longest)
-            longest += engine.steps
+            state, tokens = engine.generate(state)
             if inflight is not None:
                 n += int((np.asarray(inflight) >= 0).sum())
             inflight = tokens

@@ -87,8 +87,7 @@ def run_to_completion(engine: Engine, prompts: Sequence[Sequence[int]], *, max_t
         start += count
     finished = [_finished(engine, o, lim) for o, lim in zip(out, limits)]
     while not all(finished):
-        longest = max(len(p) + len(o) - 1 for p, o, f in zip(prompts, out, finished) if not f)
-        state, tokens = engine.generate(state, longest, live=[s for s in range(n) if not finished[s]])
+        state, tokens = engine.generate(state, live=[s for s in range(n) if not finished[s]])
         for row in np.asarray(tokens):  # [steps, B]
             for slot, tok in enumerate(row[:n]):
                 if tok >= 0 and not finished[slot]:

@@ -66,8 +66,7 @@ def test_requests_joining_and_leaving_mid_flight_get_their_solo_tokens():
                     admit(slot)
         if not owner and not pending:
             break
-        longest = max([len(prompts[i]) + len(got[i]) - 1 for i in owner.values()] or [0])
-        state, tokens = engine.generate(state, longest)
+        state, tokens = engine.generate(state)
         for row in np.asarray(tokens):
             for slot, i in owner.items():
                 if row[slot] >= 0:

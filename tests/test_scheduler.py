@@ -27,18 +27,21 @@ def setup():
 
 
 class GatedEngine:
-    """The real engine, but each `generate` dispatch waits for the test to allow it."""
+    """The real engine, but each `generate` dispatch waits for the test to allow it; `calls` lists
+    each dispatch's live slots as it was asked for."""
 
     def __init__(self, engine):
         self._engine = engine
         self.permits = threading.Semaphore(0)
+        self.calls = []
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate(self, state, longest=None, **kw):
+    def generate(self, state, **kw):
+        self.calls.append(list(kw["live"]))
         assert self.permits.acquire(timeout=60), "the test never allowed this dispatch"
-        return self._engine.generate(state, longest, **kw)
+        return self._engine.generate(state, **kw)
 
 
 def wait_for(predicate, timeout=60.0):
@@ -102,7 +105,7 @@ def test_cancel_frees_the_slot_for_a_waiting_request(setup, tokenizer):
         handles = [scheduler.submit(Request(tuple(p), max_tokens=m, sampling=GREEDY))
                    for p, m in zip(prompts, max_tokens)]
         # All four slots taken, the fifth request waits; the device thread waits for dispatch 1.
-        wait_for(lambda: scheduler.stats()["active_slots"] == 4 and scheduler.stats()["tokens_generated"] >= 4)
+        wait_for(lambda: scheduler.stats()["active_slots"] == 4 and len(gated.calls) == 1)
         assert scheduler.stats()["queue_depth"] == 1
         handles[0].cancel()
         gated.permits.release()  # dispatch 1; before dispatch 2 the cancelled slot goes to request 5
@@ -121,6 +124,34 @@ def test_cancel_frees_the_slot_for_a_waiting_request(setup, tokenizer):
     for r, w in zip(results, want):
         assert r.completion_tokens == len(w) and r.token_ids == tuple(t for t in w if t not in config.stop_ids)
     assert scheduler.stats()["requests_cancelled"] == 1
+
+
+def test_admission_enqueues_the_next_dispatch_before_reading_first_tokens(setup, tokenizer):
+    """The device thread never waits on an admitted prompt's first token: it enqueues the next
+    dispatch (the new slot live in it) first, and reads the token after."""
+    config, params, engine = setup
+    gated = GatedEngine(engine)
+    candidates = prompts_for([9] * 6, seed=31)
+    firsts = naive_greedy(config, params, candidates, 1)
+    prompt = next(p for p, f in zip(candidates, firsts) if f[0] not in config.stop_ids)
+    want = naive_greedy(config, params, [prompt], 7)[0]
+    scheduler = Scheduler(gated, tokenizer).start()
+    try:
+        handle = scheduler.submit(Request(tuple(prompt), max_tokens=7, sampling=GREEDY))
+        wait_for(lambda: len(gated.calls) == 1)  # dispatch 1 asked for, held by the gate
+        assert gated.calls[0] == [0]
+        with pytest.raises(TimeoutError):  # prefill is done, yet its token is not read before the dispatch
+            handle.next(0.3)
+        assert scheduler.stats()["tokens_generated"] == 0
+        for _ in range(100):
+            gated.permits.release()
+        result = handle.result(timeout=60)
+    finally:
+        for _ in range(100):
+            gated.permits.release()
+        scheduler.stop()
+    assert result.token_ids == tuple(t for t in want if t not in config.stop_ids)
+    assert result.completion_tokens == len(want)
 
 
 def test_a_failing_request_fails_alone(setup, tokenizer):

@@ -46,7 +46,7 @@ cuDNN flash prefill).
   and heads over "model" (`params.param_shardings`), on one CPU, a fake CPU mesh or a GPU alike;
 - the variants: `prefill_prompts` runs LoRA only if a row has an adapter and always samples in the
   widest mode (one token per prompt: same draws, a third of the compiles); `insert` records, per slot, whether
-  it uses an adapter and its sampling mode; `generate(state, longest, live)` picks the least general
+  it uses an adapter and its sampling mode; `generate(state, live)` picks the least general
   variant that serves the `live` slots (default: every slot inserted since `init_state` and not
   released). The records follow one decode state at a time, the latest `init_state`'s;
 - the LoRA bank (with `adapter_slots` > 0), in rank buckets, and its names. Loading or unloading an
@@ -370,10 +370,9 @@ class Engine:
                 self._needs[slot] = need
         return self._insert_jit(prefix.replace(needs=()), state, slots)
 
-    def generate(self, state: DecodeState, longest: int | None = None,
-                 live: Sequence[int] | None = None) -> tuple[DecodeState, jax.Array]:
-        """`steps` decode steps. `longest` is not used (attention reads each slot's own length, so
-        no bound is needed; callers that track one may still pass it). `live`: the slots live in this dispatch (None: every slot inserted and not released);
+    def generate(self, state: DecodeState, live: Sequence[int] | None = None) -> tuple[DecodeState, jax.Array]:
+        """`steps` decode steps (attention reads each slot's own length: no bound to pass).
+        `live`: the slots live in this dispatch (None: every slot inserted and not released);
         the compiled variant is the least general that serves them (LoRA only if one of them has an
         adapter; their widest sampling mode). A live slot left out of `live` may decode wrongly.
 

@@ -192,11 +192,11 @@ class LeaderEngine:
             self._send("insert", id=tag, slots=slots)
             return self.engine.insert(prefix.prefix, state, slots)
 
-    def generate(self, state, longest: int | None = None, live: Sequence[int] | None = None):
+    def generate(self, state, live: Sequence[int] | None = None):
         live = None if live is None else [int(s) for s in live]
         with self._lock:
             self._send("generate", live=live)
-            return self.engine.generate(state, None, live)
+            return self.engine.generate(state, live)
 
     def release(self, state, slots: Sequence[int]):
         slots = [int(s) for s in slots]
@@ -276,7 +276,7 @@ def follow(engine: Engine) -> int:
             elif op == "insert":
                 state = engine.insert(prefixes.pop(cmd["id"]), state, cmd["slots"])
             elif op == "generate":
-                state, _ = engine.generate(state, None, cmd["live"])
+                state, _ = engine.generate(state, cmd["live"])
             elif op == "release":
                 state = engine.release(state, cmd["slots"])
             elif op == "warmup":

@@ -9,7 +9,8 @@ Continuous batching: whenever a slot frees (stop token, max_tokens, cancellation
 are prefilled (several together, within the batch prefill budget) and inserted before the next
 dispatch. The device thread never waits on the host: it enqueues dispatch n+1 before it reads the
 tokens of dispatch n (whose copy to the host started when n was enqueued), so reading tokens
-overlaps device work. Each dispatch remembers which request owned each slot when it was enqueued,
+overlaps device work; likewise newly admitted prompts' first tokens are read only after the next
+dispatch (in which their slots are live) is enqueued. Each dispatch remembers which request owned each slot when it was enqueued,
 so tokens always reach the right request even when a slot changes hands one dispatch later. Each
 dispatch names its live slots (`generate(..., live=)`): the engine compiles a variant per what they
 need (LoRA or not, the least general sampling mode), so a batch of greedy base-model requests pays
@@ -192,10 +193,8 @@ class _Slot:
 
     handle: Handle
     slot: int
-    prompt_len: int
     limit: int  # most tokens to draw
     drawn: int = 0  # tokens seen by the host so far (stop token included)
-    bound: int = 0  # upper bound of the slot's device `lengths` after the dispatches enqueued
     finished: bool = False
 
 
@@ -378,19 +377,18 @@ class Scheduler:
                     return
             try:
                 state = self._cancel_slots(state)
-                state = self._admit(state)
+                state, admitted = self._admit(state)
                 enqueued = None
-                live = [s for s in self._slots if s is not None]
+                live = [s.slot for s in self._slots if s is not None and s.limit > 1]  # limit 1: done at prefill
                 if live:
-                    longest = max(s.bound for s in live)
                     self._fault_point("generate")
-                    state, tokens = engine.generate(state, longest, live=[s.slot for s in live])
-                    for s in live:
-                        s.bound = min(s.bound + engine.steps, s.prompt_len + s.limit - 1)
+                    state, tokens = engine.generate(state, live=live)
                     enqueued = (tokens, list(self._slots))
                     self._count("dispatches")
                 if inflight is not None:
                     self._deliver(*inflight)
+                for first, slots in admitted:  # after the dispatch is enqueued: the device never idles on these reads
+                    self._deliver(first, slots)
                 inflight = enqueued
             except Exception as err:  # a whole dispatch failed: fail its requests, start afresh
                 log.warning("a dispatch failed (%r): failing its %d request(s)", err,
@@ -430,6 +428,11 @@ class Scheduler:
         return group
 
     def _admit(self, state):
+        """Prefill and insert queued requests into free slots. Returns (state, [(first tokens [P] on
+        the device, their owners)]): the first tokens are read only after the next dispatch is
+        enqueued (their copy to the host started at prefill), so admission never makes the device
+        thread wait for the device."""
+        admitted = []
         while group := self._take_group():
             group = [q for q in group if self._valid(q)]
             if not group:
@@ -447,18 +450,16 @@ class Scheduler:
                 continue
             try:
                 state = self.engine.insert(prefix, state, self.engine.pad_slots(free, prefix))
-                first = np.asarray(prefix.tokens)
             except Exception as err:  # the state was donated: the loop starts a fresh one
                 for q in group:
                     q.handle.fail(err)
                 raise
             self._count("prefill_batches")
-            for q, slot, token in zip(group, free, first):
-                prompt_len = len(q.handle.request.prompt_ids)
-                s = _Slot(q.handle, slot, prompt_len, q.limit, bound=prompt_len)
-                self._slots[slot] = s
-                self._take_tokens(s, [int(token)])
-        return state
+            slots = [_Slot(q.handle, slot, q.limit) for q, slot in zip(group, free)]
+            for s in slots:
+                self._slots[s.slot] = s
+            admitted.append((prefix.tokens, slots))  # prefix row i is group[i]
+        return state, admitted
 
     def _valid(self, q: _Queued) -> bool:
         ids = q.handle.request.prompt_ids
@@ -469,7 +470,9 @@ class Scheduler:
         return False
 
     def _deliver(self, tokens, owners) -> None:
-        tokens = np.asarray(tokens)  # [steps, B]; its copy started when it was enqueued
+        """tokens [steps, B'] or [B'] (its copy to the host started when it was enqueued); owners[b]:
+        the slot that owned column b then, or None."""
+        tokens = np.atleast_2d(np.asarray(tokens))
         for slot, s in enumerate(owners):
             if s is None or s.finished:
                 continue
