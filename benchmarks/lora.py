@@ -98,10 +98,12 @@ def _old(strategy):
 
 
 def old_equations(t):
-    """The per-row equations the old code took (Target.lora_equations at 4032343)."""
-    from gemma_jax.projections import _letters
+    """The per-row equations the old code took (`Target.lora_equations` at 4032343, since removed),
+    derived here from the target's logical axes: x with one row's A [B, *ins, R], then with its B
+    [B, R, *outs]."""
+    from gemma_jax.projections import LETTERS
 
-    i, o = _letters(t.ins), _letters(t.outs)
+    i, o = ("".join(LETTERS[a] for a in axes) for axes in (t.ins, t.outs))
     return f"BT{i},B{i}R->BTR", f"BTR,BR{o}->BT{o}"
 
 

@@ -2,7 +2,7 @@
 
 Everything about a projection weight is derived from `PROJECTIONS` / `TARGETS` below, never
 re-typed: its shape and logical axes (`model.py` declares the weight from them), the forward einsum,
-the LoRA equations (`layers.lora_delta`) and adapter layout (`lora.py`), and the mapping between a
+the LoRA merge equation and adapter layout (`lora.py`), and the mapping between a
 torch `nn.Linear` matrix [out, in] and our weight, which the Hugging Face, GGUF and PEFT loaders all
 use (`weights/`).
 
@@ -124,13 +124,7 @@ class Target:
     def out_features(self, config: GemmaConfig) -> int:
         return math.prod(self.out_shape(config))
 
-    # -- equations (letters from LETTERS; R the LoRA rank) ---------------------------------------
-    @property
-    def lora_equations(self) -> tuple[str, str]:
-        """Per-row LoRA: x with one row's A [B, *ins, R], then with its B [B, R, *outs]."""
-        i, o = _letters(self.ins), _letters(self.outs)
-        return f"BT{i},B{i}R->BTR", f"BTR,BR{o}->BT{o}"
-
+    # -- the LoRA merge (letters from LETTERS; R the LoRA rank) -----------------------------------
     @property
     def merge_equation(self) -> str:
         """A [*ins, R], B [R, *outs] -> the delta of this target's (slice of the) weight."""
