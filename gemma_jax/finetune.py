@@ -9,8 +9,9 @@
     weights.peft.save_adapter(adapter, "my-adapter", base_model_name="google/gemma-3-270m")
 
 The adapter is applied functionally: its deltas are merged into a copy of the projection weights
-inside the loss (`apply_adapter`, the body of `lora.merge_lora` without its jit and sharding
-wrapper), so the loss is differentiable w.r.t. A and B and the base `params` are never modified.
+inside the loss (`lora.apply_adapter`, the merge rule that `lora.merge_lora` jits, traced here with
+no jit or sharding of its own), so the loss is differentiable w.r.t. A and B and the base `params`
+are never modified.
 Initialization is PEFT's default: A Kaiming-uniform (bound 1/sqrt(in_features)), B zeros, so step 0
 is exactly the base model. The scales (alpha / r) are constants: their gradient is stopped, so adam
 never moves them (a zero gradient gives a zero adam update).
@@ -34,10 +35,9 @@ import numpy as np
 import optax
 
 from gemma_jax import lora as lora_lib
-from gemma_jax import params as params_lib
 from gemma_jax import projections
 from gemma_jax.config import GemmaConfig
-from gemma_jax.lora import Adapter, LoraWeights
+from gemma_jax.lora import Adapter, LoraWeights, apply_adapter  # also `finetune.apply_adapter`, as before
 from gemma_jax.model import forward
 
 
@@ -72,20 +72,6 @@ def init_adapter(config: GemmaConfig, key: jax.Array, *, rank: int, alpha: float
             # a buffer of its own per scale: the train step donates every leaf of the adapter
             out.setdefault(f"layer_{i}", {})[name] = LoraWeights(a=a, b=b, scale=jnp.full((), scale, jnp.float32))
     return Adapter(layers=out, config=config)
-
-
-def apply_adapter(params, adapter: Adapter):
-    """params with the adapter's deltas added, traceable and differentiable (no jit, no sharding
-    lookups): what `lora.merge_lora(params, adapter)` returns, for use inside a loss."""
-    weights = {name: {projections.TARGETS[t].path: params_lib.get_path(params[name], projections.TARGETS[t].path)
-                      for t in targets}
-               for name, targets in adapter.layers.items()}
-    merged = lora_lib._merge_impl(weights, adapter, jnp.float32(1.0))  # noqa: SLF001 - the one merge rule
-    out = jax.tree.map(lambda x: x, params, is_leaf=lambda x: not isinstance(x, dict))  # new dicts, same leaves
-    for name, paths in merged.items():
-        for path, w in paths.items():
-            params_lib.set_path(out[name], path, w)
-    return out
 
 
 def make_batch(tokenizer, examples: Sequence[tuple[str, str]], length: int, *, eos_id: int | None = None) -> Batch:

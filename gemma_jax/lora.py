@@ -19,7 +19,8 @@ of a weight is exactly `einsum(A, B)` back in the weight's axis order (`Target.m
 
 Two ways to serve an adapter (docs/lora.md says when to use which):
 - `merge_lora(params, adapter, scale)`: a merged copy of the weights, zero per-token overhead. Pure and
-  jit-compiled; each weight keeps its dtype and sharding (the delta is computed in float32).
+  jit-compiled; each weight keeps its dtype and sharding (the delta is computed in float32). It jits
+  `apply_adapter`, the same merge as a plain traceable function (what `finetune` differentiates).
 - `AdapterBank`: adapter slots on device in rank buckets (e.g. ranks 8, 16, 32; the engine puts an
   adapter in the smallest that holds it, `AdapterBank.bucket_for`), each adapter zero-padded to its
   bucket's rank (zero rows/columns of A and B add exactly nothing), slot 0 of every bucket all zeros
@@ -107,11 +108,19 @@ def adapter_from_torch(config: GemmaConfig, torch_weights: dict[tuple[int, str],
 
 
 # --- functional merge -----------------------------------------------------------------------------
-def _merge_impl(weights: dict, adapter: Adapter, scale: jax.Array) -> dict:
-    """weights: "layer_i" -> path -> array (only the projections the adapter touches)."""
-    out = {}
+def apply_adapter(params, adapter: Adapter, scale: float | jax.Array = 1.0):
+    """params + scale * adapter as a new tree: the one merge rule, pure and traceable (no jit, no
+    sharding lookups), so it can run inside a jitted, differentiated loss (`finetune.loss_fn`).
+
+    Each touched weight gets scale * adapter-scale * einsum(A, B) (`Target.merge_equation`), computed
+    and added in float32, then cast back to the weight's dtype; a stacked pair gets it in its slice.
+    `params` is not modified and every leaf the adapter does not touch is shared with it. `params`
+    may be any tree holding the touched weights: `merge_lora` passes just those.
+    """
+    out = _new_dicts(params)
     for name, targets in adapter.layers.items():
-        merged = {path: w.astype(jnp.float32) for path, w in weights[name].items()}
+        paths = {projections.TARGETS[t].path for t in targets}
+        merged = {path: params_lib.get_path(params[name], path).astype(jnp.float32) for path in paths}
         for target, lw in targets.items():
             t = projections.TARGETS[target]
             delta = jnp.einsum(t.merge_equation, lw.a.astype(jnp.float32), lw.b.astype(jnp.float32),
@@ -119,40 +128,40 @@ def _merge_impl(weights: dict, adapter: Adapter, scale: jax.Array) -> dict:
             w = merged[t.path]
             at = (slice(None),) * projections.STACK_AXIS + (t.index,)
             merged[t.path] = w + delta if t.index is None else w.at[at].add(delta)
-        out[name] = {path: merged[path].astype(w.dtype) for path, w in weights[name].items()}
+        for path, w in merged.items():
+            params_lib.set_path(out[name], path, w.astype(params_lib.get_path(params[name], path).dtype))
     return out
 
 
 @functools.lru_cache(maxsize=16)
 def _merge_jit(out_shardings):
-    return jax.jit(_merge_impl, out_shardings=out_shardings.tree)
+    return jax.jit(apply_adapter, out_shardings=out_shardings.tree)
 
 
 def merge_lora(params, adapter: Adapter, scale: float = 1.0):
     """params + scale * adapter, as a new tree; `scale=-1` undoes a merge (within float rounding).
 
-    Pure: `params` is not modified, untouched leaves are shared with it. Each merged weight keeps its
-    dtype and sharding (the delta is computed and added in float32, then cast back). One compile per
-    (adapter structure, param shardings); `scale` is traced.
+    `apply_adapter`, checked against the base model and jit-compiled over just the weights the
+    adapter touches: `params` is not modified, untouched leaves are shared with it, and each merged
+    weight keeps its dtype and sharding. One compile per (adapter structure, param shardings);
+    `scale` is traced.
     """
-    touched = {name: {projections.TARGETS[t].path for t in targets}
-               for name, targets in adapter.layers.items()}
-    weights = {}
-    for name, paths in touched.items():
+    weights: dict = {}
+    for name, targets in adapter.layers.items():
         if name not in params:
             raise LoraError(f"the adapter has {name} but the base model has {len(_layers(params))} layers")
         weights[name] = {}
-        for path in paths:
+        for path in {projections.TARGETS[t].path for t in targets}:
             w = params_lib.get_path(params[name], path)
             want = params_lib.get_path(params_lib.param_shapes(adapter.config)[name], path).shape
             if w.shape != want:
                 raise LoraError(f"{name}/{'/'.join(path)} has shape {w.shape}, the adapter's base model needs {want}")
-            weights[name][path] = w if isinstance(w, jax.Array) else jnp.asarray(w)
+            params_lib.set_path(weights[name], path, w if isinstance(w, jax.Array) else jnp.asarray(w))
     out_shardings = jax.tree.map(lambda w: w.sharding, weights)
     merged = _merge_jit(_Hashable(out_shardings))(weights, adapter, jnp.float32(scale))
-    out = jax.tree.map(lambda x: x, params, is_leaf=lambda x: not isinstance(x, dict))  # new dicts, same leaves
-    for name, paths in merged.items():
-        for path, w in paths.items():
+    out = _new_dicts(params)
+    for name, leaves in merged.items():
+        for path, w in params_lib.flatten(leaves).items():
             params_lib.set_path(out[name], path, w)
     return out
 
@@ -390,6 +399,11 @@ class _Hashable:
 
     def __eq__(self, other):
         return isinstance(other, _Hashable) and self._key == other._key
+
+
+def _new_dicts(tree):
+    """A copy of a tree of nested dicts: new dicts, the same leaves."""
+    return jax.tree.map(lambda x: x, tree, is_leaf=lambda x: not isinstance(x, dict))
 
 
 def _layers(params) -> list[str]:
