@@ -14,10 +14,7 @@ import io
 import json
 import os
 import pickle
-import select
-import socket
 import struct
-import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -31,6 +28,7 @@ from safetensors.numpy import save as st_save
 
 from serving.adapter_files import MAX_CONFIG_BYTES, MAX_HEADER_BYTES, AdapterFileError, check_safetensors
 from serving.app import create_app
+from raw_http import post_raw
 from server_group import ServerGroup
 from serving_fakes import MODEL, LiveServer, fake_backend
 from test_serving_finetunes import CONFIG
@@ -244,31 +242,8 @@ def test_control_characters_in_names_refused(sandbox):
 def _raw_upload(server, fid, headers: dict, chunks) -> tuple[int, float, bytes]:
     """Send a multipart upload on a raw socket, `chunks` as they come, stopping once the server answers.
     Returns (body bytes sent, seconds until the answer, the answer)."""
-    boundary = "hostile"
     path = f"/client/v4/accounts/acc/ai/finetunes/{fid}/finetune-assets"
-    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
-                 f"boundary={boundary}\r\n{head}\r\n".encode())
-    started, sent, answer = time.monotonic(), 0, b""
-    try:
-        for chunk in chunks:
-            if select.select([sock], [], [], 0)[0]:
-                break
-            try:
-                sock.sendall(chunk)
-            except OSError:
-                break
-            sent += len(chunk)
-        sock.settimeout(10)
-        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < 100:
-            part = sock.recv(65536)
-            if not part:
-                break
-            answer += part
-        return sent, time.monotonic() - started, answer
-    finally:
-        sock.close()
+    return post_raw(server.port, path, {"Content-Type": "multipart/form-data; boundary=hostile", **headers}, chunks)
 
 
 def _preamble():

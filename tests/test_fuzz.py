@@ -11,9 +11,6 @@ prompt branch of the run route. Bounded: about 200 examples in all, well under 9
 from __future__ import annotations
 
 import json
-import select
-import socket
-import time
 
 import jsonschema
 import pytest
@@ -22,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
+from raw_http import post_raw
 from serving.openapi import document, openapi_path
 from serving_fakes import MODEL, FakeTokenizer, expected_output, run_url
 from server_group import ServerGroup
@@ -231,35 +229,6 @@ def test_nul_bytes_are_text(server):
     assert r.status_code == 400  # control characters in names are refused
 
 
-def _post_raw(server, path: str, head: dict, body_chunks) -> tuple[int, float, bytes]:
-    """POST on a raw socket, sending `body_chunks` until the server answers; (sent, seconds, answer)."""
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    head_text = "".join(f"{k}: {v}\r\n" for k, v in head.items())
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head_text}\r\n".encode())
-    started, sent, answer = time.monotonic(), 0, b""
-    try:
-        for chunk in body_chunks:
-            if select.select([sock], [], [], 0)[0]:
-                break
-            try:
-                sock.sendall(chunk)
-            except OSError:
-                break
-            sent += len(chunk)
-        sock.settimeout(10)
-        while True:
-            try:
-                part = sock.recv(65536)
-            except OSError:
-                break
-            if not part:
-                break
-            answer += part
-        return sent, time.monotonic() - started, answer
-    finally:
-        sock.close()
-
-
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 @pytest.mark.parametrize("route", ["/client/v4/accounts/acc/ai/run/" + MODEL, "/v1/chat/completions"])
 def test_10mb_body_refused_413_without_reading_it(server, framing, route):
@@ -270,7 +239,7 @@ def test_10mb_body_refused_413_without_reading_it(server, framing, route):
     else:
         head = {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
         chunks = (b"%x\r\n%s\r\n" % (len(block), block) for _ in range(size // len(block)))
-    sent, seconds, answer = _post_raw(server, route, head, chunks)
+    sent, seconds, answer = post_raw(server.port, route, head, chunks)
     status_line, rest = answer.split(b"\r\n", 1)
     assert status_line.startswith(b"HTTP/1.1 413"), answer[:300]
     headers = rest.split(b"\r\n\r\n", 1)[0].lower()
