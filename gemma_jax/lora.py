@@ -25,9 +25,10 @@ Two ways to serve an adapter (docs/lora.md says when to use which):
   adapter in the smallest that holds it, `AdapterBank.bucket_for`), each adapter zero-padded to its
   bucket's rank (zero rows/columns of A and B add exactly nothing), slot 0 of every bucket all zeros
   = "no adapter". `forward(..., lora=(bank, ids))` adds each row's delta (x A[id]) B[id] * scale[id],
-  per bucket as grouped matmuls over the rows sorted by adapter (`layers.lora_delta`), so one batch
-  can mix adapters. `bank_add` / `bank_remove` update one slot in place (its bucket is donated, the
-  shapes never change): no recompilation of anything that takes the bank as an argument.
+  per bucket as grouped matmuls over the rows sorted by adapter on a GPU or TPU, as a one-hot
+  product on a CPU (`layers.lora_delta`), so one batch can mix adapters. `bank_add` / `bank_remove`
+  update one slot in place (its bucket is donated, the shapes never change): no recompilation of
+  anything that takes the bank as an argument.
 
 PEFT files are read and validated by `weights.peft.load_adapter`; this module knows nothing of files.
 """
