@@ -58,9 +58,26 @@ def notice_text() -> str:
     )
 
 
+def read_embedded_config(cache: str | os.PathLike | None = None) -> GemmaConfig:
+    """The embedded model's config, converting it on first use (no weight is restored): what the
+    mesh is built from before `load_embedded(mesh=...)` restores the weights onto it."""
+    directory = checkpoint_dir(cache)
+    if not native.is_native_checkpoint(directory):
+        convert_embedded(cache)
+    try:
+        return native.read_config(directory)
+    except ValueError as error:  # written by another gemma-jax version
+        print(f"gemma-jax: the cached checkpoint does not fit this version ({error}); converting again",
+              file=sys.stderr, flush=True)
+        convert_embedded(cache, overwrite=True)
+        return native.read_config(directory)
+
+
 def load_embedded(dtype=jnp.float32, cache: str | os.PathLike | None = None,
                   mesh: Mesh | None = None) -> tuple[GemmaConfig, dict, Tokenizer]:
-    """(config, params, tokenizer) of the embedded Gemma 3 270M, converting it on first use."""
+    """(config, params, tokenizer) of the embedded Gemma 3 270M, converting it on first use.
+    mesh: each array is restored straight into its `params.param_shardings` placement (None: the
+    first device)."""
     directory = checkpoint_dir(cache)
     if not native.is_native_checkpoint(directory):
         convert_embedded(cache)

@@ -36,9 +36,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
-from gemma_jax import quantize, sharding
+from gemma_jax import quantize as quantize_lib
+from gemma_jax import sharding
 from gemma_jax.config import GemmaConfig
 from gemma_jax.model import CACHE_AXES, LayerCache, Transformer, init_cache
 from gemma_jax.quantize import is_quantized  # noqa: F401 - re-exported: params.is_quantized(tree)
@@ -95,14 +97,14 @@ def param_shapes(config: GemmaConfig, dtype=jnp.float32, quantized: bool = False
     """Tree of jax.ShapeDtypeStruct, computed without allocating anything. quantized: the tree
     `quantize.quantize_params` makes (int8 weights, scales in `dtype`, as `quantize.QArray`s)."""
     shapes = jax.tree.map(lambda b: b.value, _abstract_boxed(config, jnp.dtype(dtype)), is_leaf=_is_box)
-    return quantize.quantized_shapes(shapes, config) if quantized else shapes
+    return quantize_lib.quantized_shapes(shapes, config) if quantized else shapes
 
 
 def param_axes(config: GemmaConfig, quantized: bool = False):
     """Tree of logical-axis tuples, one per weight (quantized: a QArray of the weight's axes and
     its scale's, the scale sharded like the weight's output axes)."""
     axes = jax.tree.map(lambda b: tuple(b.names), _abstract_boxed(config, jnp.dtype(jnp.float32)), is_leaf=_is_box)
-    return quantize.quantized_axes(axes, config) if quantized else axes
+    return quantize_lib.quantized_axes(axes, config) if quantized else axes
 
 
 def count_params(config: GemmaConfig) -> int:
@@ -127,6 +129,50 @@ def init_params(config: GemmaConfig, key: jax.Array, dtype=jnp.float32, mesh: Me
 
     out_shardings = None if mesh is None else param_shardings(config, mesh)
     return jax.jit(init, out_shardings=out_shardings)(key)
+
+
+def placer(config: GemmaConfig, mesh: Mesh | None = None, dtype=None, quantize: str | None = None):
+    """fn(path, array) -> the leaf at `path` of the tree the engine runs on, from one array of the
+    float tree (host numpy or on device): cast to `dtype` (None: kept), quantized if `quantize` names
+    a method (`quantize.METHODS`) and `path` is a weight it quantizes, and put on its
+    `param_shardings` placement on `mesh` (None: the default device). A `quantize.QArray` is only
+    placed. Loaders place each tensor as they read it, so no device ever holds the whole model and
+    `Engine` finds every leaf where it wants it (its own `device_put` is then a no-op)."""
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    if quantize is not None and quantize not in quantize_lib.METHODS:
+        raise ValueError(f"unknown quantization {quantize!r}: expected one of {quantize_lib.METHODS}")
+    floats = flatten(param_shardings(config, mesh)) if mesh is not None else {}
+    quantized = flatten(param_shardings(config, mesh, quantized=True)) if mesh is not None else {}
+    contracted = quantize_lib.contracted_axes(config) if quantize is not None else {}
+    quantizers: dict = {}  # one jit per (contracted axes, output sharding): compiled once per shape
+
+    def quantizer(axes, out):
+        if (axes, out) not in quantizers:
+            quantizers[axes, out] = jax.jit(functools.partial(quantize_lib.quantize_array, contracted=axes, dtype=dtype),
+                                            out_shardings=out)
+        return quantizers[axes, out]
+
+    def place(path: tuple[str, ...], x):
+        path = tuple(path)
+        if quantize_lib.is_qarray(x):
+            return jax.device_put(x, quantized.get(path))
+        if isinstance(x, jax.Array):
+            x = x if dtype is None else x.astype(dtype)
+        else:
+            x = np.asarray(x, dtype=dtype)
+        x = jax.device_put(x, floats.get(path))  # one float tensor, already on its shards
+        if path not in contracted:
+            return x
+        return quantizer(contracted[path], quantized.get(path))(x)
+
+    return place
+
+
+def place_params(params, config: GemmaConfig, mesh: Mesh | None = None, dtype=None, quantize: str | None = None):
+    """`params` (float, quantized, or a mix; host or device) with every leaf put where `placer`
+    puts it: on `mesh` by `param_shardings` (None: the default device), quantized if asked."""
+    place = placer(config, mesh, dtype, quantize)
+    return unflatten({path: place(path, leaf) for path, leaf in flatten(params).items()})
 
 
 def cache_axes(config: GemmaConfig) -> dict:

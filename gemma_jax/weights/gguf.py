@@ -170,10 +170,20 @@ def _convert(w: np.ndarray, kind: Target | str, config: GemmaConfig) -> np.ndarr
     return kind.from_torch(w, config)
 
 
+def read_config(path: str | os.PathLike) -> GemmaConfig:
+    """The config of a GGUF file, from its header alone (no tensor is read): what the mesh is built
+    from before the weights load onto it."""
+    return config_from_gguf(*read_gguf(path))
+
+
 def load_gguf(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None,
-              progress: bool = True) -> tuple[GemmaConfig, dict]:
+              progress: bool = True, quantize: str | None = None) -> tuple[GemmaConfig, dict]:
     """Read a Gemma GGUF: (config, params) with params in `dtype`, sharded onto `mesh` if given.
 
+    Each tensor is dequantized and converted on the host, then put straight onto its
+    `params.param_shardings` placement (`params.placer`; no mesh: the default device) as it is
+    read, so no device ever holds more than its shards plus one tensor. quantize: "int8" quantizes
+    each weight as it is placed (`quantize.py`), so the float tree never exists on device.
     Every tensor is checked against `params.param_shapes(config)`; a missing, unexpected or
     misshapen tensor raises ValueError naming it.
     """
@@ -183,14 +193,13 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = No
     config = config_from_gguf(metadata, tensors)
     dtype = jnp.dtype(dtype)
     expected = P.flatten(P.param_shapes(config, dtype))
-    shardings = P.flatten(P.param_shardings(config, mesh)) if mesh is not None else {}
+    placer = P.placer(config, mesh, dtype, quantize)
 
     def place(key, value):
         want = expected[key].shape
         if value.shape != want:
             raise ValueError(f"{'/'.join(key)}: GGUF gives shape {value.shape}, config expects {want}")
-        host = np.asarray(value, dtype=dtype)
-        return jax.device_put(host, shardings[key]) if mesh is not None else jax.device_put(host)
+        return placer(key, value)
 
     loaded: dict[tuple[str, ...], jax.Array] = {}
     pending: dict[tuple[str, ...], dict[int, np.ndarray]] = {}  # halves of k/v and gate/up

@@ -5,41 +5,64 @@ A native checkpoint directory (`gemma-jax convert`), a .gguf file, or nothing (t
 and `gemma_jax.load()`. Each format's loader is imported only when it is needed. With
 `quantize="int8"` the weights are quantized once loaded (`gemma_jax/quantize.py`), whatever their
 source; a checkpoint saved quantized (`convert --quantize int8`) loads quantized either way.
+
+With a mesh, every array goes straight onto its final placement (`params.param_shardings`, what
+`Engine` runs on): a native checkpoint restores into it, each device reading its own shard; a GGUF
+tensor is converted on the host and put onto its shards as it is read (quantized there too). No
+device ever holds the whole model, so a model larger than one chip loads onto a mesh of them. The
+mesh depends on the config (`mesh_flag.build_mesh`): `read_config` gives it without loading weights.
 """
 
 from __future__ import annotations
 
 
-def load_parts(checkpoint: str | None = None, dtype="float32", quantize: str | None = None):
+def read_config(checkpoint: str | None = None):
+    """The config `load_parts(checkpoint)` returns, read without loading any weights (config.json,
+    a GGUF header, or the embedded checkpoint's, converted first if needed)."""
+    if checkpoint is None:
+        from gemma_jax.embedded import read_embedded_config
+
+        return read_embedded_config()
+    if str(checkpoint).endswith(".gguf"):
+        from gemma_jax.weights import gguf
+
+        return gguf.read_config(checkpoint)
+    from gemma_jax.weights import native
+
+    return native.read_config(checkpoint)
+
+
+def load_parts(checkpoint: str | None = None, dtype="float32", quantize: str | None = None, *, mesh=None):
     """(config, params, tokenizer) from a native checkpoint directory, a .gguf file, or (None) the
     embedded Gemma 3 270M. ValueError if a checkpoint has no tokenizer. quantize: None, or "int8"
-    (weights quantized with their scales in `dtype`, the compute dtype)."""
+    (weights quantized with their scales in `dtype`, the compute dtype). mesh: each array placed by
+    `params.param_shardings` on it as it loads (None: the first device)."""
     import jax.numpy as jnp
 
-    dtype = jnp.dtype(dtype)
-    config, params, tokenizer = _load(checkpoint, dtype)
-    if quantize is not None:
-        from gemma_jax.quantize import quantize_params
+    from gemma_jax import params as P
 
-        params = quantize_params(params, config, dtype, method=quantize)
+    dtype = jnp.dtype(dtype)
+    config, params, tokenizer = _load(checkpoint, dtype, quantize, mesh)
+    if quantize is not None and not P.is_quantized(params):  # a float checkpoint: quantized leaf by leaf
+        params = P.place_params(params, config, mesh, dtype, quantize)
     return config, params, tokenizer
 
 
-def _load(checkpoint: str | None, dtype):
+def _load(checkpoint: str | None, dtype, quantize: str | None, mesh):
     from gemma_jax.tokenizer import Tokenizer
 
     if checkpoint is None:
         from gemma_jax.embedded import load_embedded
 
-        return load_embedded(dtype=dtype)
+        return load_embedded(dtype=dtype, mesh=mesh)
     if str(checkpoint).endswith(".gguf"):
         from gemma_jax.weights.gguf import load_gguf
 
-        config, params = load_gguf(checkpoint, dtype=dtype)
+        config, params = load_gguf(checkpoint, dtype=dtype, mesh=mesh, quantize=quantize)
         return config, params, Tokenizer.from_gguf(checkpoint)
     from gemma_jax.weights import native
 
-    config, params, proto = native.load_checkpoint(checkpoint, dtype=dtype)
+    config, params, proto = native.load_checkpoint(checkpoint, dtype=dtype, mesh=mesh)
     if proto is None:
         raise ValueError(f"{checkpoint} has no tokenizer.model; cannot turn text into tokens")
     return config, params, Tokenizer.from_model_proto(proto)
