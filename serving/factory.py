@@ -19,12 +19,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.sharding import Mesh
 
 from gemma_jax import config as config_lib
 from gemma_jax.engine.engine import Engine
 from gemma_jax.engine.scheduler import Scheduler
-from gemma_jax.mesh_flag import build_mesh
+from gemma_jax.mesh_flag import build_mesh, default_shape
 from gemma_jax.tokenizer import Tokenizer
 from serving.backend import DEFAULT_MODEL, Backend
 
@@ -46,32 +46,59 @@ def serve_dtype(args: argparse.Namespace):
     return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
 
 
-def load_model(args: argparse.Namespace):
-    """(config, params, tokenizer) as the flags ask."""
-    from gemma_jax.embedded_gguf import gguf_path
+def model_config(args: argparse.Namespace) -> config_lib.GemmaConfig:
+    """The config of the model the flags ask for, read without loading any weights (a config.json,
+    a GGUF header): the mesh is built from it, then `load_model` puts the weights onto that mesh."""
+    from gemma_jax.weights.load import read_config
+
+    if args.random_weights:
+        return _random_config(args.random_weights)
+    return read_config(args.checkpoint)
+
+
+def load_model(args: argparse.Namespace, mesh: Mesh | None = None):
+    """(config, params, tokenizer) as the flags ask, every array put straight onto its
+    `param_shardings` placement on `mesh` as it loads (None: the first device): a native checkpoint
+    restores into it, GGUF tensors are placed (and quantized) one by one, random weights are born
+    sharded, so no device ever holds the whole model."""
     from gemma_jax.weights.load import load_parts
 
     dtype = serve_dtype(args)
     quantize = getattr(args, "quantize", None)
     if args.random_weights:
-        from gemma_jax.params import init_params
+        from gemma_jax import params as P
 
-        if args.random_weights not in RANDOM_CONFIGS:
-            raise SystemExit(f"gemma-jax: --random-weights must be one of {sorted(RANDOM_CONFIGS)}")
-        tokenizer = Tokenizer.from_gguf(gguf_path())  # any real tokenizer: the text is noise anyway
-        config = RANDOM_CONFIGS[args.random_weights]()
-        # Token ids must index the embedding: widen the vocabulary to the tokenizer's if needed; the
-        # chat turn markers (stop ids) are the tokenizer's (Gemma 3: 105/106, Gemma 1 configs: 106/107).
-        config = config.replace(vocab_size=max(config.vocab_size, tokenizer.vocab_size),
-                                start_of_turn_id=tokenizer.start_of_turn_id, end_of_turn_id=tokenizer.end_of_turn_id)
+        config = _random_config(args.random_weights)
         # unsafe_rbg: random init compiles and runs several times faster than threefry on CPU.
-        params = init_params(config, jax.random.key(0, impl="unsafe_rbg"), dtype)
+        params = P.init_params(config, jax.random.key(0, impl="unsafe_rbg"), dtype, mesh=mesh)
         if quantize:
-            from gemma_jax.quantize import quantize_params
+            params = P.place_params(params, config, mesh, dtype, quantize)
+        return config, params, _noise_tokenizer()
+    # a checkpoint dir, a .gguf, or (None) the embedded model
+    return load_parts(args.checkpoint, dtype, quantize, mesh=mesh)
 
-            params = quantize_params(params, config, dtype, method=quantize)
-        return config, params, tokenizer
-    return load_parts(args.checkpoint, dtype, quantize)  # a checkpoint dir, a .gguf, or (None) the embedded model
+
+def _noise_tokenizer() -> Tokenizer:
+    """The tokenizer of random weights: any real one, the text is noise anyway (the embedded GGUF's)."""
+    from gemma_jax.embedded_gguf import gguf_path
+
+    return _tokenizer_of(str(gguf_path()))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_of(gguf_file: str) -> Tokenizer:
+    return Tokenizer.from_gguf(gguf_file)
+
+
+def _random_config(name: str) -> config_lib.GemmaConfig:
+    if name not in RANDOM_CONFIGS:
+        raise SystemExit(f"gemma-jax: --random-weights must be one of {sorted(RANDOM_CONFIGS)}")
+    tokenizer = _noise_tokenizer()
+    # Token ids must index the embedding: widen the vocabulary to the tokenizer's if needed; the
+    # chat turn markers (stop ids) are the tokenizer's (Gemma 3: 105/106, Gemma 1 configs: 106/107).
+    config = RANDOM_CONFIGS[name]()
+    return config.replace(vocab_size=max(config.vocab_size, tokenizer.vocab_size),
+                          start_of_turn_id=tokenizer.start_of_turn_id, end_of_turn_id=tokenizer.end_of_turn_id)
 
 
 def build_backend(args: argparse.Namespace) -> Backend:
@@ -97,34 +124,25 @@ def build_backend(args: argparse.Namespace) -> Backend:
 
 
 def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
-    """The Engine the flags ask for, on its mesh. Multi-host (`--coordinator`): `jax.distributed`
-    first, then the same mesh over every process's devices (`jax.devices()` spans them; without
-    --mesh the accelerator rule of mesh_flag.py, on CPU too); a native checkpoint restores straight
-    into its global sharding, other weights load on each host and the engine places them."""
-    if not multihost_requested(args):
-        config, params, tokenizer = load_model(args)
-        mesh = build_mesh(getattr(args, "mesh", None), config)  # --mesh, or the default rule (gemma_jax/mesh_flag.py)
-    else:
+    """The Engine the flags ask for, on its mesh: the config first (`model_config`, no weights),
+    then the mesh (--mesh, or the default rule of mesh_flag.py), then the weights loaded straight
+    onto it (`load_model`), which the Engine keeps where they are. Multi-host (`--coordinator`):
+    `jax.distributed` first, and the same mesh over every process's devices (`jax.devices()` spans
+    them; without --mesh the accelerator rule, on CPU too); a native checkpoint restores into its
+    global sharding, other weights are converted on every host alike and each tensor is placed."""
+    shape = getattr(args, "mesh", None)
+    if multihost_requested(args):
         from gemma_jax.engine import multihost
-        from gemma_jax.mesh_flag import default_shape
-        from gemma_jax.weights import native
 
         auto = args.coordinator == "auto"  # a TPU VM slice (or SLURM ...): JAX finds the cluster itself
         multihost.initialize(None if auto else args.coordinator, None if auto else args.num_processes,
                              None if auto else args.process_id)
-        native_dir = args.checkpoint and not args.quantize and native.is_native_checkpoint(args.checkpoint)
-        config = native.read_config(args.checkpoint) if native_dir else None
-        if config is None:
-            config, params, tokenizer = load_model(args)
-            params = jax.tree.map(np.asarray, params)  # host copies, the same on every process
-        shape = getattr(args, "mesh", None) or default_shape(jax.device_count(), config.num_heads)
-        mesh = build_mesh(shape, config)
-        if native_dir:
-            config, params, proto = native.load_checkpoint(args.checkpoint, dtype=serve_dtype(args), mesh=mesh)
-            if proto is None:
-                raise ValueError(f"{args.checkpoint} has no tokenizer.model; cannot turn text into tokens")
-            tokenizer = Tokenizer.from_model_proto(proto)
+    config = model_config(args)
+    if multihost_requested(args) and shape is None:
+        shape = default_shape(jax.device_count(), config.num_heads)
+    mesh = build_mesh(shape, config)
     log.info("mesh: data=%d, model=%d (%s)", mesh.shape["data"], mesh.shape["model"], mesh.devices.flat[0].platform)
+    config, params, tokenizer = load_model(args, mesh)
     engine = Engine(config, params, slots=args.max_batch, mesh=mesh, adapter_slots=args.lora_slots,
                     adapter_rank=args.max_lora_rank)
     return engine, tokenizer
