@@ -41,12 +41,16 @@ def _add_generate(subparsers) -> None:
     p.set_defaults(func=_run_generate)
 
 
-def load_model(checkpoint: str | None, dtype, quantize: str | None = None):
-    """(config, params, tokenizer) from a native checkpoint, a GGUF file, or the embedded model."""
-    from gemma_jax.weights.load import load_parts
+def load_model(checkpoint: str | None, dtype, quantize: str | None = None, *, mesh_shape=None):
+    """(config, params, tokenizer, mesh) from a native checkpoint, a GGUF file, or the embedded model:
+    the config is read first, the mesh built from it (`--mesh`), and every array loaded straight onto
+    its placement on that mesh (`weights.load.load_parts`)."""
+    from gemma_jax.mesh_flag import build_mesh
+    from gemma_jax.weights.load import load_parts, read_config
 
     try:
-        return load_parts(checkpoint, dtype, quantize)
+        mesh = build_mesh(mesh_shape, read_config(checkpoint))
+        return (*load_parts(checkpoint, dtype, quantize, mesh=mesh), mesh)
     except ValueError as error:
         raise SystemExit(f"gemma-jax: {error}") from None
 
@@ -56,13 +60,13 @@ def _run_generate(args) -> int:
     import jax.numpy as jnp
 
     from gemma_jax.engine.api import EngineError
-    from gemma_jax.mesh_flag import build_mesh
     from gemma_jax.notebook import Model, stream
 
     if args.max_tokens < 1:
         raise SystemExit("gemma-jax: --max-tokens must be at least 1")
-    config, params, tokenizer = load_model(args.checkpoint, jnp.dtype(args.dtype), args.quantize)
-    model = Model(config, params, tokenizer, engine_options={"slots": 1, "mesh": build_mesh(args.mesh, config)})
+    config, params, tokenizer, mesh = load_model(args.checkpoint, jnp.dtype(args.dtype), args.quantize,
+                                                 mesh_shape=args.mesh)
+    model = Model(config, params, tokenizer, engine_options={"slots": 1, "mesh": mesh})
     try:
         for piece in stream(model, args.prompt, max_tokens=args.max_tokens, chat=not args.raw, temperature=0.0):
             sys.stdout.write(piece)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from gemma_jax import cli, embedded
+from gemma_jax.mesh_flag import build_mesh
 from gemma_jax.model import forward
 from gemma_jax.tokenizer import Tokenizer, encode_chat
 from gemma_jax.weights import native
@@ -139,7 +140,8 @@ def test_cli_generate_prints_the_greedy_continuation(cache, first_load):
 def test_cli_generate_raw(first_load, monkeypatch, capsys):
     """--raw feeds the text verbatim after BOS (in-process, on the already loaded model)."""
     config, params, tokenizer = first_load
-    monkeypatch.setattr(cli, "load_model", lambda checkpoint, dtype, quantize=None: first_load)
+    mesh = build_mesh(None, first_load[0])
+    monkeypatch.setattr(cli, "load_model", lambda checkpoint, dtype, quantize=None, mesh_shape=None: (*first_load, mesh))
     assert cli.main(["generate", "The capital of France is", "--raw", "--max-tokens", "8"]) == 0
     expected = _reference_greedy(config, params, tokenizer.encode("The capital of France is"), 8)
     out = capsys.readouterr().out

@@ -185,3 +185,17 @@ def test_serve_build_engine_restores_the_native_checkpoint_onto_its_mesh(native_
     assert all(a.sharding == s for a, s in zip(jax.tree.leaves(engine.params),
                                                 jax.tree.leaves(P.param_shardings(engine.config, mesh))))
     assert tokenizer.vocab_size == 32
+
+
+def test_generate_command_loads_onto_its_mesh(native_dir):
+    """`gemma-jax generate --mesh data=2,model=4 --checkpoint DIR`: the CLI builds the mesh from the
+    config first and every array arrives on its placement there (no first-chip load)."""
+    from gemma_jax import cli
+    from gemma_jax.mesh_flag import parse_mesh
+
+    config, params, tokenizer, mesh = cli.load_model(native_dir, jnp.float32, mesh_shape=parse_mesh("data=2,model=4"))
+    assert dict(mesh.shape) == {"data": 2, "model": 4}
+    assert all(a.sharding == s for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(P.param_shardings(config, mesh))))
+    plain = native.load_checkpoint(native_dir, dtype=jnp.float32)[1]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
