@@ -90,6 +90,7 @@ class Report:
     sorts: list[hlo_text.SortInfo]
     span_copies: list[str]
     block_copies: list[str]
+    weight_copies: list[str]  # a weight copied or permuted before its matmul (`hlo_text.weight_copies`)
     dynamic_loops: int  # while loops whose trip count is computed on the device (the attention loops)
     xla_bytes: float
     xla_flops: float
@@ -128,6 +129,11 @@ def abstract_engine(setup: Setup) -> engine_lib.Engine:
 def abstract_bank(setup: Setup, adapters: int, rank: int):
     """ShapeDtypeStructs of a bank of `adapters` slots (+ slot 0, the base model) of rank `rank`."""
     return jax.eval_shape(lambda: lora_lib.make_bank(setup.config, adapters + 1, rank, setup.dtype))
+
+
+def weight_sizes(config) -> set[int]:
+    """Element counts of the model's matrices (norm scales, [D], left out: activations share them)."""
+    return {math.prod(x.shape) for x in jax.tree.leaves(params_lib.param_shapes(config)) if x.ndim > 1}
 
 
 def tree_bytes(tree) -> float:
@@ -227,9 +233,11 @@ def analyse(name: str, compiled, setup: Setup, ideal: float, per: int, compile_s
             (block_copies if span == block else spans).append(c)
     blocked = {c.name for c in block_copies}
     describe = lambda cs: [f"{c.opcode} {c.name} -> {c.shape.split('{')[0]}" for c in cs]
+    weights = weight_sizes(cfg)
     report = Report(
         name=name, conditionals=len(hlo_text.conditionals(mod)), sorts=hlo_text.sorts(mod, cfg.vocab_size),
         span_copies=describe(spans), block_copies=describe(block_copies),
+        weight_copies=describe(hlo_text.weight_copies(mod, weights)),
         dynamic_loops=sum(1 for i in mod.instructions() if i.opcode == "while" and i.trip_count is None),
         xla_bytes=float(cost.get("bytes accessed", float("nan"))), xla_flops=float(cost.get("flops", float("nan"))),
         xla_overcount=xla_overcount(mod), model_bytes=model,
@@ -304,6 +312,8 @@ def verdicts(reports: list[Report]) -> list[str]:
     check(not bad, "no sort over the vocabulary in any decode variant", " | ".join(bad))
     bad = [f"{r.name}: {len(r.span_copies)} ({r.span_copies[0]})" for r in decode if r.span_copies]
     check(not bad, "no [B, K, span, H] cache copy in any decode variant", " | ".join(bad))
+    bad = [f"{r.name}: {len(r.weight_copies)} ({r.weight_copies[0]})" for r in decode if r.weight_copies]
+    check(not bad, "no weight copied or permuted in any decode variant", " | ".join(bad))
     for r in decode:
         adj = r.adj_bytes / r.ideal_bytes
         check(adj <= TARGET_RATIO, f"{r.name}: XLA bytes (adj) within {TARGET_RATIO}x of the ideal",
@@ -359,6 +369,9 @@ def main(argv=None) -> int:
     print("\n# span copies ([B, K, span, H] outputs, 1 < span != block, not in-place updates), first 3 per variant:")
     for r in reports:
         print(f"  {r.name}: {len(r.span_copies)} {r.span_copies[:3]}")
+    print("\n# weight copies (a weight copied or permuted before its matmul), first 3 per variant:")
+    for r in reports:
+        print(f"  {r.name}: {len(r.weight_copies)} {r.weight_copies[:3]}")
     print("\n# block copies (XLA:CPU materialises each attention block before its dot), first 2 per variant:")
     for r in reports:
         print(f"  {r.name}: {len(r.block_copies)} {r.block_copies[:2]}")

@@ -248,6 +248,22 @@ def cache_copies(mod: Module, batch: int, kv_heads: int, head_dim: int, max_len:
     return found
 
 
+def weight_copies(mod: Module, weight_sizes: set[int]) -> list[Instr]:
+    """Scheduled copies, transposes and non-dot fusions whose output has as many elements as one of
+    the weights (`weight_sizes`, element counts): a weight permuted or copied before its matmul
+    (what `jnp.einsum` contracting axes out of the weight's order costs, every call)."""
+    found = []
+    for ins in mod.instructions():
+        if ins.opcode not in ("copy", "fusion", "transpose"):
+            continue
+        roots = fusion_root_ops(mod, ins) if ins.opcode == "fusion" else [ins] * len(ins.arrays)
+        for (dt, dims), root in zip(ins.arrays, roots):
+            if math.prod(dims) in weight_sizes and root.opcode not in _IN_PLACE | {"dot", "custom-call"}:
+                found.append(ins)
+                break
+    return found
+
+
 # -- traffic model ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Traffic:

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemma_jax.contraction import weight_einsum
 from gemma_jax.quantize import is_qarray, qeinsum, stored_param
 
 Axes = tuple[str | None, ...]
@@ -37,7 +38,7 @@ class Einsum(nn.Module):
         w = stored_param(self, "w", init, self.shape, self.param_dtype)
         if is_qarray(w):
             return qeinsum(eqn, x, w)
-        return jnp.einsum(eqn, x, w.astype(x.dtype))
+        return weight_einsum(eqn, x, w.astype(x.dtype))
 
 
 class RMSNorm(nn.Module):

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_jax import projections as proj
+from gemma_jax.contraction import weight_einsum
 from gemma_jax.config import GemmaConfig
 
 METHODS = ("int8",)
@@ -108,7 +109,7 @@ def qeinsum(eqn: str, x: jax.Array, q: QArray, **kwargs) -> jax.Array:
     along every contracted axis. eqn: "xletters,wletters->out" with q the second operand."""
     inputs, out = eqn.split("->")
     w_letters = inputs.split(",")[1]
-    y = jnp.einsum(eqn, x, q.w.astype(x.dtype), **kwargs)
+    y = weight_einsum(eqn, x, q.w.astype(x.dtype), **kwargs)
     contracted = tuple(i for i, letter in enumerate(w_letters) if letter not in out)
     kept = "".join(letter for letter in w_letters if letter in out)
     scale = jnp.squeeze(q.scale, axis=contracted).astype(y.dtype)  # [the output channels]

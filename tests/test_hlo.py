@@ -80,6 +80,25 @@ def test_traffic_model_counts_an_in_place_update_as_its_update():
     assert update_bytes <= total <= 3 * update_bytes + 1024  # read + write the update, indices; not 32 MiB
 
 
+def test_reader_finds_a_weight_permuted_by_einsum_and_none_with_weight_einsum():
+    """jnp.einsum contracts "BTNH,NHD->BTD" as (H, N): XLA permutes the [N, H, D] weight on every
+    loop iteration. weight_einsum contracts in the weight's order: the matmul reads it in place."""
+    from gemma_jax.contraction import weight_einsum
+
+    n, h, d = 4, 256, 640
+    x, w = ((8, 1, n, h), jnp.float32), ((n, h, d), jnp.float32)
+
+    def looped(einsum):  # the output projection in a loop, as in the decode loop
+        def fn(x, w):
+            step = lambda i, y: y + einsum("BTNH,NHD->BTD", y, w).sum(-1)[..., None, None]
+            return jax.lax.fori_loop(0, 3, step, x)
+        return fn
+
+    found = hlo_text.weight_copies(_module(looped(jnp.einsum), x, w), {n * h * d})
+    assert [c.arrays[0][1] for c in found] in ([(n * h, d)], [(h, n, d)]), found
+    assert hlo_text.weight_copies(_module(looped(weight_einsum), x, w), {n * h * d}) == []
+
+
 # -- the engine's compiled decode ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def decode_reports():
@@ -110,6 +129,11 @@ def test_decode_has_no_cache_span_copy(decode_reports):
     """No kv bucket or span is cut out of the cache: attention reads it block by block in a loop."""
     found = {r.name: r.span_copies for r in decode_reports if r.span_copies}
     assert found == {}, f"[B, K, span, H] cache copies in the compiled decode: {found}"
+
+
+def test_decode_never_copies_or_permutes_a_weight(decode_reports):
+    found = {r.name: r.weight_copies for r in decode_reports if r.weight_copies}
+    assert found == {}, f"weights copied before their matmul in the compiled decode: {found}"
 
 
 def test_decode_attention_is_a_device_bounded_block_loop(decode_reports):
