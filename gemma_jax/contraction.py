@@ -16,14 +16,16 @@ from jax import lax
 
 
 def weight_einsum(eqn: str, x: jax.Array, w: jax.Array, **kwargs) -> jax.Array:
-    """`jnp.einsum(eqn, x, w, **kwargs)` for "xletters,wletters->out" where every letter x and w share
-    is contracted (no batch letters): one `dot_general` whose contracted axes follow w's order, its
-    output permuted to `out` only if that differs from (x's kept letters, w's kept letters)."""
+    """`jnp.einsum(eqn, x, w, **kwargs)`. For a weight product (every letter x and w share is
+    contracted, every other letter kept) it is one `dot_general` whose contracted axes follow w's
+    order, its output permuted to `out` only if that differs from (x's kept letters, w's kept
+    letters); any other equation goes to `jnp.einsum` as it is."""
     inputs, out = eqn.split("->")
     x_letters, w_letters = inputs.split(",")
     shared = [c for c in w_letters if c in x_letters]
-    if any(c in out for c in shared) or len(set(x_letters)) != len(x_letters):
-        return jnp.einsum(eqn, x, w, **kwargs)  # batch letters or a trace: einsum's general path
+    kept = [c for c in x_letters + w_letters if c not in shared]
+    if any(c in out for c in shared) or any(c not in out for c in kept) or len(set(x_letters)) != len(x_letters):
+        return jnp.einsum(eqn, x, w, **kwargs)  # batch letters, a sum or a trace: einsum's general path
     dims = (([x_letters.index(c) for c in shared], [w_letters.index(c) for c in shared]), ((), ()))
     y = lax.dot_general(x, w, dims, **kwargs)  # precision / preferred_element_type, as einsum takes them
     natural = "".join(c for c in x_letters if c not in shared) + "".join(c for c in w_letters if c not in shared)

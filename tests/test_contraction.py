@@ -35,8 +35,12 @@ def test_quantized_weight_through_qeinsum():
     np.testing.assert_allclose(np.asarray(quantize.qeinsum(eqn, jnp.asarray(x), q)), want, rtol=1e-5, atol=1e-4)
 
 
-def test_batch_letters_fall_back_to_einsum():
-    x = np.random.default_rng(2).standard_normal((3, 4, 5)).astype(np.float32)
-    w = np.random.default_rng(3).standard_normal((3, 5, 6)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(weight_einsum("bij,bjk->bik", x, w)), np.einsum("bij,bjk->bik", x, w),
-                               rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("eqn", ["bij,bjk->bik", "bij,jk->bk", "ii,ij->j"])
+def test_other_equations_fall_back_to_einsum(eqn):
+    """Batch letters, a letter summed away, a trace: jnp.einsum's own path, same result."""
+    rng = np.random.default_rng(2)
+    sizes = dict(b=3, i=4, j=4, k=6)
+    xs, ws = eqn.split("->")[0].split(",")
+    x = rng.standard_normal([sizes[c] for c in xs]).astype(np.float32)
+    w = rng.standard_normal([sizes[c] for c in ws]).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(weight_einsum(eqn, x, w)), np.einsum(eqn, x, w), rtol=1e-5, atol=1e-4)
