@@ -58,19 +58,26 @@ def notice_text() -> str:
     )
 
 
-def read_embedded_config(cache: str | os.PathLike | None = None) -> GemmaConfig:
-    """The embedded model's config, converting it on first use (no weight is restored): what the
-    mesh is built from before `load_embedded(mesh=...)` restores the weights onto it."""
+def _from_converted(cache: str | os.PathLike | None, read):
+    """read(directory) of the converted checkpoint: converted on first use, and converted again if
+    `read` raises ValueError (a checkpoint written by another gemma-jax version: a format or layout
+    change)."""
     directory = checkpoint_dir(cache)
     if not native.is_native_checkpoint(directory):
         convert_embedded(cache)
     try:
-        return native.read_config(directory)
-    except ValueError as error:  # written by another gemma-jax version
+        return read(directory)
+    except ValueError as error:
         print(f"gemma-jax: the cached checkpoint does not fit this version ({error}); converting again",
               file=sys.stderr, flush=True)
         convert_embedded(cache, overwrite=True)
-        return native.read_config(directory)
+        return read(directory)
+
+
+def read_embedded_config(cache: str | os.PathLike | None = None) -> GemmaConfig:
+    """The embedded model's config, converting it on first use (no weight is restored): what the
+    mesh is built from before `load_embedded(mesh=...)` restores the weights onto it."""
+    return _from_converted(cache, native.read_config)
 
 
 def load_embedded(dtype=jnp.float32, cache: str | os.PathLike | None = None,
@@ -78,18 +85,10 @@ def load_embedded(dtype=jnp.float32, cache: str | os.PathLike | None = None,
     """(config, params, tokenizer) of the embedded Gemma 3 270M, converting it on first use.
     mesh: each array is restored straight into its `params.param_shardings` placement (None: the
     first device)."""
-    directory = checkpoint_dir(cache)
-    if not native.is_native_checkpoint(directory):
-        convert_embedded(cache)
-    try:
-        config, params, proto = native.load_checkpoint(directory, dtype=dtype, mesh=mesh)
-    except ValueError as error:  # written by another gemma-jax version: a format or layout change
-        print(f"gemma-jax: the cached checkpoint does not fit this version ({error}); converting again",
-              file=sys.stderr, flush=True)
-        convert_embedded(cache, overwrite=True)
-        config, params, proto = native.load_checkpoint(directory, dtype=dtype, mesh=mesh)
+    config, params, proto = _from_converted(
+        cache, lambda directory: native.load_checkpoint(directory, dtype=dtype, mesh=mesh))
     if proto is None:
-        raise ValueError(f"{directory} has no tokenizer.model; delete the directory to convert again")
+        raise ValueError(f"{checkpoint_dir(cache)} has no tokenizer.model; delete the directory to convert again")
     return config, params, Tokenizer.from_model_proto(proto)
 
 
