@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from gemma_jax import projections as proj
 from gemma_jax.attention import decode_attention, prefill_attention
 from gemma_jax.config import GemmaConfig
+from gemma_jax.contraction import unembed
 from gemma_jax.layers import Einsum, RMSNorm, apply_rope, gelu_tanh, lora_delta
 from gemma_jax.quantize import is_qarray, lookup, qeinsum, stored_param
 
@@ -221,8 +222,7 @@ class Embedder(nn.Module):
     def decode(self, x):  # [B, T, D] -> [B, T, V] float32
         if is_qarray(self.input_embedding):
             return qeinsum("BTD,VD->BTV", x, self.input_embedding, preferred_element_type=jnp.float32)
-        return jnp.einsum("BTD,VD->BTV", x, self.input_embedding.astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        return unembed(x, self.input_embedding.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 class Transformer(nn.Module):

@@ -1,13 +1,17 @@
 """`weight_einsum` equals `jnp.einsum` (a numpy einsum too) on every projection's equation and the
-logits', including an output order that needs a transpose and an int8 weight through `qeinsum`."""
+logits', including an output order that needs a transpose and an int8 weight through `qeinsum`;
+`unembed` equals numpy on both of its forms, and its CPU form is the table-first matmul it claims."""
 
+import re
+
+import jax
 import numpy as np
 import jax.numpy as jnp
 import pytest
 
 from gemma_jax import projections as proj
 from gemma_jax import quantize
-from gemma_jax.contraction import weight_einsum
+from gemma_jax.contraction import UNEMBED_MOST_ROWS, unembed, weight_einsum
 
 EQUATIONS = sorted({p.equation for p in proj.PROJECTIONS} | {"BTD,VD->BTV", "BTNH,NHD->BDT", "BTD,DKH->KBTH"})
 
@@ -44,3 +48,35 @@ def test_other_equations_fall_back_to_einsum(eqn):
     x = rng.standard_normal([sizes[c] for c in xs]).astype(np.float32)
     w = rng.standard_normal([sizes[c] for c in ws]).astype(np.float32)
     np.testing.assert_allclose(np.asarray(weight_einsum(eqn, x, w)), np.einsum(eqn, x, w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("lead", [(1, 1), (8, 1), (2, 3), (UNEMBED_MOST_ROWS, 1), (UNEMBED_MOST_ROWS + 1, 1), (9, 17)])
+def test_unembed_equals_numpy(lead):
+    """Both forms (table-first up to UNEMBED_MOST_ROWS rows on CPU, einsum above), float32 and a
+    bfloat16 table with float32 accumulation, against numpy."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((*lead, 48)).astype(np.float32)
+    table = rng.standard_normal((96, 48)).astype(np.float32)
+    got = unembed(jnp.asarray(x), jnp.asarray(table))
+    assert got.shape == (*lead, 96)
+    np.testing.assert_allclose(np.asarray(got), np.einsum("btd,vd->btv", x, table), rtol=1e-5, atol=1e-4)
+    xb, tb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(table, jnp.bfloat16)
+    got = unembed(xb, tb, preferred_element_type=jnp.float32)
+    assert got.dtype == jnp.float32
+    want = np.einsum("btd,vd->btv", np.asarray(xb, np.float32), np.asarray(tb, np.float32))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows, table_first", [(8, True), (UNEMBED_MOST_ROWS + 1, False)])
+def test_unembed_form_survives_compilation(rows, table_first):
+    """On the CPU, up to UNEMBED_MOST_ROWS rows, the compiled matmul outputs [V, rows] (the table is
+    its left operand): XLA did not fold the transpose back into an x-first [rows, V] matmul. Above,
+    the einsum's own [rows, V] matmul."""
+    assert jax.default_backend() == "cpu"
+    vocab, d = 4096, 64
+    hlo = jax.jit(unembed).lower(jax.ShapeDtypeStruct((rows, 1, d), jnp.float32),
+                                 jax.ShapeDtypeStruct((vocab, d), jnp.float32)).compile().as_text()
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert dots, hlo
+    shapes = {re.search(r"= f32\[([\d,]+)\]", line).group(1) for line in dots}
+    assert shapes == ({f"{vocab},{rows}"} if table_first else {f"{rows},{vocab}"}), shapes
