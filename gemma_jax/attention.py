@@ -1,7 +1,7 @@
 """Attention kernels: one new token per row against its KV cache (decode), and whole prompts (prefill).
 
     decode_attention(q [B, N, H], k [B, K, S, H], v [B, K, S, H], lengths [B], *,
-                     window, scale, softcap, impl) -> [B, N, H]
+                     window, scale, softcap, impl, k_scale=None, v_scale=None) -> [B, N, H]
     prefill_attention(q [B, T, N, H], k [B, T, K, H], v [B, T, K, H], *,
                       window, scale, softcap, impl) -> [B, T, N, H]
 
@@ -44,6 +44,18 @@ memory), falling back to XLA where cuDNN refuses the call (dtype, head size, ver
 (which neither supports) uses the plain masked einsum. The TPU impls prefill with XLA.
 
 `default_impl()` is the explicit automatic choice: "pallas_gpu" on a GPU backend, else "xla".
+
+An int8 cache (`model.init_cache(..., jnp.int8)`) comes with float32 scales k_scale, v_scale
+[B, K, S], one per (row, kv head, position). Only "xla" reads it, and it never dequantizes a block:
+the scale is constant along H, so it factors out of both products. Per block, logits =
+(q . k_int8) * k_scale (the int8 block cast to q's dtype, exact in bf16 and f32), and the
+probabilities are multiplied by v_scale before the PV product: sum_s p_s v_scale_s v_int8_s. The
+softmax denominator uses the unscaled p. Neither Pallas kernel reads it, so every impl decodes an
+int8 cache with the "xla" loop (as the TPU impls do sliding-window layers; prefill, which has no
+cache, still uses the impl's own path, cuDNN's flash attention for "pallas_gpu"): JAX's GPU decode
+kernel takes no scales; the TPU paged-attention kernel takes int8 pages with scales, but broadcasts
+the scales to the cache's full [.., page, H] shape before its call (a float array as large as the
+cache, written and read on every step: what int8 is meant to avoid).
 """
 
 from __future__ import annotations
@@ -73,18 +85,24 @@ def _check_impl(impl: str) -> None:
 # -- decode ----------------------------------------------------------------------------------------
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, window: int | None = None,
                      scale: float, softcap: float | None = None, impl: str = "xla",
-                     block: int = DEFAULT_BLOCK) -> jax.Array:
+                     block: int = DEFAULT_BLOCK, k_scale: jax.Array | None = None,
+                     v_scale: jax.Array | None = None) -> jax.Array:
     """One query per row against that row's cache: q [B, N, H], k/v [B, K, S, H], lengths [B] int32
     (valid positions, the current token included; 0 = idle row) -> [B, N, H] in q's dtype.
 
     window: sliding-window size (a row attends its last `window` positions) or None. scale: the query
     scale. softcap: tanh cap of the logits or None. impl: one of IMPLS (see the module docstring);
-    block: the XLA loop's block."""
+    block: the XLA loop's block. k_scale, v_scale: [B, K, S] scales of an int8 cache (k, v int8),
+    else None; with them the XLA loop runs whatever `impl` says (see the module docstring)."""
     _check_impl(impl)
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads do not group over {k.shape[1]} kv heads")
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("an int8 cache needs both k_scale and v_scale")
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, k.shape[2])
     starts = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
+    if k_scale is not None:  # int8 cache: the XLA loop whatever `impl` (neither kernel reads scales)
+        return _decode_xla(q, k, v, starts, lengths, scale, softcap, min(block, k.shape[2]), k_scale, v_scale)
     if impl in ("pallas_tpu", "pallas_tpu_interpret"):
         if window is None:  # the TPU kernel has no start position: sliding-window layers use XLA
             return _decode_pallas_tpu(q, k, v, lengths, scale, softcap, interpret=impl == "pallas_tpu_interpret")
@@ -96,7 +114,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     return _decode_xla(q, k, v, starts, lengths, scale, softcap, min(block, k.shape[2]))
 
 
-def _decode_xla(q, k, v, starts, lengths, scale, softcap, block):
+def _decode_xla(q, k, v, starts, lengths, scale, softcap, block, k_scale=None, v_scale=None):
     b, n, h = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
     g = n // kv_heads
@@ -114,13 +132,20 @@ def _decode_xla(q, k, v, starts, lengths, scale, softcap, block):
         valid = (pos >= i * block)[None] & (pos >= starts[:, None]) & (pos < lengths[:, None])  # [B, block]
         valid = valid[:, None, None]  # [B, 1, 1, block]
         logits = jnp.einsum("BKGH,BKSH->BKGS", qg, kb.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+        if k_scale is not None:  # int8 keys: (q . k_int8) * k_scale, per position
+            logits = logits * lax.dynamic_slice_in_dim(k_scale, at, block, axis=2)[:, :, None]
         if softcap:
             logits = jnp.tanh(logits / softcap) * softcap
         logits = jnp.where(valid, logits, _NEG_INF)
         m_next = jnp.maximum(m, logits.max(axis=-1))
         p = jnp.where(valid, jnp.exp(logits - m_next[..., None]), 0.0)  # a fully masked block adds 0
         correction = jnp.exp(m - m_next)
-        pv = jnp.einsum("BKGS,BKSH->BKGH", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        if v_scale is None:
+            pv = jnp.einsum("BKGS,BKSH->BKGH", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        else:  # int8 values: (p * v_scale) . v_int8; the denominator below keeps the unscaled p
+            pw = p * lax.dynamic_slice_in_dim(v_scale, at, block, axis=2)[:, :, None]
+            pv = jnp.einsum("BKGS,BKSH->BKGH", pw.astype(q.dtype), vb.astype(q.dtype),
+                            preferred_element_type=jnp.float32)
         return m_next, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv
 
     init = (jnp.full((b, kv_heads, g), _NEG_INF, jnp.float32), jnp.zeros((b, kv_heads, g), jnp.float32),

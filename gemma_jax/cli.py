@@ -1,7 +1,7 @@
 """The `gemma-jax` command: one argparse subcommand per job.
 
     gemma-jax generate "prompt" [--max-tokens N] [--raw] [--checkpoint DIR|FILE.gguf] [--quantize int8]
-                       [--mesh data=D,model=M]
+                       [--kv-cache int8] [--mesh data=D,model=M]
     gemma-jax convert ...      (weights in other formats -> our native checkpoint)
     gemma-jax serve ...        (the Workers AI compatible HTTP server)
 
@@ -35,6 +35,9 @@ def _add_generate(subparsers) -> None:
                    help="parameter and activation dtype (default float32)")
     p.add_argument("--quantize", choices=("int8",),
                    help="int8: quantize the weights at load (int8 weight-only, per-channel scales; --dtype computes)")
+    p.add_argument("--kv-cache", choices=("int8",),
+                   help="int8: an int8 KV cache with one float32 scale per (kv head, position), decoded by "
+                        "XLA's attention loop (default: the cache in --dtype)")
     p.add_argument("--mesh", metavar="data=D,model=M", type=parse_mesh,
                    help="device mesh: D*M must equal the device count (default: one device on CPU; on TPU/GPU "
                         "every device, M = the largest divisor of the device count dividing the head count)")
@@ -66,7 +69,8 @@ def _run_generate(args) -> int:
         raise SystemExit("gemma-jax: --max-tokens must be at least 1")
     config, params, tokenizer, mesh = load_model(args.checkpoint, jnp.dtype(args.dtype), args.quantize,
                                                  mesh_shape=args.mesh)
-    model = Model(config, params, tokenizer, engine_options={"slots": 1, "mesh": mesh})
+    options = {"slots": 1, "mesh": mesh, "cache_dtype": jnp.int8 if args.kv_cache == "int8" else None}
+    model = Model(config, params, tokenizer, engine_options=options)
     try:
         for piece in stream(model, args.prompt, max_tokens=args.max_tokens, chat=not args.raw, temperature=0.0):
             sys.stdout.write(piece)

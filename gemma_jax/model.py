@@ -21,6 +21,16 @@ step (one token per row) such a row is idle and reads nothing. Attention itself 
 decode reads each row's own length in place, prefill (no cache) is `jax.nn.dot_product_attention`. The cache is
 laid out [B, K, S, H] so that both attention einsums are plain batched matmuls over (B, K): with the
 sequence axis outside the heads, XLA would transpose the whole cache on every decode step.
+
+int8 KV cache (`init_cache(..., dtype=jnp.int8)`): keys and values are stored int8 with one float32
+scale per (row, kv head, position), `LayerCache.k_scale` / `v_scale` [B, K, S], quantized the way
+`quantize.py` quantizes weights: symmetric, scale = max |x| over H / 127, x_int8 = clip(round(x /
+scale), -127, 127), so |x - x_int8 * scale| <= scale / 2 (`quantize_kv`). Each token's K/V is
+quantized as it is written (decode writes here; a prefill's K/V is quantized by the engine when it
+goes into the decode state). Decode attention folds the scales into its products instead of
+dequantizing the cache (`attention.decode_attention`), so it reads 1 byte per value plus 4 per H
+values. A float cache has no scales (None): its computation is exactly what it was. Several tokens
+per row against a cache (`_masked_attention`, not used by the engine) dequantize the span they read.
 """
 
 from __future__ import annotations
@@ -46,18 +56,55 @@ _NEG_INF = float(jnp.finfo(jnp.float32).min)
 class LayerCache:
     k: jax.Array  # [B, K, S, H]
     v: jax.Array  # [B, K, S, H]
+    k_scale: jax.Array | None = None  # [B, K, S] float32 for an int8 cache, else None
+    v_scale: jax.Array | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
 
 Cache = dict[str, LayerCache]  # "layer_0" ... "layer_{L-1}"
 
 CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
+SCALE_AXES = ("batch", "kv_heads", "cache_seq")  # an int8 cache's scales: sharded like the cache
+KV_SCALE_DTYPE = jnp.float32
 
 
 def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
-    """An all-zeros cache for `batch` rows of `max_len` positions (see `sharding` to place it)."""
+    """An all-zeros cache for `batch` rows of `max_len` positions (see `sharding` to place it).
+    dtype int8: an int8 cache with float32 scales [B, K, S] (see the module docstring)."""
     shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    if jnp.dtype(dtype) == jnp.int8:
+        scales = lambda: jnp.zeros(shape[:3], KV_SCALE_DTYPE)
+        return {f"layer_{i}": LayerCache(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), scales(), scales())
+                for i in range(config.num_layers)}
     return {f"layer_{i}": LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
             for i in range(config.num_layers)}
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., H] float -> (int8 [..., H], float32 scale [...]): symmetric, one scale per vector,
+    scale = max |x| / 127 (0 for an all-zero vector, which stays 0), |x - q * scale| <= scale / 2."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+    q = jnp.round(x32 / jnp.where(scale > 0, scale, 1.0)[..., None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale.astype(KV_SCALE_DTYPE)
+
+
+def quantize_layer_cache(layer: LayerCache) -> LayerCache:
+    """A float LayerCache ([.., K, T, H] K/V, e.g. a prefill's) as an int8 one with its scales."""
+    k, k_scale = quantize_kv(layer.k)
+    v, v_scale = quantize_kv(layer.v)
+    return LayerCache(k, v, k_scale, v_scale)
+
+
+def dequantize_kv(x: jax.Array, scale: jax.Array | None, dtype) -> jax.Array:
+    """x_int8 * scale in `dtype` (a float cache: x cast to dtype). For references and the multi-token
+    path; decode never builds it."""
+    if scale is None:
+        return x.astype(dtype)
+    return (x.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
 def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
@@ -109,14 +156,24 @@ class Attention(nn.Module):
                 new_cache = LayerCache(k=key.transpose(0, 2, 1, 3), v=value.transpose(0, 2, 1, 3))
         else:  # write this step's keys/values at their positions, attend the cache
             rows = jnp.arange(b)[:, None]  # [B, 1] with positions [B, T]: indexes [B, T, K, H]
-            new_cache = LayerCache(
-                k=cache.k.at[rows, :, positions].set(key.astype(cache.k.dtype), mode="drop"),
-                v=cache.v.at[rows, :, positions].set(value.astype(cache.v.dtype), mode="drop"),
-            )
+            if cache.quantized:  # int8 K/V [B, T, K, H] and their scales [B, T, K] at the same places
+                (key, k_scale), (value, v_scale) = quantize_kv(key), quantize_kv(value)
+                new_cache = LayerCache(
+                    k=cache.k.at[rows, :, positions].set(key, mode="drop"),
+                    v=cache.v.at[rows, :, positions].set(value, mode="drop"),
+                    k_scale=cache.k_scale.at[rows, :, positions].set(k_scale, mode="drop"),
+                    v_scale=cache.v_scale.at[rows, :, positions].set(v_scale, mode="drop"),
+                )
+            else:
+                new_cache = LayerCache(
+                    k=cache.k.at[rows, :, positions].set(key.astype(cache.k.dtype), mode="drop"),
+                    v=cache.v.at[rows, :, positions].set(value.astype(cache.v.dtype), mode="drop"),
+                )
             if t == 1:  # decode: row b attends [.., p] of its own cache; a position >= S is an idle row
                 p = positions[:, 0]
                 lengths = jnp.where(p < cache.k.shape[2], p + 1, 0)
-                encoded = decode_attention(q[:, 0], new_cache.k, new_cache.v, lengths, **kw)[:, None]
+                encoded = decode_attention(q[:, 0], new_cache.k, new_cache.v, lengths, k_scale=new_cache.k_scale,
+                                           v_scale=new_cache.v_scale, **kw)[:, None]
             else:
                 encoded = _masked_attention(cfg, q, new_cache, positions, kv_len, window)
         encoded = encoded.reshape(b, t, n, h).astype(x.dtype)
@@ -131,6 +188,9 @@ def _masked_attention(cfg: GemmaConfig, q, cache: LayerCache, positions, kv_len:
     k = cfg.num_kv_heads
     span = kv_len or cache.k.shape[2]
     keys, values = cache.k[:, :, :span], cache.v[:, :, :span]
+    if cache.quantized:  # int8: this path reads a dequantized copy of the span (decode never does)
+        keys = dequantize_kv(keys, cache.k_scale[:, :, :span], q.dtype)
+        values = dequantize_kv(values, cache.v_scale[:, :, :span], q.dtype)
     k_pos = jnp.broadcast_to(jnp.arange(span), (b, span))
     q = (q * jnp.asarray(cfg.query_scale, q.dtype)).reshape(b, t, k, n // k, h)
     logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)

@@ -42,7 +42,7 @@ from jax.sharding import Mesh
 from gemma_jax import quantize as quantize_lib
 from gemma_jax import sharding
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import CACHE_AXES, LayerCache, Transformer, init_cache
+from gemma_jax.model import CACHE_AXES, SCALE_AXES, LayerCache, Transformer, init_cache
 from gemma_jax.quantize import is_quantized  # noqa: F401 - re-exported: params.is_quantized(tree)
 
 
@@ -175,11 +175,14 @@ def place_params(params, config: GemmaConfig, mesh: Mesh | None = None, dtype=No
     return unflatten({path: place(path, leaf) for path, leaf in flatten(params).items()})
 
 
-def cache_axes(config: GemmaConfig) -> dict:
-    return {f"layer_{i}": LayerCache(CACHE_AXES, CACHE_AXES) for i in range(config.num_layers)}
+def cache_axes(config: GemmaConfig, quantized: bool = False) -> dict:
+    """Logical axes of a KV cache's arrays (quantized: an int8 cache's scales [B, K, S] too)."""
+    scales = (SCALE_AXES, SCALE_AXES) if quantized else (None, None)
+    return {f"layer_{i}": LayerCache(CACHE_AXES, CACHE_AXES, *scales) for i in range(config.num_layers)}
 
 
-def cache_shardings(config: GemmaConfig, batch: int, max_len: int, mesh: Mesh):
-    """NamedShardings of a KV cache (`model.init_cache`): batch over "data", kv heads over "model"."""
-    shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len))
-    return sharding.tree_shardings(cache_axes(config), shapes, mesh)
+def cache_shardings(config: GemmaConfig, batch: int, max_len: int, mesh: Mesh, dtype=jnp.float32):
+    """NamedShardings of a KV cache (`model.init_cache` of `dtype`): batch over "data", kv heads over
+    "model"; an int8 cache's scales [B, K, S] split the same way as the cache."""
+    shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len, dtype))
+    return sharding.tree_shardings(cache_axes(config, jnp.dtype(dtype) == jnp.int8), shapes, mesh)

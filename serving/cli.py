@@ -77,6 +77,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--quantize", choices=("int8",), default=_env("QUANTIZE") or None,
       help="int8: quantize the weights at load, int8 weight-only with per-channel scales, computing in "
            "--dtype [GEMMA_JAX_QUANTIZE] (default: the weights as loaded)")
+    a("--kv-cache", choices=("int8",), default=_env("KV_CACHE") or None,
+      help="int8: store the KV cache as int8 with one float32 scale per (slot, kv head, position), "
+           "written as each token's keys/values are computed; decode attention folds the scales into its "
+           "products (XLA's attention loop, whatever the platform's default kernel). Half a bfloat16 "
+           "cache's bytes, a quarter of float32's [GEMMA_JAX_KV_CACHE] (default: the cache in --dtype)")
     a("--lora-slots", type=int, default=int(_env("LORA_SLOTS", "8")),
       help="LoRA adapters held on device at once, mixed per batch row [GEMMA_JAX_LORA_SLOTS] (default 8; 0 = no LoRA)")
     a("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", "32")),

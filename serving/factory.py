@@ -126,7 +126,8 @@ def build_backend(args: argparse.Namespace) -> Backend:
 def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
     """The Engine the flags ask for, on its mesh: the config first (`model_config`, no weights),
     then the mesh (--mesh, or the default rule of mesh_flag.py), then the weights loaded straight
-    onto it (`load_model`), which the Engine keeps where they are. Multi-host (`--coordinator`):
+    onto it (`load_model`), which the Engine keeps where they are; --kv-cache int8 gives it an int8
+    KV cache (every process of a multi-host engine builds the same one from the same flags). Multi-host (`--coordinator`):
     `jax.distributed` first, and the same mesh over every process's devices (`jax.devices()` spans
     them; without --mesh the accelerator rule, on CPU too); a native checkpoint restores into its
     global sharding, other weights are converted on every host alike and each tensor is placed."""
@@ -144,8 +145,16 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
     log.info("mesh: data=%d, model=%d (%s)", mesh.shape["data"], mesh.shape["model"], mesh.devices.flat[0].platform)
     config, params, tokenizer = load_model(args, mesh)
     engine = Engine(config, params, slots=args.max_batch, mesh=mesh, adapter_slots=args.lora_slots,
-                    adapter_rank=args.max_lora_rank)
+                    adapter_rank=args.max_lora_rank, cache_dtype=kv_cache_dtype(args))
     return engine, tokenizer
+
+
+def kv_cache_dtype(args: argparse.Namespace):
+    """--kv-cache int8 -> jnp.int8 (an int8 KV cache with scales); otherwise None: the compute dtype."""
+    kind = getattr(args, "kv_cache", None)
+    if kind not in (None, "int8"):
+        raise SystemExit(f"gemma-jax: --kv-cache must be int8, not {kind!r}")
+    return jnp.int8 if kind == "int8" else None
 
 
 def _stop_followers(leader) -> None:

@@ -39,7 +39,10 @@ cuDNN flash prefill).
   traces of each function for tests;
 - the attention implementation, `attention_impl`: by default `attention.default_impl()` ("pallas_gpu"
   on a GPU, else "xla"), kept only where the kernel applies (one device, a cache length it can split:
-  `attention.pallas_fits`), else "xla"; an explicit choice is used as given;
+  `attention.pallas_fits`), else "xla"; an explicit choice is used as given. An int8 KV cache
+  (`cache_dtype=jnp.int8`) always decodes with the XLA loop (no kernel reads its scales);
+- the KV cache dtype, `cache_dtype`: the params' compute dtype, another float, or int8 (K/V
+  quantized per (slot, kv head, position) as prefill inserts them and decode writes them: `model.py`);
 - the jit objects: the decode state donated, every function's output shardings pinned (the state
   split as `state.state_shardings`, a prefix as `state.prefix_shardings`, tokens replicated), so a
   steady state never sees a new layout or a recompile; slots are split over the mesh's "data" axis
@@ -91,7 +94,7 @@ from gemma_jax import params as params_lib
 from gemma_jax.config import GemmaConfig
 from gemma_jax.engine.api import SamplingParams, UnknownAdapter, check_limits
 from gemma_jax.engine.state import DecodeState, Prefix, init_decode_state, prefix_shardings, state_shardings
-from gemma_jax.model import LayerCache, forward
+from gemma_jax.model import LayerCache, forward, quantize_layer_cache
 from gemma_jax.sampling import (MODES, SamplingRows, mode_for, prompt_seen, rows_from_params, sample,
                                 update_penalty_state)
 from gemma_jax.sharding import make_mesh
@@ -110,8 +113,9 @@ def prefill_step(params, bank: lora_lib.AdapterBank | None, tokens: jax.Array, l
 
     tokens [P, T] int32 (padded), lengths [P] (true lengths >= 1), rows: [P] sampling rows,
     limit [P] most tokens each may draw, adapter_ids [P] (0 = base model; read only with use_lora).
-    The prefix's cache is each layer's K/V [P, K, T, H] as computed (no zero cache, no scatter);
-    entries at t >= length are padding, never read (decode attends [0, length) and overwrites them).
+    The prefix's cache is each layer's K/V [P, K, T, H] as computed (no zero cache, no scatter),
+    cast to cache_dtype, or quantized per position if it is int8 (`model.quantize_kv`); entries at
+    t >= length are padding, never read (decode attends [0, length) and overwrites them).
     """
     if use_lora and bank is None:
         raise ValueError("use_lora needs an adapter bank")
@@ -121,7 +125,10 @@ def prefill_step(params, bank: lora_lib.AdapterBank | None, tokens: jax.Array, l
     lora = (bank, adapter_ids) if use_lora else None
     logits, kv = forward(params, tokens, positions, None, config=config, lora=lora, logits_at=lengths - 1,
                          return_kv=True, attn_impl=attn_impl)
-    cache = jax.tree.map(lambda x: x.astype(cache_dtype), kv)  # [P, K, T, H] per layer
+    if jnp.dtype(cache_dtype) == jnp.int8:  # int8 K/V [P, K, T, H] + scales [P, K, T] per layer
+        cache = {name: quantize_layer_cache(layer) for name, layer in kv.items()}
+    else:
+        cache = jax.tree.map(lambda x: x.astype(cache_dtype), kv)  # [P, K, T, H] per layer
     logits = logits[:, 0]  # [P, V]: each prompt's last position only
     seen = prompt_seen(tokens, lengths, config.vocab_size)  # [P, V]
     counts = jnp.zeros((p, config.vocab_size), jnp.int32)
@@ -137,9 +144,13 @@ def insert_step(prefix: Prefix, state: DecodeState, slots: jax.Array) -> DecodeS
     put = lambda dst, src: dst.at[slots].set(src, mode="drop")
     cache = {}
     for name, layer in state.cache.items():
-        t = prefix.cache[name].k.shape[2]  # [P, K, T, H] into [B, K, S, H]
-        cache[name] = LayerCache(k=layer.k.at[slots, :, :t].set(prefix.cache[name].k, mode="drop"),
-                                 v=layer.v.at[slots, :, :t].set(prefix.cache[name].v, mode="drop"))
+        src = prefix.cache[name]
+        t = src.k.shape[2]  # [P, K, T, H] into [B, K, S, H]
+        cache[name] = LayerCache(k=layer.k.at[slots, :, :t].set(src.k, mode="drop"),
+                                 v=layer.v.at[slots, :, :t].set(src.v, mode="drop"))
+        if layer.quantized:  # and the scales [P, K, T] into [B, K, S]
+            cache[name] = cache[name].replace(k_scale=layer.k_scale.at[slots, :, :t].set(src.k_scale, mode="drop"),
+                                              v_scale=layer.v_scale.at[slots, :, :t].set(src.v_scale, mode="drop"))
     ones = jnp.ones_like(prefix.lengths)
     return state.replace(
         cache=cache, lengths=put(state.lengths, prefix.lengths), tokens=put(state.tokens, prefix.tokens),
@@ -217,7 +228,10 @@ class Engine:
     smaller ranks that get a bucket of their own (`lora.bank_ranks`; each bucket has
     `adapter_slots` slots, an adapter goes to the smallest that holds it; None:
     `lora.default_rank_buckets` for the mesh's platform); adapter_dtype: the bank's dtype (default:
-    the params' dtype).
+    the params' dtype). cache_dtype: the KV cache's dtype (default: the params' compute dtype), or
+    jnp.int8 for an int8 cache with a float32 scale per (slot, kv head, position) (`model.py`): half
+    a bf16 cache's bytes (a quarter of float32's), decoded by the XLA attention loop whatever
+    `attention_impl` is (`attention.py`; the impl still chooses the prefill path).
     """
 
     def __init__(self, config: GemmaConfig, params, *, slots: int, max_len: int | None = None,
@@ -247,7 +261,9 @@ class Engine:
         self.attention_impl = self._attention_impl(attention_impl)
         self.params = self._place_params(params)
         self.cache_dtype = jnp.dtype(cache_dtype or params["embedder"]["input_embedding"].dtype)
-        self.state_sharding = state_shardings(config, self.slots, self.max_len, self.mesh)
+        if not (jnp.issubdtype(self.cache_dtype, jnp.floating) or self.cache_dtype == jnp.int8):
+            raise ValueError(f"cache_dtype must be a float dtype or int8, not {self.cache_dtype}")
+        self.state_sharding = state_shardings(config, self.slots, self.max_len, self.mesh, self.cache_dtype)
         self._traces: collections.Counter[str] = collections.Counter()
         self._jit_device_functions()
 
@@ -319,7 +335,7 @@ class Engine:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self._init_jit = jax.jit(init, out_shardings=self.state_sharding)
         self._prefill_jit = jax.jit(prefill, static_argnames=("use_lora", "mode"),
-                                    out_shardings=prefix_shardings(cfg, self.mesh))
+                                    out_shardings=prefix_shardings(cfg, self.mesh, dtype))
         self._insert_jit = jax.jit(insert, donate_argnums=(1,), out_shardings=self.state_sharding)
         self._generate_jit = jax.jit(generate, static_argnames=("use_lora", "mode"), donate_argnums=(2,),
                                      out_shardings=(self.state_sharding, replicated))

@@ -37,7 +37,7 @@ from gemma_jax.sampling import SamplingRows, empty_rows
 class Prefix:
     """P prompts after prefill, ready to be inserted into decode slots (padding rows included)."""
 
-    cache: Cache  # [P, K, T, H] per layer, T = the prompt bucket: prefill's K/V as computed (t >= length: padding)
+    cache: Cache  # [P, K, T, H] per layer, T = the prompt bucket: prefill's K/V (t >= length: padding), int8 + scales for an int8 cache
     lengths: jax.Array  # [P] int32, true prompt lengths
     tokens: jax.Array  # [P] int32, the first drawn token
     rows: SamplingRows  # [P] per-row sampling parameters (keys included)
@@ -56,7 +56,7 @@ class Prefix:
 class DecodeState:
     """B fixed decode slots (see the module docstring for the meaning of each field)."""
 
-    cache: Cache  # [B, K, S, H] per layer
+    cache: Cache  # [B, K, S, H] per layer (int8: with scales [B, K, S], `model.LayerCache`)
     lengths: jax.Array  # [B] int32
     tokens: jax.Array  # [B] int32
     rows: SamplingRows  # [B]
@@ -74,7 +74,8 @@ class DecodeState:
 
 
 def init_decode_state(config: GemmaConfig, slots: int, max_len: int, cache_dtype=jnp.float32) -> DecodeState:
-    """All slots free. Call inside jit (see `state_shardings`) to create it directly on devices."""
+    """All slots free. Call inside jit (see `state_shardings`) to create it directly on devices.
+    cache_dtype int8: an int8 KV cache with per-position scales (`model.init_cache`)."""
     zeros = jnp.zeros((slots,), jnp.int32)
     return DecodeState(
         cache=init_cache(config, slots, max_len, cache_dtype),
@@ -86,8 +87,9 @@ def init_decode_state(config: GemmaConfig, slots: int, max_len: int, cache_dtype
     )
 
 
-def state_shardings(config: GemmaConfig, slots: int, max_len: int, mesh: Mesh) -> DecodeState:
-    """NamedShardings for a DecodeState: slots over "data", the cache's kv heads over "model".
+def state_shardings(config: GemmaConfig, slots: int, max_len: int, mesh: Mesh, cache_dtype=jnp.float32) -> DecodeState:
+    """NamedShardings for a DecodeState: slots over "data", the cache's kv heads over "model" (an
+    int8 cache's scales too: `params.cache_shardings`).
 
     Per-slot arrays are split over "data" when it divides the slot count, else replicated.
     """
@@ -100,15 +102,15 @@ def state_shardings(config: GemmaConfig, slots: int, max_len: int, mesh: Mesh) -
 
     shapes = jax.eval_shape(lambda: init_decode_state(config, slots, max_len))
     out = jax.tree.map(per_slot, shapes)
-    return out.replace(cache=params_lib.cache_shardings(config, slots, max_len, mesh))
+    return out.replace(cache=params_lib.cache_shardings(config, slots, max_len, mesh, cache_dtype))
 
 
-def prefix_shardings(config: GemmaConfig, mesh: Mesh) -> Prefix:
+def prefix_shardings(config: GemmaConfig, mesh: Mesh, cache_dtype=jnp.float32) -> Prefix:
     """NamedShardings for a Prefix of any batch P and prompt bucket T: the cache's kv heads over
     "model" (as in the decode state), everything else replicated (P rows are a prefill batch, not
     slots: `insert` spreads them over the decode state's "data" split)."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    cache = params_lib.cache_shardings(config, 1, 1, mesh)  # batch 1: never split over "data"
+    cache = params_lib.cache_shardings(config, 1, 1, mesh, cache_dtype)  # batch 1: never split over "data"
     rows = jax.tree.map(lambda _: replicated, jax.eval_shape(lambda: empty_rows(1)))
     return Prefix(cache=cache, lengths=replicated, tokens=replicated, rows=rows, seen=replicated,
                   counts=replicated, limit=replicated, adapter_ids=replicated, done=replicated)
