@@ -9,7 +9,9 @@ Measures, after a warm-up that compiles every shape used (compile times are prin
   pipelined as the scheduler does (dispatch n+1 before reading n); tokens/s over all slots;
 - with `--scheduler`, the same load end to end through `Scheduler` (threads, queues, streams).
 Stop tokens are disabled so every slot generates exactly `--new-tokens` (random weights would stop
-at random). Weights: random (`--random-weights`, the default) or a GGUF file (`--gguf PATH`).
+at random). Weights: random (`--random-weights`, the default), a GGUF file (`--gguf PATH`) or the
+embedded Gemma 3 270M (`--embedded`). `--kv-cache int8`: the engine's int8 KV cache
+(`Engine(cache_dtype=jnp.int8)`) instead of one in `--dtype`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default="gemma3_270m", help="a factory in gemma_jax.config (gemma3_270m, gemma_7b, tiny_gemma3, ...)")
     p.add_argument("--random-weights", action="store_true", help="random weights (default unless --gguf)")
     p.add_argument("--gguf", help="load weights (and config) from this GGUF file instead")
+    p.add_argument("--embedded", action="store_true", help="the embedded Gemma 3 270M (embedded.load_embedded)")
+    p.add_argument("--kv-cache", choices=["int8"], default=None, help="int8: an int8 KV cache (default: --dtype)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=128)
@@ -82,7 +86,12 @@ def main(argv=None) -> None:
         data, model = (int(x) for x in args.mesh.lower().split("x"))
         mesh = make_mesh(data, model)
     t0 = time.perf_counter()
-    if args.gguf:
+    if args.embedded:
+        from gemma_jax.embedded import load_embedded
+
+        config, params, _ = load_embedded(dtype=dtype)
+        source = "embedded weights"
+    elif args.gguf:
         from gemma_jax.weights.gguf import load_gguf
 
         config, params = load_gguf(args.gguf, dtype=dtype, mesh=mesh, progress=False)
@@ -100,7 +109,8 @@ def main(argv=None) -> None:
         max_input_tokens=max(args.prompt_len, config.limits.max_input_tokens), max_total_tokens=max_len,
         max_batch_prefill_tokens=max(config.limits.max_batch_prefill_tokens, args.prompt_len)))
     engine = Engine(config, params, slots=args.batch, max_len=max_len, mesh=mesh,
-                    steps_per_call=args.steps_per_call, prefill_batches=(1,))
+                    steps_per_call=args.steps_per_call, prefill_batches=(1,),
+                    cache_dtype=jnp.int8 if args.kv_cache == "int8" else None)
     greedy = SamplingParams(temperature=0.0)
     rng = np.random.default_rng(0)
     prompts = [[config.bos_id] + rng.integers(3, config.vocab_size, args.prompt_len - 1).tolist()
@@ -148,12 +158,13 @@ def main(argv=None) -> None:
         rates.append(n / (time.perf_counter() - t))
         del state
     device = jax.devices()[0]
-    print(f"# {args.config if not args.gguf else 'gguf'} ({source}, {count_params(config):,} params, {args.dtype}) "
+    name = "gemma3_270m" if args.embedded else "gguf" if args.gguf else args.config
+    print(f"# {name} ({source}, {count_params(config):,} params, {args.dtype}) "
           f"on {len(jax.devices())} x {device.device_kind} ({device.platform}); jax {jax.__version__}, "
           f"python {platform.python_version()}, {os.cpu_count()} CPUs")
     print(f"load {load_s:.1f} s, warm-up (compiles) {compile_s:.1f} s, compiles {engine.compile_counts()}")
     print(f"batch {args.batch}, prompt {args.prompt_len}, new {args.new_tokens}, steps/dispatch {engine.steps}, "
-          f"attention {engine.attention_impl}")
+          f"attention {engine.attention_impl}, KV cache {engine.cache_dtype}")
     print(f"TTFT (prompt {args.prompt_len}, batch 1): median {statistics.median(ttfts) * 1e3:.1f} ms "
           f"(min {ttfts[0] * 1e3:.1f})")
     print(f"decode: {statistics.median(rates):.1f} tok/s median over {args.repeats} runs "

@@ -1,7 +1,10 @@
-"""int8 weight-only quality on the real embedded Gemma 3 270M: float32 vs int8 (and bf16 for scale).
+"""int8 quality on the real embedded Gemma 3 270M: int8 weights vs float32 (and bf16 for scale), and
+an int8 KV cache vs a float32 one.
 
-    python benchmarks/quantize_quality.py                    # 8 prompts for logits, 4 x 128 greedy tokens
-    python benchmarks/quantize_quality.py --new-tokens 16    # a quick check that it runs
+    python benchmarks/quantize_quality.py                    # 8 prompts for logits, 4 x 128 greedy tokens,
+                                                             # then the KV cache over 4 x 256 tokens
+    python benchmarks/quantize_quality.py --new-tokens 16 --kv-new-tokens 16   # a quick check that it runs
+    python benchmarks/quantize_quality.py --kv-only          # only the KV cache section
 
 The float32 weights are the embedded checkpoint (`embedded.load_embedded`, the GGUF's Q4_K_M
 dequantized); int8 is `quantize.quantize_params` of them (float32 scales, float32 compute). bf16 is the
@@ -16,6 +19,15 @@ Measured, each variant against float32:
   text, so they are not compared). Also teacher-forced top-1 agreement: the variant reads float32's
   continuation and we count where its argmax equals float32's next token (no divergence cascade).
 - the weight bytes of each tree.
+
+int8 KV cache (`model.init_cache(..., jnp.int8)`: int8 K/V, a float32 scale per (kv head, position)),
+float32 weights and compute, against the float32 cache. As the engine does, each prompt is prefilled
+with float K/V, which are then quantized into the cache (`model.quantize_layer_cache`); every later
+token is quantized as decode writes it. Measured over `--kv-new-tokens` decode steps per greedy
+prompt: the caches are fed float32's greedy tokens in lockstep (teacher-forced), giving the logit
+cosine at every decode position (mean, min) and the top-1 agreement, for the int8 cache and, as a
+yardstick, a bfloat16 cache (the float32 prefill cast); then the int8 cache decodes on its own and
+we report where its greedy tokens first differ from float32's. Also the cache bytes per token.
 """
 
 from __future__ import annotations
@@ -52,6 +64,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 yardstick")
+    p.add_argument("--kv-new-tokens", type=int, default=256, help="decode steps per prompt for the KV cache section")
+    p.add_argument("--kv-only", action="store_true", help="only the int8 KV cache section")
     return p.parse_args(argv)
 
 
@@ -60,17 +74,28 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from gemma_jax import quantize as Q
     from gemma_jax.embedded import load_embedded
-    from gemma_jax.model import forward, init_cache
 
     config, params, tokenizer = load_embedded(dtype=jnp.float32)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; Gemma 3 270M, {config.num_layers} layers, "
+          f"vocab {config.vocab_size}")
+    if not args.kv_only:
+        weights_quality(args, config, params, tokenizer)
+    kv_quality(args, config, params, tokenizer)
+    return 0
+
+
+def weights_quality(args, config, params, tokenizer) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from gemma_jax import quantize as Q
+    from gemma_jax.model import forward, init_cache
+
     variants = {"float32": params, "int8": Q.quantize_params(params, config)}
     if not args.no_bf16:
         variants["bf16"] = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     int8_bf16 = Q.quantize_params(params, config, jnp.bfloat16)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; Gemma 3 270M, {config.num_layers} layers, "
-          f"vocab {config.vocab_size}")
     print("\nweight bytes:")
     sizes = {"float32": Q.tree_bytes(params), "bf16": Q.tree_bytes(params) // 2,
              "int8 (f32 scales)": Q.tree_bytes(variants["int8"]), "int8 (bf16 scales)": Q.tree_bytes(int8_bf16)}
@@ -151,7 +176,93 @@ def main(argv=None) -> int:
               f"({per_token * 1e3:.0f} ms/token)")
     text = tokenizer.decode(ref[0][:40]).replace("\n", " ")
     print(f"\nfloat32's first continuation begins: {text!r}")
-    return 0
+
+
+def kv_quality(args, config, params, tokenizer) -> None:
+    """The int8 KV cache against the float32 cache (see the module docstring)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from gemma_jax.model import forward, init_cache, quantize_layer_cache
+
+    new = args.kv_new_tokens
+    prompts = [tokenizer.encode(s) for s in GREEDY_PROMPTS]
+    pad = max(len(t) for t in prompts)
+    max_len = pad + new + 1
+
+    @jax.jit
+    def prefill(p, tokens, n):  # float K/V, as the engine's prefill; -> (first token, float cache)
+        positions = jnp.where(jnp.arange(pad) < n, jnp.arange(pad), max_len)[None]
+        logits, cache = forward(p, tokens, positions, init_cache(config, 1, max_len), config=config,
+                                logits_at=jnp.asarray([n - 1]))
+        return jnp.argmax(logits[0, -1]).astype(jnp.int32), cache
+
+    quantize = jax.jit(lambda cache: {name: quantize_layer_cache(layer) for name, layer in cache.items()})
+
+    @functools.partial(jax.jit, donate_argnums=(3, 4))
+    def lockstep(p, token, pos, cf, others):  # the same token into every cache: argmaxes, logit cosines
+        lf, cf = forward(p, token, pos, cf, config=config)
+        lf, tops, cosines, new = lf[0, 0], [], [], []
+        for cache in others:
+            lq, cache = forward(p, token, pos, cache, config=config)
+            lq = lq[0, 0]
+            tops.append(jnp.argmax(lq))
+            cosines.append((lf * lq).sum() / (jnp.linalg.norm(lf) * jnp.linalg.norm(lq)))
+            new.append(cache)
+        return jnp.argmax(lf), jnp.stack(tops), jnp.stack(cosines), cf, new
+
+    @functools.partial(jax.jit, donate_argnums=(3,))
+    def step(p, token, pos, cache):
+        logits, cache = forward(p, token, pos, cache, config=config)
+        return jnp.argmax(logits[0, 0]), cache
+
+    def start(prompt):
+        tokens = np.zeros((1, pad), np.int32)
+        tokens[0, :len(prompt)] = prompt
+        first, cache = prefill(params, tokens, len(prompt))
+        return int(first), cache
+
+    cosines, agree, firsts, t_lock, t_free = [], np.zeros(2, int), [], 0.0, 0.0
+    for prompt in prompts:
+        t0 = time.perf_counter()
+        first, cf = start(prompt)
+        others = [quantize(jax.tree.map(jnp.copy, cf)), jax.tree.map(lambda x: x.astype(jnp.bfloat16), cf)]
+        ref, token = [first], first
+        for i in range(new):  # decode steps: float32's greedy token fed to every cache
+            pos = jnp.asarray([[len(prompt) + i]])
+            top_f, tops, cos, cf, others = lockstep(params, jnp.asarray([[token]], jnp.int32), pos, cf, others)
+            token = int(top_f)
+            agree += np.asarray(tops) == token
+            cosines.append(np.asarray(cos))
+            ref.append(token)
+        t_lock += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        first, cf = start(prompt)
+        cache, got, token = quantize(cf), [first], first
+        for i in range(new):  # the int8 cache on its own
+            top, cache = step(params, jnp.asarray([[token]], jnp.int32), jnp.asarray([[len(prompt) + i]]), cache)
+            token = int(top)
+            got.append(token)
+        t_free += time.perf_counter() - t0
+        firsts.append(next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref)))
+    total = len(prompts) * new
+    per_token = lambda dtype: 2 * config.num_layers * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+    f_bytes = per_token(jnp.float32)
+    q_bytes = per_token(jnp.int8) + 2 * config.num_layers * config.num_kv_heads * 4  # + the float32 scales
+    print(f"\nint8 KV cache vs float32 KV cache (float32 weights and compute; {len(prompts)} prompts x {new} "
+          f"decode steps, stop ids ignored; {t_lock + t_free:.0f} s on this shared CPU):")
+    print(f"  cache bytes per token: float32 {f_bytes}, int8 + scales {q_bytes} ({q_bytes / f_bytes:.3f} of float32, "
+          f"{q_bytes / (f_bytes / 2):.3f} of bf16)")
+    cosines = np.stack(cosines)
+    for j, name in enumerate(("int8", "bf16")):
+        print(f"  {name} cache, teacher-forced (float32's tokens fed to every cache): logit cosine mean "
+              f"{cosines[:, j].mean():.6f} min {cosines[:, j].min():.6f}; top-1 agreement {agree[j]}/{total} = "
+              f"{agree[j] / total:.4f}")
+    lengths = [new + 1] * len(prompts)  # the prefill's first token + `new` decode steps
+    print(f"  int8 cache, free-running greedy: first divergence at {firsts} (of {lengths}); identical before it: "
+          f"{sum(firsts)}/{sum(lengths)} = {sum(firsts) / sum(lengths):.3f}")
 
 
 if __name__ == "__main__":
