@@ -230,7 +230,7 @@ class Engine:
     `lora.default_rank_buckets` for the mesh's platform); adapter_dtype: the bank's dtype (default:
     the params' dtype). cache_dtype: the KV cache's dtype (default: the params' compute dtype), or
     jnp.int8 for an int8 cache with a float32 scale per (slot, kv head, position) (`model.py`): half
-    a bf16 cache's bytes (a quarter of float32's), decoded by the XLA attention loop whatever
+    a bf16 cache's bytes, plus 4 per H values for the scales, decoded by the XLA attention loop whatever
     `attention_impl` is (`attention.py`; the impl still chooses the prefill path).
     """
 
