@@ -12,7 +12,10 @@ touched the GPU yet, so each side has the memory to itself):
   (dispatch n + 1 before reading n); every slot draws exactly `--new` tokens (stop ids off);
 - TTFT at a 1512-token prompt, batch 1: prefill until the first token is on the host (median);
 - 8 adapters mixed in a batch of 32 (random LoRA, `--lora-rank`) vs the base model on the same engine;
-- int8 weight-only decode at batch 1, if this checkout has it (`gemma_jax.quantize`), else "not available";
+- int8 weight-only decode at batch 1 (`gemma_jax.quantize.quantize_params`);
+- the 1k-context decode again with an int8 KV cache (`Engine(cache_dtype=jnp.int8)`: int8 keys and
+  values, one float32 scale per position and kv head; decoded by the XLA attention loop, since
+  neither Pallas kernel reads our scales);
 - peak device memory (`memory_stats()`), and each decode figure as a % of its bandwidth roofline:
   bytes per step = every weight byte + every live KV byte (B x mean context x 2 x L x K x H x 2 bytes),
   at the datasheet bandwidth of the device (H100 3.35 TB/s, H200 4.8 TB/s, from `device_kind`).
@@ -42,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, datasheet HBM bandwidth
-SECTIONS = ("decode", "ctx", "ttft", "lora", "int8")
+SECTIONS = ("decode", "ctx", "kv8", "ttft", "lora", "int8")
 
 
 def parse_args(argv=None):
@@ -266,6 +269,20 @@ class Bench:
         print(row, flush=True)
         return row
 
+    def kv8_row(self) -> Row:
+        a, cfg, jnp = self.args, self.config, self.jnp
+        engine = self.engine(a.ctx_batch, cache_dtype=jnp.int8)
+        r = self.rate(f"decode b{a.ctx_batch} ctx {a.ctx_prompt} int8 kv", engine,
+                      self.prompts(a.ctx_batch, a.ctx_prompt), a.new)
+        kv8_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 4)  # int8 + f32 scale
+        context = a.ctx_prompt + a.new / 2
+        saved = a.ctx_batch * context * (self.kv_per_token - kv8_per_token)
+        row = Row(f"decode {a.ctx_prompt} in / {a.new} out (1k context), int8 KV cache", a.ctx_batch, r,
+                  roofline_pct=self.roofline_pct(r, a.ctx_batch, context, -saved),
+                  note=f"attention {engine.attention_impl}")
+        print(row, flush=True)
+        return row
+
     def ttft_row(self) -> Row:
         from gemma_jax.sampling import SamplingParams
 
@@ -288,10 +305,9 @@ class Bench:
 
     def int8_row(self) -> Row:
         a = self.args
-        quantize = find_int8()
-        if quantize is None:
-            return Row("int8 weight-only decode", 1, note="not available (no gemma_jax.quantize in this checkout)")
-        qparams = quantize(self.params)
+        from gemma_jax.quantize import quantize_params
+
+        qparams = quantize_params(self.params, self.config)
         engine = self.engine(1, params=qparams)
         qbytes = sum(x.nbytes for x in self.jax.tree.leaves(qparams))
         r = self.rate("decode b1 int8", engine, self.prompts(1, a.prompt), a.new)
@@ -309,7 +325,8 @@ class Bench:
         rows: list[Row] = []
         batches = [int(b) for b in self.args.batches.split(",") if b.strip()]
         sections = [("decode", lambda: self.decode_rows(batches)), ("lora", self.lora_rows),
-                    ("ctx", lambda: [self.ctx_row()]), ("ttft", lambda: [self.ttft_row()]),
+                    ("ctx", lambda: [self.ctx_row()]), ("kv8", lambda: [self.kv8_row()]),
+                    ("ttft", lambda: [self.ttft_row()]),
                     ("int8", lambda: [self.int8_row()])]
         for name, fn in sections:
             if name in self.skip:
@@ -368,15 +385,6 @@ def random_adapter(config, rank: int, dtype, seed: int):
             b = rng.standard_normal((n_out, rank), np.float32) * 0.01
             weights[(layer, target)] = (a, b, 2.0)
     return lora_lib.adapter_from_torch(config, weights, dtype)
-
-
-def find_int8():
-    """The int8 weight-only quantizer, if this checkout has one (issue 9 item 6), else None."""
-    try:
-        from gemma_jax import quantize as q  # noqa: F401
-    except ImportError:
-        return None
-    return getattr(q, "quantize_params", None) or getattr(q, "quantize", None)
 
 
 def format_table(rows: list[Row]) -> str:
