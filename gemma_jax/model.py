@@ -47,7 +47,7 @@ from gemma_jax.attention import decode_attention, prefill_attention
 from gemma_jax.config import GemmaConfig
 from gemma_jax.contraction import unembed
 from gemma_jax.layers import Einsum, RMSNorm, apply_rope, gelu_tanh, lora_delta
-from gemma_jax.quantize import is_qarray, lookup, qeinsum, stored_param
+from gemma_jax.quantize import is_qarray, lookup, qeinsum, quantize_array, stored_param
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
@@ -86,10 +86,8 @@ def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype=jnp.float32)
 def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [..., H] float -> (int8 [..., H], float32 scale [...]): symmetric, one scale per vector,
     scale = max |x| / 127 (0 for an all-zero vector, which stays 0), |x - q * scale| <= scale / 2."""
-    x32 = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
-    q = jnp.round(x32 / jnp.where(scale > 0, scale, 1.0)[..., None])
-    return jnp.clip(q, -127, 127).astype(jnp.int8), scale.astype(KV_SCALE_DTYPE)
+    q = quantize_array(x, contracted=(x.ndim - 1,), dtype=KV_SCALE_DTYPE)  # the weights' rule, per vector
+    return q.w, q.scale[..., 0]
 
 
 def quantize_layer_cache(layer: LayerCache) -> LayerCache:
