@@ -52,8 +52,8 @@ def test_other_equations_fall_back_to_einsum(eqn):
 
 @pytest.mark.parametrize("lead", [(1, 1), (8, 1), (2, 3), (UNEMBED_MOST_ROWS, 1), (UNEMBED_MOST_ROWS + 1, 1), (9, 17)])
 def test_unembed_equals_numpy(lead):
-    """Both forms (table-first up to UNEMBED_MOST_ROWS rows on CPU, einsum above), float32 and a
-    bfloat16 table with float32 accumulation, against numpy."""
+    """Both forms (table-first for one position per row and up to UNEMBED_MOST_ROWS rows on CPU,
+    the einsum otherwise), float32 and a bfloat16 table with float32 accumulation, against numpy."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((*lead, 48)).astype(np.float32)
     table = rng.standard_normal((96, 48)).astype(np.float32)
@@ -67,16 +67,17 @@ def test_unembed_equals_numpy(lead):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows, table_first", [(8, True), (UNEMBED_MOST_ROWS + 1, False)])
-def test_unembed_form_survives_compilation(rows, table_first):
-    """On the CPU, up to UNEMBED_MOST_ROWS rows, the compiled matmul outputs [V, rows] (the table is
-    its left operand): XLA did not fold the transpose back into an x-first [rows, V] matmul. Above,
-    the einsum's own [rows, V] matmul."""
+@pytest.mark.parametrize("rows, positions, table_first", [(8, 1, True), (UNEMBED_MOST_ROWS + 1, 1, False), (4, 2, False)])
+def test_unembed_form_survives_compilation(rows, positions, table_first):
+    """On the CPU, one position per row and up to UNEMBED_MOST_ROWS rows, the compiled matmul
+    outputs [V, rows] (the table is its left operand): XLA did not fold the transpose back into an
+    x-first [rows, V] matmul. More rows, or several positions per row: the einsum's own matmul."""
     assert jax.default_backend() == "cpu"
     vocab, d = 4096, 64
-    hlo = jax.jit(unembed).lower(jax.ShapeDtypeStruct((rows, 1, d), jnp.float32),
+    hlo = jax.jit(unembed).lower(jax.ShapeDtypeStruct((rows, positions, d), jnp.float32),
                                  jax.ShapeDtypeStruct((vocab, d), jnp.float32)).compile().as_text()
     dots = [line for line in hlo.splitlines() if " dot(" in line]
     assert dots, hlo
     shapes = {re.search(r"= f32\[([\d,]+)\]", line).group(1) for line in dots}
-    assert shapes == ({f"{vocab},{rows}"} if table_first else {f"{rows},{vocab}"}), shapes
+    n = rows * positions  # XLA flattens [B, T] into the matmul's rows
+    assert shapes == ({f"{vocab},{n}"} if table_first else {f"{n},{vocab}"}), shapes
