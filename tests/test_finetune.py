@@ -85,12 +85,14 @@ def test_loss_and_gradients_equal_peft(name, tmp_path):
     assert saved["r"] == 4 and saved["lora_alpha"] == 8
     assert saved["rank_pattern"] == {"model.layers.1.self_attn.q_proj": 2}
     assert saved["alpha_pattern"] == {"model.layers.1.self_attn.q_proj": 3, "model.layers.1.mlp.down_proj": 5}
-    # The reference runs in float64, so the tolerance below bounds our float32 error, not the sum of
-    # two float32 errors. These tiny random models' LoRA gradients are ill-conditioned in float32:
-    # measured 2026-12-06 on a 2-core EPYC, peft's own float32 gradients are off its float64 ones by
-    # up to 5.2e-5 of each tensor's scale (gemma3); ours by up to 2.7e-4 (median 1.7e-4; gqa 2.2e-5),
-    # while our float32 logits match the float64 ones to 1.4e-6. The earlier float32-vs-float32
-    # check at 2e-4 passed on a Xeon and failed here by 1% on one element of 512.
+    # The reference: peft in float64 (transformers still runs its RMSNorms, rope and eager softmax in
+    # float32 inside a .double() Gemma, so it is off the exact gradients by up to 4.1e-5 of each
+    # tensor's max). Ours are float32 and off the exact ones by up to 2.1e-4 (gemma3; peft's float32
+    # 1.5e-5): XLA:CPU's float32 rsqrt in RMSNorm reads 0.11 ulp low on average (torch's and numpy's
+    # are unbiased), and these tiny random models' LoRA gradients amplify it; with rsqrt rounded
+    # correctly ours are 5.9e-5 off. With every norm, rope and softmax in float64 on both sides, ours
+    # equal peft's to 1e-13 (measured 2026-12-06, 2-core EPYC): no modelling difference. The earlier
+    # float32-vs-float32 check at 2e-4 passed on a Xeon and failed here on one element of 512.
     model = peft.PeftModel.from_pretrained(hf, tmp_path, is_trainable=True).double()
     model.train()  # dropout is 0: train mode only turns gradients on
 
