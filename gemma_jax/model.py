@@ -47,7 +47,7 @@ from gemma_jax.attention import decode_attention, prefill_attention
 from gemma_jax.config import GemmaConfig
 from gemma_jax.contraction import unembed
 from gemma_jax.layers import Einsum, RMSNorm, apply_rope, gelu_tanh, lora_delta
-from gemma_jax.quantize import is_qarray, lookup, qeinsum, quantize_array, stored_param
+from gemma_jax.quantize import QArray, dequantize, is_qarray, lookup, qeinsum, quantize_array, stored_param
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
@@ -95,14 +95,6 @@ def quantize_layer_cache(layer: LayerCache) -> LayerCache:
     k, k_scale = quantize_kv(layer.k)
     v, v_scale = quantize_kv(layer.v)
     return LayerCache(k, v, k_scale, v_scale)
-
-
-def dequantize_kv(x: jax.Array, scale: jax.Array | None, dtype) -> jax.Array:
-    """x_int8 * scale in `dtype` (a float cache: x cast to dtype). For references and the multi-token
-    path; decode never builds it."""
-    if scale is None:
-        return x.astype(dtype)
-    return (x.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
 def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
@@ -187,8 +179,8 @@ def _masked_attention(cfg: GemmaConfig, q, cache: LayerCache, positions, kv_len:
     span = kv_len or cache.k.shape[2]
     keys, values = cache.k[:, :, :span], cache.v[:, :, :span]
     if cache.quantized:  # int8: this path reads a dequantized copy of the span (decode never does)
-        keys = dequantize_kv(keys, cache.k_scale[:, :, :span], q.dtype)
-        values = dequantize_kv(values, cache.v_scale[:, :, :span], q.dtype)
+        keys = dequantize(QArray(keys, cache.k_scale[:, :, :span, None]), jnp.float32).astype(q.dtype)
+        values = dequantize(QArray(values, cache.v_scale[:, :, :span, None]), jnp.float32).astype(q.dtype)
     k_pos = jnp.broadcast_to(jnp.arange(span), (b, span))
     q = (q * jnp.asarray(cfg.query_scale, q.dtype)).reshape(b, t, k, n // k, h)
     logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
