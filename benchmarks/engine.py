@@ -11,7 +11,11 @@ Measures, after a warm-up that compiles every shape used (compile times are prin
 Stop tokens are disabled so every slot generates exactly `--new-tokens` (random weights would stop
 at random). Weights: random (`--random-weights`, the default), a GGUF file (`--gguf PATH`) or the
 embedded Gemma 3 270M (`--embedded`). `--kv-cache int8`: the engine's int8 KV cache
-(`Engine(cache_dtype=jnp.int8)`) instead of one in `--dtype`.
+(`Engine(cache_dtype=jnp.int8)`) instead of one in `--dtype`. `--layers N`: the config with N layers
+(random weights; e.g. the 7B shape on a CPU that cannot hold 28 of its layers). `--products`: the
+XLA decode loop's form of its block products (`attention.PRODUCTS`; by default what
+`attention.default_products` picks for this batch), set through `attention.REDUCE_MIN_BLOCK`
+("reduce" applies to MHA configs only).
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mesh", default=None, help="DATAxMODEL, e.g. 1x8 (default: one device)")
     p.add_argument("--scheduler", action="store_true", help="also measure end to end through the Scheduler")
+    p.add_argument("--layers", type=int, default=None, help="override the config's number of layers (random weights)")
+    p.add_argument("--products", choices=["auto", "dot", "reduce"], default="auto",
+                   help="the XLA decode loop's form of its products (default: attention.default_products)")
     return p.parse_args(argv)
 
 
@@ -74,6 +81,7 @@ def main(argv=None) -> None:
     import jax
     import jax.numpy as jnp
 
+    from gemma_jax import attention
     from gemma_jax import config as config_lib
     from gemma_jax.engine.api import Request, SamplingParams
     from gemma_jax.engine.engine import Engine
@@ -98,6 +106,7 @@ def main(argv=None) -> None:
         source = f"GGUF {os.path.basename(args.gguf)}"
     else:
         config = getattr(config_lib, args.config)()
+        config = config.replace(num_layers=args.layers or config.num_layers)
         params = init_params(config, jax.random.key(0, impl="unsafe_rbg"), dtype, mesh)
         source = "random weights"
     jax.block_until_ready(params)
@@ -108,6 +117,10 @@ def main(argv=None) -> None:
     config = config.replace(limits=config_lib.Limits(
         max_input_tokens=max(args.prompt_len, config.limits.max_input_tokens), max_total_tokens=max_len,
         max_batch_prefill_tokens=max(config.limits.max_batch_prefill_tokens, args.prompt_len)))
+    if args.products != "auto":  # the threshold attention.default_products compares with
+        attention.REDUCE_MIN_BLOCK = 0 if args.products == "reduce" else float("inf")
+    groups = config.num_heads // config.num_kv_heads
+    products = attention.default_products(args.batch, config.num_kv_heads, groups, config.head_dim)
     engine = Engine(config, params, slots=args.batch, max_len=max_len, mesh=mesh,
                     steps_per_call=args.steps_per_call, prefill_batches=(1,),
                     cache_dtype=jnp.int8 if args.kv_cache == "int8" else None)
@@ -164,7 +177,7 @@ def main(argv=None) -> None:
           f"python {platform.python_version()}, {os.cpu_count()} CPUs")
     print(f"load {load_s:.1f} s, warm-up (compiles) {compile_s:.1f} s, compiles {engine.compile_counts()}")
     print(f"batch {args.batch}, prompt {args.prompt_len}, new {args.new_tokens}, steps/dispatch {engine.steps}, "
-          f"attention {engine.attention_impl}, KV cache {engine.cache_dtype}")
+          f"attention {engine.attention_impl} ({products} products), KV cache {engine.cache_dtype}")
     print(f"TTFT (prompt {args.prompt_len}, batch 1): median {statistics.median(ttfts) * 1e3:.1f} ms "
           f"(min {ttfts[0] * 1e3:.1f})")
     print(f"decode: {statistics.median(rates):.1f} tok/s median over {args.repeats} runs "

@@ -16,11 +16,13 @@ variant the engine can dispatch (sampling mode x LoRA on/off) it prints:
 - span copies: copies, or fusions that are not an in-place update, whose output is [B, K, span, H]
   with 1 < span != block: a kv span (bucket) materialised every layer every step. Target 0.
   [B, K, 1, H] arrays are query-sized (G = 1 for the 7B's MHA), not cache copies.
-- block copies: the same with span == the decode attention's block (`attention.DEFAULT_BLOCK`): the
-  block the XLA attention loop reads per iteration. XLA:CPU fuses no slice into a dot (nor into a
-  reduction: those go to its YNNPACK / wrapped-reduce emitters), so on this CPU each block is
-  materialised once before its dot reads it; a TPU dot or a GPU reduction reads it in place, and on
-  a GPU the engine uses the Pallas kernel. Reported, and priced as "fused" below.
+- block copies: the same with span == the decode attention's block (`attention.xla_block`): the
+  block the XLA attention loop reads per iteration, copied out of the cache. The decode is jitted as
+  the Engine jits it (`engine.decode_compiler_options`), so on this CPU the 7B's MHA at batch 32
+  runs the loop's "reduce" form (`attention.default_products`), which XLA:CPU fuses with the slice:
+  none. In the "dot" form (smaller batches, G > 1) XLA:CPU fuses no slice into a dot, and each block
+  is materialised once before its dot reads it; a TPU dot reads it in place, and on a GPU the engine
+  uses the Pallas kernel. Reported, and priced as "fused" below.
 - bytes per decode step against the ideal, every weight byte once + every live KV byte once
   (B rows x `--context` tokens; with LoRA the bank's bytes too). Target <= 1.2x. Two measures:
   * XLA's `cost_analysis()["bytes accessed"]` of the dispatch. XLA counts a loop body once, so this
@@ -146,14 +148,18 @@ def kv_bytes_per_token(setup: Setup, dtype=None) -> float:
 
 
 # -- lowering -------------------------------------------------------------------------------------
-_generate = jax.jit(engine_lib.generate_steps, static_argnames=("config", "steps", "use_lora", "mode"),
-                    donate_argnums=(2,))
 _prefill = jax.jit(engine_lib.prefill_step, static_argnames=("config", "cache_dtype", "use_lora", "mode"))
+
+
+def products(setup: Setup) -> str:
+    """The decode attention's form of its block products at this setup (`attention.default_products`)."""
+    cfg = setup.config
+    return attention.default_products(setup.slots, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
 
 
 def attention_blocks(setup: Setup) -> int:
     """Blocks each layer's XLA decode attention loop runs at `setup.context` (the dispatch's last step)."""
-    block = min(attention.DEFAULT_BLOCK, setup.max_len)
+    block = min(attention.xla_block(products(setup)), setup.max_len)
     return -(-min(setup.context + setup.steps, setup.max_len) // block)
 
 
@@ -162,8 +168,10 @@ def compile_decode(setup: Setup, mode: str, bank=None):
     length is compiled in: the attention loop's trip count is computed on the device."""
     params = params_lib.param_shapes(setup.config, setup.dtype)
     state = jax.eval_shape(lambda: init_decode_state(setup.config, setup.slots, setup.max_len, setup.dtype))
-    lowered = _generate.lower(params, bank, state, config=setup.config, steps=setup.steps,
-                              use_lora=bank is not None, mode=mode)
+    generate = jax.jit(engine_lib.generate_steps, static_argnames=("config", "steps", "use_lora", "mode"),
+                       donate_argnums=(2,), compiler_options=engine_lib.decode_compiler_options(setup.config, setup.slots))
+    lowered = generate.lower(params, bank, state, config=setup.config, steps=setup.steps,
+                             use_lora=bank is not None, mode=mode)
     return lowered.compile()
 
 
@@ -225,7 +233,7 @@ def analyse(name: str, compiled, setup: Setup, ideal: float, per: int, compile_s
     traffic = hlo_text.traffic(mod)
     once = sum(t.total for t in hlo_text.traffic(hlo_text.parse(text))) / per  # each attention loop run once
     model = sum(t.total for t in traffic) / per
-    block = min(attention.DEFAULT_BLOCK, setup.max_len)
+    block = min(attention.xla_block(products(setup)), setup.max_len)
     spans, block_copies = [], []
     for c in hlo_text.cache_copies(mod, setup.slots, cfg.num_kv_heads, cfg.head_dim, setup.max_len):
         span = next(d for _, d in c.arrays if len(d) == 4 and d[0] == setup.slots)[2]
@@ -266,7 +274,7 @@ def decode_reports(setup: Setup, *, modes=None, lora_ranks=(8, 16), adapters: in
         bank_bytes = 0.0 if bank is None else tree_bytes(bank) * adapters / (adapters + 1)  # slot 0 never read
         blocks = attention_blocks(where)
         report, _ = analyse(name, compiled, where, weights + live_kv + bank_bytes, where.steps, dt, dump, blocks)
-        report.extra = f"{blocks} blocks of {min(attention.DEFAULT_BLOCK, where.max_len)}"
+        report.extra = f"{blocks} blocks of {min(attention.xla_block(products(where)), where.max_len)}"
         log(format_row(report))
         out.append(report)
     return out
@@ -372,7 +380,8 @@ def main(argv=None) -> int:
     print("\n# weight copies (a weight copied or permuted before its matmul), first 3 per variant:")
     for r in reports:
         print(f"  {r.name}: {len(r.weight_copies)} {r.weight_copies[:3]}")
-    print("\n# block copies (XLA:CPU materialises each attention block before its dot), first 2 per variant:")
+    print(f"\n# block copies (an attention block copied out before it is read; products: {products(setup)}), "
+          "first 2 per variant:")
     for r in reports:
         print(f"  {r.name}: {len(r.block_copies)} {r.block_copies[:2]}")
     print(f"\n# where the bytes of {first.name} go (traffic model, GB per step = dispatch / {args.steps};"

@@ -1,16 +1,22 @@
-"""gemma_jax.attention against numpy by hand: decode (XLA loop, the Pallas GPU kernel in interpret
-mode, JAX's TPU paged-attention kernel in TPU interpret mode) and prefill
+"""gemma_jax.attention against numpy by hand: decode (XLA loop in both forms of its products, the
+Pallas GPU kernel in interpret mode, JAX's TPU paged-attention kernel in TPU interpret mode) and prefill
 (jax.nn.dot_product_attention), over MHA / GQA / MQA, sliding windows, rows of different lengths and idle rows; and the Pallas decodes lowered for CUDA and for TPU (no device
-needed) take the cache whole, with no slice or copy of it outside the kernel."""
+needed) take the cache whole, with no slice or copy of it outside the kernel; the XLA loop's
+"reduce" form compiled for this CPU reads each cache block in place."""
 
+import os
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_jax import attention
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import hlo_text  # noqa: E402  (benchmarks/: the HLO reader of benchmarks/hlo.py)
+from gemma_jax import attention  # noqa: E402
 
 
 def _np_attention(q, k, v, allowed, scale, softcap=None):
@@ -52,43 +58,104 @@ def _inputs(b, n, kv_heads, s, h, seed=0, dtype=jnp.float32):
 CASES = [(4, 4), (4, 2), (4, 1)]
 
 
+@pytest.mark.parametrize("products", attention.PRODUCTS)
 @pytest.mark.parametrize("heads", CASES, ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("window", [None, 24], ids=["global", "window24"])
 @pytest.mark.parametrize("block", [16, 32, 256], ids=["block16", "block32-overlap", "block>S"])
-def test_xla_decode_equals_numpy(heads, window, block):
+def test_xla_decode_equals_numpy(heads, window, block, products):
     n, kv_heads = heads
-    s = 80  # not a multiple of 32: the last block overlaps the one before it
-    q, k, v, (jq, jk, jv) = _inputs(5, n, kv_heads, s, 8, seed=n + kv_heads)
+    s, h = 80, 8 if products == "dot" else 96  # 80: the last block overlaps the one before it; 96 = 3 chunks of 32
+    q, k, v, (jq, jk, jv) = _inputs(5, n, kv_heads, s, h, seed=n + kv_heads)
     lengths = np.asarray([1, 37, 0, 80, 53], np.int32)
-    fn = jax.jit(lambda *a: attention.decode_attention(*a, window=window, scale=0.3, impl="xla", block=block))
+    fn = jax.jit(lambda *a: attention.decode_attention(*a, window=window, scale=0.3, impl="xla", block=block,
+                                                       products=products))
     got = np.asarray(fn(jq, jk, jv, jnp.asarray(lengths)))
     np.testing.assert_allclose(got, np_decode(q, k, v, lengths, window, 0.3), rtol=2e-5, atol=2e-5)
     assert np.all(got[2] == 0)  # the idle row
 
 
-def test_xla_decode_softcap_and_bfloat16():
+@pytest.mark.parametrize("products", attention.PRODUCTS)
+def test_xla_decode_softcap_and_bfloat16(products):
     q, k, v, (jq, jk, jv) = _inputs(3, 4, 2, 64, 16, seed=3)
     lengths = np.asarray([64, 5, 30], np.int32)
-    got = attention.decode_attention(jq, jk, jv, jnp.asarray(lengths), scale=0.5, softcap=5.0, block=16)
+    got = attention.decode_attention(jq, jk, jv, jnp.asarray(lengths), scale=0.5, softcap=5.0, block=16,
+                                     products=products)
     np.testing.assert_allclose(np.asarray(got), np_decode(q, k, v, lengths, None, 0.5, 5.0), rtol=2e-5, atol=2e-5)
     _, _, _, (bq, bk, bv) = _inputs(3, 4, 2, 64, 16, seed=3, dtype=jnp.bfloat16)
     want = np_decode(*(np.asarray(x.astype(jnp.float32)) for x in (bq, bk, bv)), lengths, 16, 0.5)
-    got = attention.decode_attention(bq, bk, bv, jnp.asarray(lengths), window=16, scale=0.5, block=16)
+    got = attention.decode_attention(bq, bk, bv, jnp.asarray(lengths), window=16, scale=0.5, block=16,
+                                     products=products)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=2e-2, atol=2e-2)
 
 
-def test_xla_decode_loop_runs_only_over_live_blocks():
+@pytest.mark.parametrize("products", attention.PRODUCTS)
+def test_xla_decode_loop_runs_only_over_live_blocks(products):
     """Positions past every live row's length are never read: NaN there changes nothing."""
     q, k, v, (jq, jk, jv) = _inputs(3, 2, 1, 128, 8, seed=4)
     lengths = np.asarray([20, 0, 33], np.int32)
     poisoned_k, poisoned_v = jk.at[:, :, 48:].set(jnp.nan), jv.at[:, :, 48:].set(jnp.nan)
-    got = attention.decode_attention(jq, poisoned_k, poisoned_v, jnp.asarray(lengths), scale=1.0, block=16)
+    got = attention.decode_attention(jq, poisoned_k, poisoned_v, jnp.asarray(lengths), scale=1.0, block=16,
+                                     products=products)
     np.testing.assert_allclose(np.asarray(got), np_decode(q, k, v, lengths, None, 1.0), rtol=2e-5, atol=2e-5)
     # and with a window, the blocks before every live row's window are skipped too
     poisoned_k, poisoned_v = poisoned_k.at[:, :, :16].set(jnp.nan), poisoned_v.at[:, :, :16].set(jnp.nan)
-    got = attention.decode_attention(jq, poisoned_k, poisoned_v, jnp.asarray(lengths), window=4, scale=1.0, block=16)
+    got = attention.decode_attention(jq, poisoned_k, poisoned_v, jnp.asarray(lengths), window=4, scale=1.0, block=16,
+                                     products=products)
     np.testing.assert_allclose(np.asarray(got), np_decode(q, k, v, lengths, 4, 1.0), rtol=2e-5, atol=2e-5)
+
+
+def test_default_products_and_compiler_options():
+    """"reduce" on a CPU only for one query head per kv head and a 128-position K block over
+    REDUCE_MIN_BLOCK elements (the 7B's MHA from batch 5); its compiler options only with it."""
+    assert attention.default_products(32, 16, 1, 256, backend="cpu") == "reduce"  # the 7B shape, batch 32
+    assert attention.default_products(5, 16, 1, 256, backend="cpu") == "reduce"
+    assert attention.default_products(4, 16, 1, 256, backend="cpu") == "dot"  # 2^21 elements: not over
+    assert attention.default_products(64, 1, 4, 256, backend="cpu") == "dot"  # the 270M: G = 4
+    assert attention.default_products(32, 16, 1, 256, backend="gpu") == "dot"
+    assert attention.default_products(32, 16, 1, 256, backend="tpu") == "dot"
+    assert (attention.xla_block("reduce"), attention.xla_block("dot")) == (attention.CPU_BLOCK, attention.DEFAULT_BLOCK)
+    assert attention.compiler_options("dot", backend="cpu") == {}
+    assert attention.compiler_options("reduce", backend="gpu") == {}
+    assert attention.compiler_options("reduce", backend="cpu") == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}  # this jaxlib accepts it
+    with pytest.raises(ValueError, match="products"):
+        attention.decode_attention(*_inputs(1, 2, 2, 16, 8)[3], jnp.asarray([3]), scale=1.0, products="gemm")
+
+
+def _fusion_reads(text: str) -> tuple[int, int]:
+    """(block-shaped arrays written by scheduled instructions, dynamic slices of the cache inside
+    fusions) of a compiled decode_attention at B, K, S, H = 8, 16, 256, 64 (block 32)."""
+    mod = hlo_text.parse(text)
+    block = (8, 16, 32, 64)
+    written = [i for i in mod.instructions() if i.opcode not in ("parameter", "get-tuple-element", "tuple", "bitcast")
+               and any(d == block for _, d in i.arrays)]
+    fused = [i for i in mod.all_instructions() if i.opcode == "dynamic-slice" and i.computation not in mod.scheduled
+             and any(d == block for _, d in i.arrays)]
+    return len(written), len(fused)
+
+
+def test_reduce_form_reads_each_block_in_place_on_cpu():
+    """The "reduce" form compiled with its options slices K and V inside the fusions that use them:
+    no [B, K, block, H] array is written. Without the options, or in the "dot" form, XLA:CPU copies
+    each block out first (so "none written" means something)."""
+    sds = jax.ShapeDtypeStruct
+
+    def compiled(products, options, cache=jnp.float32):
+        args = [sds((8, 16, 64), jnp.float32), sds((8, 16, 256, 64), cache), sds((8, 16, 256, 64), cache),
+                sds((8,), jnp.int32)]
+        scales = [sds((8, 16, 256), jnp.float32)] * 2 if cache == jnp.int8 else [None, None]
+
+        def fn(q, k, v, n, k_scale=None, v_scale=None):
+            return attention.decode_attention(q, k, v, n, scale=0.1, products=products, block=32,
+                                              k_scale=k_scale, v_scale=v_scale)
+        return jax.jit(fn, compiler_options=options).lower(*args, *scales).compile().as_text()
+
+    options = attention.compiler_options("reduce", backend="cpu")
+    assert _fusion_reads(compiled("reduce", options)) == (0, 2)
+    assert _fusion_reads(compiled("reduce", options, jnp.int8)) == (0, 2)  # int8 blocks, converted inside
+    assert _fusion_reads(compiled("reduce", {}))[0] >= 1
+    assert _fusion_reads(compiled("dot", options))[0] == 2
 
 
 @pytest.mark.parametrize("heads,window", [((4, 2), None), ((4, 1), 24), ((2, 2), 7)], ids=["gqa", "mqa-window", "mha-window"])

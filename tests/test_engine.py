@@ -10,6 +10,7 @@ from gemma_jax import lora
 from gemma_jax.engine.api import InputTooLong, SamplingParams, check_limits
 from gemma_jax.engine.engine import Engine, generate_steps, insert_step, prefill_step, release_step
 from gemma_jax.engine.state import init_decode_state
+from gemma_jax.model import forward, init_cache
 from gemma_jax.sampling import MODES, mode_for, rows_from_params
 from gemma_jax.sharding import make_mesh
 from gemma_jax.weights.peft import adapter_from_peft
@@ -202,6 +203,33 @@ def test_pallas_decode_kernel_in_the_engine_matches_full_recompute():
     assert run_to_completion(engine, prompts, max_tokens=10) == naive_greedy(config, params, prompts, 10)
 
 
+def test_cpu_reduce_form_in_the_engine_matches_full_recompute(monkeypatch):
+    """The XLA decode loop's "reduce" form (what this CPU runs for a large MHA batch: the 7B from 5
+    rows), forced at tiny_mha's size: the engine compiles generate with its options and its greedy
+    tokens equal the full recompute's."""
+    from gemma_jax import attention
+    from gemma_jax.engine.engine import decode_compiler_options
+
+    config, params, _ = tiny_engine("tiny_mha")
+    assert decode_compiler_options(config, ENGINE_KW["slots"]) == {}  # "dot" at this size
+    monkeypatch.setattr(attention, "REDUCE_MIN_BLOCK", 0)
+    assert decode_compiler_options(config, ENGINE_KW["slots"]) == attention.compiler_options("reduce")
+    assert attention.compiler_options("reduce")
+    engine = Engine(config, params, **ENGINE_KW)
+    prompts = prompts_for([3, 9, 17, 30], seed=12)
+    assert run_to_completion(engine, prompts, max_tokens=20) == naive_greedy(config, params, prompts, 20)
+    # Tokens of random tiny weights hardly move with attention: the logits of a cached decode, token
+    # by token in this form, against the no-cache forward's at every position.
+    tokens = jnp.asarray(prompts_for([24] * 3, seed=13))
+    step = jax.jit(lambda p, t, pos, c: forward(p, t, pos, c, config=config))
+    cache, got = init_cache(config, 3, 32), []
+    for t in range(tokens.shape[1]):
+        logits, cache = step(params, tokens[:, t:t + 1], jnp.full((3, 1), t), cache)
+        got.append(logits[:, 0])
+    want = forward(params, tokens, jnp.broadcast_to(jnp.arange(24), (3, 24)), None, config=config)[0]
+    np.testing.assert_allclose(np.stack(got, 1), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
 def test_attention_impl_choice_and_prompt_buckets():
     config, params, _ = tiny_engine("tiny_gemma3")
     assert Engine(config, params, **ENGINE_KW).attention_impl == "xla"  # the automatic choice on a CPU
@@ -217,3 +245,19 @@ def test_attention_impl_choice_and_prompt_buckets():
     engine = Engine(wide, params, slots=2)
     assert engine.prefill_buckets == (32, 64, 128, 256, 512, 768, 1024, 1280, 1536)
     assert engine.max_input == 1512 and engine.prompt_bucket(1100) == 1280 and engine.prompt_bucket(1300) == 1536
+
+
+def test_decode_step_benchmark_runs_both_forms_to_the_same_tokens(capsys):
+    """benchmarks/decode_step.py (the 7B-shape CPU timing of BENCHMARKS.md) on tiny_mha: both forms
+    compile, run from the same live state and draw the same greedy tokens."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "decode_step.py"
+    spec = importlib.util.spec_from_file_location("decode_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--config", "tiny_mha", "--batch", "4", "--context", "20", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "dot   :" in out and "reduce:" in out
+    assert "same greedy tokens in the first dispatch: 32 of 32" in out

@@ -2,9 +2,10 @@
 
 - `model.quantize_kv` equals a numpy quantizer (scales within 1 ulp: XLA divides by 127 as a
   multiplication), and |x - x_int8 * scale| <= scale / 2;
-- `attention.decode_attention` on an int8 cache (scales folded into the products) equals numpy's
-  masked softmax over the numpy-dequantized cache, for ragged lengths with idle rows, sliding
-  windows, MHA / GQA / MQA, loop blocks that overlap, a softcap, bf16 compute, and the Pallas impls
+- `attention.decode_attention` on an int8 cache (scales folded into the products, in both forms of
+  the XLA loop) equals numpy's masked softmax over the numpy-dequantized cache, for ragged lengths
+  with idle rows, sliding windows, MHA / GQA / MQA, loop blocks that overlap, a softcap, bf16
+  compute, and the Pallas impls
   (which decode an int8 cache with the XLA loop);
 - the tiny Gemma 3 (random weights, sliding window 4) decoding with an int8 cache vs a float32 one,
   the float run's tokens fed to both: per-step logit cosine min 0.99979, mean 0.99993, max |diff|
@@ -17,7 +18,8 @@
   cache and the tokens equal the one-device int8 engine's;
 - the compiled decode with an int8 cache has no `conditional` and converts no [B, K, S, H] cache to
   float (checked against a program that does, so "none found" means something): each step reads
-  int8 blocks of `attention.DEFAULT_BLOCK` positions;
+  int8 blocks of `attention.DEFAULT_BLOCK` positions (the "dot" form: G = 2); the "reduce" form
+  reads them in place (tests/test_attention.py);
 - `serve --kv-cache int8` / GEMMA_JAX_KV_CACHE=int8 and `generate --kv-cache int8` reach the Engine,
   and a request served through the scheduler gets the engine's own tokens.
 """
@@ -90,16 +92,17 @@ def _int8_inputs(b, n, kv_heads, s, h, seed):
     return q, (kq, ks, vq, vs), (deq(kq, ks), deq(vq, vs))
 
 
+@pytest.mark.parametrize("products", attention.PRODUCTS)
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("window", [None, 24], ids=["global", "window24"])
 @pytest.mark.parametrize("block", [16, 32], ids=["block16", "block32-overlap"])
-def test_int8_decode_equals_numpy_over_the_dequantized_cache(heads, window, block):
+def test_int8_decode_equals_numpy_over_the_dequantized_cache(heads, window, block, products):
     n, kv_heads = heads
-    s, h = 80, 16  # 80 = 2.5 blocks of 32: the last block overlaps the one before it
+    s, h = 80, 16 if products == "dot" else 64  # 80 = 2.5 blocks of 32: the last block overlaps the one before it
     lengths = np.asarray([0, s, 37, 1, 5], np.int32)  # an idle row, a full one, ragged ones
     q, (kq, ks, vq, vs), (k, v) = _int8_inputs(len(lengths), n, kv_heads, s, h, seed=n + kv_heads)
     fn = jax.jit(lambda q, kq, vq, ks, vs, ln: attention.decode_attention(
-        q, kq, vq, ln, window=window, scale=0.25, block=block, k_scale=ks, v_scale=vs))
+        q, kq, vq, ln, window=window, scale=0.25, block=block, k_scale=ks, v_scale=vs, products=products))
     got = np.asarray(fn(q, kq, vq, ks, vs, lengths))
     want = np_decode(q, k, v, lengths, window, 0.25)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

@@ -11,6 +11,7 @@ them, or name them in `static_argnames`, when you jit):
     insert_step(prefix, state, slots [P]) -> state                 (slot >= B: that row is dropped)
     generate_steps(params, bank, state, *, config, steps, use_lora, mode, attn_impl="xla")
         -> (state, tokens [steps, B])                              (-1 where a slot drew nothing)
+    decode_compiler_options(config, B) -> the compiler options to jit generate_steps with
     release_step(state, mask [B]) -> state
 
 They need no `Engine`. With `state = init_decode_state(config, B, S)` and sampling rows from
@@ -190,6 +191,15 @@ def generate_steps(params, bank: lora_lib.AdapterBank | None, state: DecodeState
     return jax.lax.fori_loop(0, steps, step, (state, out))
 
 
+def decode_compiler_options(config: GemmaConfig, slots: int) -> dict:
+    """What to pass as `jax.jit(generate_steps, compiler_options=...)` for `slots` rows: the options
+    the decode attention's form needs on this backend (`attention.default_products`,
+    `attention.compiler_options`; on a CPU with a large MHA batch, XLA:CPU's YNNPACK fusions for dots
+    only, so that every cache block is read in place)."""
+    groups = config.num_heads // config.num_kv_heads
+    return attention.compiler_options(attention.default_products(slots, config.num_kv_heads, groups, config.head_dim))
+
+
 def release_step(state: DecodeState, mask: jax.Array) -> DecodeState:
     """Free the slots where mask [B] is set: they stop decoding at once."""
     return state.replace(active=state.active & ~mask, done=state.done | mask)
@@ -338,7 +348,8 @@ class Engine:
                                     out_shardings=prefix_shardings(cfg, self.mesh, dtype))
         self._insert_jit = jax.jit(insert, donate_argnums=(1,), out_shardings=self.state_sharding)
         self._generate_jit = jax.jit(generate, static_argnames=("use_lora", "mode"), donate_argnums=(2,),
-                                     out_shardings=(self.state_sharding, replicated))
+                                     out_shardings=(self.state_sharding, replicated),
+                                     compiler_options=decode_compiler_options(cfg, slots))
         self._release_jit = jax.jit(release, donate_argnums=(0,), out_shardings=self.state_sharding)
 
     # -- device functions, from the host -----------------------------------------------------------
