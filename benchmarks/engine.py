@@ -85,6 +85,7 @@ def main(argv=None) -> None:
     from gemma_jax import config as config_lib
     from gemma_jax.engine.api import Request, SamplingParams
     from gemma_jax.engine.engine import Engine
+    from gemma_jax.model import kv_cache_dtype
     from gemma_jax.params import count_params, init_params
     from gemma_jax.sharding import make_mesh
 
@@ -123,7 +124,7 @@ def main(argv=None) -> None:
     products = attention.default_products(args.batch, config.num_kv_heads, groups, config.head_dim)
     engine = Engine(config, params, slots=args.batch, max_len=max_len, mesh=mesh,
                     steps_per_call=args.steps_per_call, prefill_batches=(1,),
-                    cache_dtype=jnp.int8 if args.kv_cache == "int8" else None)
+                    cache_dtype=kv_cache_dtype(args.kv_cache))
     greedy = SamplingParams(temperature=0.0)
     rng = np.random.default_rng(0)
     prompts = [[config.bos_id] + rng.integers(3, config.vocab_size, args.prompt_len - 1).tolist()

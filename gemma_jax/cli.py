@@ -63,13 +63,14 @@ def _run_generate(args) -> int:
     import jax.numpy as jnp
 
     from gemma_jax.engine.api import EngineError
+    from gemma_jax.model import kv_cache_dtype
     from gemma_jax.notebook import Model, stream
 
     if args.max_tokens < 1:
         raise SystemExit("gemma-jax: --max-tokens must be at least 1")
     config, params, tokenizer, mesh = load_model(args.checkpoint, jnp.dtype(args.dtype), args.quantize,
                                                  mesh_shape=args.mesh)
-    options = {"slots": 1, "mesh": mesh, "cache_dtype": jnp.int8 if args.kv_cache == "int8" else None}
+    options = {"slots": 1, "mesh": mesh, "cache_dtype": kv_cache_dtype(args.kv_cache)}
     model = Model(config, params, tokenizer, engine_options=options)
     try:
         for piece in stream(model, args.prompt, max_tokens=args.max_tokens, chat=not args.raw, temperature=0.0):

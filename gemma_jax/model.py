@@ -71,6 +71,17 @@ SCALE_AXES = ("batch", "kv_heads", "cache_seq")  # an int8 cache's scales: shard
 KV_SCALE_DTYPE = jnp.float32
 
 
+KV_CACHE_KINDS = {"int8": jnp.int8}  # what `--kv-cache` accepts (the CLIs, the benchmarks)
+
+
+def kv_cache_dtype(kind: str | None):
+    """A `--kv-cache` value -> the Engine's cache_dtype: "int8" -> jnp.int8 (an int8 cache with
+    scales), None -> None (the compute dtype). Anything else is a ValueError."""
+    if kind is not None and kind not in KV_CACHE_KINDS:
+        raise ValueError(f"--kv-cache must be one of {tuple(KV_CACHE_KINDS)}, not {kind!r}")
+    return None if kind is None else KV_CACHE_KINDS[kind]
+
+
 def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
     """An all-zeros cache for `batch` rows of `max_len` positions (see `sharding` to place it).
     dtype int8: an int8 cache with float32 scales [B, K, S] (see the module docstring)."""

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from gemma_jax import config as config_lib
+from gemma_jax import model as model_lib
 from gemma_jax.engine.engine import Engine
 from gemma_jax.engine.scheduler import Scheduler
 from gemma_jax.mesh_flag import build_mesh, default_shape
@@ -151,10 +152,10 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
 
 def kv_cache_dtype(args: argparse.Namespace):
     """--kv-cache int8 -> jnp.int8 (an int8 KV cache with scales); otherwise None: the compute dtype."""
-    kind = getattr(args, "kv_cache", None)
-    if kind not in (None, "int8"):
-        raise SystemExit(f"gemma-jax: --kv-cache must be int8, not {kind!r}")
-    return jnp.int8 if kind == "int8" else None
+    try:
+        return model_lib.kv_cache_dtype(getattr(args, "kv_cache", None))
+    except ValueError as err:
+        raise SystemExit(f"gemma-jax: {err}") from None
 
 
 def _stop_followers(leader) -> None:

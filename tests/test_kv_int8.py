@@ -42,7 +42,7 @@ from gemma_jax import attention
 from gemma_jax.engine.api import Request, SamplingParams
 from gemma_jax.engine.engine import Engine, generate_steps
 from gemma_jax.engine.state import init_decode_state
-from gemma_jax.model import forward, init_cache, quantize_kv
+from gemma_jax.model import forward, init_cache, kv_cache_dtype, quantize_kv
 from gemma_jax.sharding import make_mesh
 from test_attention import np_decode
 
@@ -261,6 +261,19 @@ def test_compiled_int8_decode_reads_int8_blocks_and_never_converts_the_cache():
 
 
 # -- flags -----------------------------------------------------------------------------------------
+def test_kv_cache_kind_maps_to_the_engine_cache_dtype():
+    """One mapping for every `--kv-cache` flag (serve, generate, benchmarks/engine.py)."""
+    from serving.factory import kv_cache_dtype as serve_kv_cache_dtype
+
+    assert kv_cache_dtype(None) is None and kv_cache_dtype("int8") is jnp.int8
+    with pytest.raises(ValueError, match="kv-cache"):
+        kv_cache_dtype("fp8")
+    assert serve_kv_cache_dtype(argparse.Namespace(kv_cache="int8")) is jnp.int8
+    assert serve_kv_cache_dtype(argparse.Namespace()) is None
+    with pytest.raises(SystemExit, match="kv-cache"):
+        serve_kv_cache_dtype(argparse.Namespace(kv_cache="fp8"))
+
+
 def _serve_args(argv, monkeypatch, env=None):
     from serving.cli import add_serve_arguments
 
