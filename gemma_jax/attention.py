@@ -17,9 +17,10 @@ The implementations, equal to the masked softmax within float tolerance:
   to the last (the batch's longest live row). Each block is read with `lax.dynamic_slice`, so no
   [B, K, span, H] copy of the cache is made and nothing is compiled per context length. The block's
   two products take one of two forms (`products`):
-  * "dot" (every backend but the CPU; blocks of 128): two einsums. A TPU dot reads the sliced block
-    in place; XLA:CPU fuses no slice into a dot, so there each block would be copied out first (a
-    [B, K, block, H] temporary, K and V, every layer and step: the live KV moved three times).
+  * "dot" (accelerators; on a CPU for G > 1 and for small batches; blocks of 128): two einsums. A
+    TPU dot reads the sliced block in place; XLA:CPU fuses no slice into a dot, so there each block
+    is copied out first (a [B, K, block, H] temporary, K and V, every layer and step: the live KV
+    moved three times; cheap while the block stays in the CPU's caches).
   * "reduce" (the CPU, for MHA batches whose blocks outgrow its caches: `default_products`; blocks
     of `CPU_BLOCK` = 32): the products as multiplies and sums, which XLA:CPU fuses with the slice
     into one loop that reads the block where it lies. Two conditions
@@ -27,7 +28,7 @@ The implementations, equal to the masked softmax within float tolerance:
     32 terms (XLA:CPU rewrites a longer reduction into a reduce-window tree, which fuses no producer),
     so the positions come in blocks of 32 and the head dimension is summed in chunks of
     `REDUCE_CHUNK` behind an optimization barrier (XLA would merge the two sums back into one); and
-    the program is compiled with `compiler_options()`, which leaves XLA:CPU's YNNPACK library
+    the program is compiled with `compiler_options("reduce")`, which leaves XLA:CPU's YNNPACK library
     fusions to dots only (its elementwise and reduction fusions take the multiply but not the slice,
     and the slice is copied again). Products are formed in float32 from the same rounded operands as
     the dot form's, so the two forms agree to float32 summation order. Measured on a 2-core EPYC
