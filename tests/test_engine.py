@@ -206,7 +206,7 @@ def test_pallas_decode_kernel_in_the_engine_matches_full_recompute():
 def test_cpu_reduce_form_in_the_engine_matches_full_recompute(monkeypatch):
     """The XLA decode loop's "reduce" form (what this CPU runs for a large MHA batch: the 7B from 5
     rows), forced at tiny_mha's size: the engine compiles generate with its options and its greedy
-    tokens equal the full recompute's."""
+    tokens equal the full recompute's, on one device and on a 2 x 4 mesh."""
     from gemma_jax import attention
     from gemma_jax.engine.engine import decode_compiler_options
 
@@ -217,7 +217,10 @@ def test_cpu_reduce_form_in_the_engine_matches_full_recompute(monkeypatch):
     assert attention.compiler_options("reduce")
     engine = Engine(config, params, **ENGINE_KW)
     prompts = prompts_for([3, 9, 17, 30], seed=12)
-    assert run_to_completion(engine, prompts, max_tokens=20) == naive_greedy(config, params, prompts, 20)
+    want = naive_greedy(config, params, prompts, 20)
+    assert run_to_completion(engine, prompts, max_tokens=20) == want
+    sharded = Engine(config, params, mesh=make_mesh(data=2, model=4), **ENGINE_KW)  # slots and kv heads split
+    assert run_to_completion(sharded, prompts, max_tokens=20) == want
     # Tokens of random tiny weights hardly move with attention: the logits of a cached decode, token
     # by token in this form, against the no-cache forward's at every position.
     tokens = jnp.asarray(prompts_for([24] * 3, seed=13))
