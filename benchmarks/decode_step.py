@@ -73,13 +73,13 @@ def main(argv=None) -> int:
           f"batch {b}, context {args.context}, {args.steps} steps/dispatch; jax {jax.__version__} on "
           f"{device.device_kind} ({device.platform}), python {platform.python_version()}, {os.cpu_count()} CPUs")
     groups = config.num_heads // config.num_kv_heads
-    default = attention.default_products(b, config.num_kv_heads, groups, config.head_dim)
-    print(f"# default form at this batch: {default} (attention.default_products)")
+    default = engine_lib.decode_products(config, b)
+    print(f"# default form at this batch: {default} (engine.decode_products)")
     threshold, tokens = attention.REDUCE_MIN_BLOCK, {}
     try:
         for products in [p.strip() for p in args.products.split(",") if p.strip()]:
             attention.REDUCE_MIN_BLOCK = 0 if products == "reduce" else float("inf")
-            if attention.default_products(b, config.num_kv_heads, groups, config.head_dim) != products:
+            if engine_lib.decode_products(config, b) != products:
                 print(f"{products}: not available for this config (G = {groups})")
                 continue
             options = engine_lib.decode_compiler_options(config, b)

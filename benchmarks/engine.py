@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     from gemma_jax import attention
     from gemma_jax import config as config_lib
     from gemma_jax.engine.api import Request, SamplingParams
-    from gemma_jax.engine.engine import Engine
+    from gemma_jax.engine.engine import Engine, decode_products
     from gemma_jax.model import kv_cache_dtype
     from gemma_jax.params import count_params, init_params
     from gemma_jax.sharding import make_mesh
@@ -120,8 +120,7 @@ def main(argv=None) -> None:
         max_batch_prefill_tokens=max(config.limits.max_batch_prefill_tokens, args.prompt_len)))
     if args.products != "auto":  # the threshold attention.default_products compares with
         attention.REDUCE_MIN_BLOCK = 0 if args.products == "reduce" else float("inf")
-    groups = config.num_heads // config.num_kv_heads
-    products = attention.default_products(args.batch, config.num_kv_heads, groups, config.head_dim)
+    products = decode_products(config, args.batch)
     engine = Engine(config, params, slots=args.batch, max_len=max_len, mesh=mesh,
                     steps_per_call=args.steps_per_call, prefill_batches=(1,),
                     cache_dtype=kv_cache_dtype(args.kv_cache))

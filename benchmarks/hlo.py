@@ -152,9 +152,8 @@ _prefill = jax.jit(engine_lib.prefill_step, static_argnames=("config", "cache_dt
 
 
 def products(setup: Setup) -> str:
-    """The decode attention's form of its block products at this setup (`attention.default_products`)."""
-    cfg = setup.config
-    return attention.default_products(setup.slots, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+    """The decode attention's form of its block products at this setup (`engine.decode_products`)."""
+    return engine_lib.decode_products(setup.config, setup.slots)
 
 
 def attention_blocks(setup: Setup) -> int:

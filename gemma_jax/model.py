@@ -157,19 +157,13 @@ class Attention(nn.Module):
                 new_cache = LayerCache(k=key.transpose(0, 2, 1, 3), v=value.transpose(0, 2, 1, 3))
         else:  # write this step's keys/values at their positions, attend the cache
             rows = jnp.arange(b)[:, None]  # [B, 1] with positions [B, T]: indexes [B, T, K, H]
+            write = lambda buf, x: buf.at[rows, :, positions].set(x.astype(buf.dtype), mode="drop")
             if cache.quantized:  # int8 K/V [B, T, K, H] and their scales [B, T, K] at the same places
                 (key, k_scale), (value, v_scale) = quantize_kv(key), quantize_kv(value)
-                new_cache = LayerCache(
-                    k=cache.k.at[rows, :, positions].set(key, mode="drop"),
-                    v=cache.v.at[rows, :, positions].set(value, mode="drop"),
-                    k_scale=cache.k_scale.at[rows, :, positions].set(k_scale, mode="drop"),
-                    v_scale=cache.v_scale.at[rows, :, positions].set(v_scale, mode="drop"),
-                )
+                new_cache = LayerCache(write(cache.k, key), write(cache.v, value),
+                                       write(cache.k_scale, k_scale), write(cache.v_scale, v_scale))
             else:
-                new_cache = LayerCache(
-                    k=cache.k.at[rows, :, positions].set(key.astype(cache.k.dtype), mode="drop"),
-                    v=cache.v.at[rows, :, positions].set(value.astype(cache.v.dtype), mode="drop"),
-                )
+                new_cache = LayerCache(write(cache.k, key), write(cache.v, value))
             if t == 1:  # decode: row b attends [.., p] of its own cache; a position >= S is an idle row
                 p = positions[:, 0]
                 lengths = jnp.where(p < cache.k.shape[2], p + 1, 0)

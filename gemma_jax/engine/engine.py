@@ -11,6 +11,7 @@ them, or name them in `static_argnames`, when you jit):
     insert_step(prefix, state, slots [P]) -> state                 (slot >= B: that row is dropped)
     generate_steps(params, bank, state, *, config, steps, use_lora, mode, attn_impl="xla")
         -> (state, tokens [steps, B])                              (-1 where a slot drew nothing)
+    decode_products(config, B) -> "dot" | "reduce"                 (the decode attention's form)
     decode_compiler_options(config, B) -> the compiler options to jit generate_steps with
     release_step(state, mask [B]) -> state
 
@@ -143,15 +144,14 @@ def prefill_step(params, bank: lora_lib.AdapterBank | None, tokens: jax.Array, l
 def insert_step(prefix: Prefix, state: DecodeState, slots: jax.Array) -> DecodeState:
     """Put the prefix's P rows into decode slots `slots` [P]; a slot >= B drops that row (padding)."""
     put = lambda dst, src: dst.at[slots].set(src, mode="drop")
+    span = lambda dst, src: dst.at[slots, :, :src.shape[2]].set(src, mode="drop")  # [P, K, T, ..] into [B, K, S, ..]
     cache = {}
     for name, layer in state.cache.items():
         src = prefix.cache[name]
-        t = src.k.shape[2]  # [P, K, T, H] into [B, K, S, H]
-        cache[name] = LayerCache(k=layer.k.at[slots, :, :t].set(src.k, mode="drop"),
-                                 v=layer.v.at[slots, :, :t].set(src.v, mode="drop"))
+        cache[name] = LayerCache(span(layer.k, src.k), span(layer.v, src.v))
         if layer.quantized:  # and the scales [P, K, T] into [B, K, S]
-            cache[name] = cache[name].replace(k_scale=layer.k_scale.at[slots, :, :t].set(src.k_scale, mode="drop"),
-                                              v_scale=layer.v_scale.at[slots, :, :t].set(src.v_scale, mode="drop"))
+            cache[name] = cache[name].replace(k_scale=span(layer.k_scale, src.k_scale),
+                                              v_scale=span(layer.v_scale, src.v_scale))
     ones = jnp.ones_like(prefix.lengths)
     return state.replace(
         cache=cache, lengths=put(state.lengths, prefix.lengths), tokens=put(state.tokens, prefix.tokens),
@@ -191,13 +191,18 @@ def generate_steps(params, bank: lora_lib.AdapterBank | None, state: DecodeState
     return jax.lax.fori_loop(0, steps, step, (state, out))
 
 
+def decode_products(config: GemmaConfig, slots: int) -> str:
+    """The form of the XLA decode loop's products for `slots` rows of this model on this backend
+    (`attention.default_products`: "reduce" on a CPU for a large MHA batch, else "dot")."""
+    groups = config.num_heads // config.num_kv_heads
+    return attention.default_products(slots, config.num_kv_heads, groups, config.head_dim)
+
+
 def decode_compiler_options(config: GemmaConfig, slots: int) -> dict:
     """What to pass as `jax.jit(generate_steps, compiler_options=...)` for `slots` rows: the options
-    the decode attention's form needs on this backend (`attention.default_products`,
-    `attention.compiler_options`; on a CPU with a large MHA batch, XLA:CPU's YNNPACK fusions for dots
-    only, so that every cache block is read in place)."""
-    groups = config.num_heads // config.num_kv_heads
-    return attention.compiler_options(attention.default_products(slots, config.num_kv_heads, groups, config.head_dim))
+    the decode attention's form needs (`decode_products`, `attention.compiler_options`; for "reduce",
+    XLA:CPU's YNNPACK fusions for dots only, so that every cache block is read in place)."""
+    return attention.compiler_options(decode_products(config, slots))
 
 
 def release_step(state: DecodeState, mask: jax.Array) -> DecodeState:
