@@ -158,8 +158,8 @@ def _install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
-        if isinstance(e, ClientDisconnected):  # the body stopped (read timeout) or ended early
-            return _render(errors.body_timeout())
+        if isinstance(e, ClientDisconnected):  # the body stopped (read timeout), broke or ended early
+            return _render(errors.from_body_read(e))
         if e.code == 404:
             return _render(errors.not_found())
         if e.code == 405:
@@ -169,6 +169,14 @@ def _install_error_handlers(app: Flask) -> None:
         if e.code == 400:
             return _render(errors.bad_input(f"Error: {e.description}"))
         return _render(errors.ApiError(e.code or 500, e.code or 500, e.description or e.name))
+
+    from gunicorn.http.errors import ParseException  # noqa: PLC0415 - gunicorn's request framing errors
+
+    @app.errorhandler(ParseException)
+    def _malformed_body(e: ParseException):
+        # wsgi.input raised it: the body's chunked framing is broken (read_body turns it into the same
+        # answer; this catches it where another reader, the multipart parser, met it)
+        return _render(errors.from_body_read(e))
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):

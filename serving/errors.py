@@ -79,6 +79,46 @@ def body_timeout() -> ApiError:
     return ApiError(408, 3007, "Request timeout: the request body did not arrive in time", close=True)
 
 
+def malformed_body(detail: str) -> ApiError:
+    """5006 / 400 for a body whose framing is broken (a chunk size that is not hex, a chunk without
+    its CRLF, a chunked body cut off); the connection is closed after it (its framing is lost)."""
+    return ApiError(400, 5006, f"Bad input: Error: malformed request body: {detail}", close=True)
+
+
+def from_body_read(e: BaseException) -> ApiError:
+    """The answer for an exception met while reading the request body: broken chunked framing
+    (gunicorn's InvalidChunkSize, ChunkMissingTerminator, ...) or a body the client ended early
+    (NoMoreData) is 400 / 5006; a read that timed out (serving/worker.py's pacing) or any other socket
+    failure 408 / 3007. werkzeug's LimitedStream turns an OSError into ClientDisconnected raised
+    inside its handler, so the chain of contexts is searched for the real cause."""
+    from gunicorn.http.errors import NoMoreData, ParseException  # noqa: PLC0415
+
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, (ParseException, OSError)):
+        cause = cause.__context__
+    if isinstance(cause, ParseException):
+        return malformed_body(str(cause)[:200])
+    if isinstance(cause, NoMoreData):
+        return malformed_body("the body ended before its end (the client closed its side)")
+    return body_timeout()
+
+
+def malformed_request(detail: str, status: int = 400) -> ApiError:
+    """5006 / 400 (or 417 for an unknown Expect) for a request gunicorn's parser refuses before the
+    app sees it: request line, HTTP version, header syntax, Content-Length, Transfer-Encoding."""
+    return ApiError(status, 5006, f"Bad input: Error: malformed request: {detail}", close=True)
+
+
+def uri_too_long(detail: str) -> ApiError:
+    """3006 / 414: the request line is over gunicorn's `limit_request_line`."""
+    return ApiError(414, 3006, f"Request is too large: the request line is too long ({detail})", close=True)
+
+
+def headers_too_large(detail: str) -> ApiError:
+    """3006 / 431: a header line over `limit_request_field_size`, or more than `limit_request_fields`."""
+    return ApiError(431, 3006, f"Request is too large: the header fields are too large ({detail})", close=True)
+
+
 def timeout() -> ApiError:
     return ApiError(408, 3007, "Request timeout")
 

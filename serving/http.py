@@ -38,7 +38,12 @@ def state() -> ServerState:
 
 def read_body(limit: int) -> bytes:
     """The request body, at most `limit` bytes (3006 beyond: Content-Length is checked before a byte is
-    read, a chunked body is cut off at the limit), read without trusting the client."""
+    read, a chunked body is cut off at the limit), read without trusting the client: broken chunked
+    framing (gunicorn's parser errors, or the body ending before its last chunk) is 400 / 5006, a body
+    that stops arriving 408 / 3007; both close the connection."""
+    from gunicorn.http.errors import ParseException  # noqa: PLC0415 - gunicorn's framing errors
+    from werkzeug.exceptions import ClientDisconnected  # noqa: PLC0415
+
     length = request.content_length
     if length is not None and length > limit:
         raise errors.request_too_large(limit)
@@ -50,8 +55,8 @@ def read_body(limit: int) -> bytes:
             if size > limit:
                 raise errors.request_too_large(limit)
             parts.append(chunk)
-    except OSError:  # a read timed out (serving/worker.py paces bodies) or the client went away
-        raise errors.body_timeout() from None
+    except (ParseException, OSError, ClientDisconnected) as e:  # broken framing, a timeout, EOF
+        raise errors.from_body_read(e) from None
     return b"".join(parts)
 
 
