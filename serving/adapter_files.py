@@ -5,7 +5,11 @@ makes sure that what reaches it is what it claims to be, so a hostile file is re
 reason instead of an allocation of 2^63 bytes, a read past the end, or an unpickler:
 
 - adapter_config.json: at most `MAX_CONFIG_BYTES`, UTF-8, one JSON object, no duplicate keys, no
-  NaN/Infinity literals, nesting Python's parser survives;
+  NaN/Infinity literals, nesting Python's parser survives; every number finite and within a float
+  (`1e999`, `10**400` are refused); the fields peft defines of the types peft gives them
+  (`schemas/adapter_config.schema.json`, unknown keys allowed); rank_pattern / alpha_pattern keys
+  that the loader can match in linear time (`gemma_jax.weights.peft.compile_patterns`: RE2, at most
+  1024 keys of 512 characters);
 - adapter_model.safetensors: the format as the safetensors library writes it (an 8-byte
   little-endian header length N <= `MAX_HEADER_BYTES` and <= the file; N bytes of JSON object; each
   tensor {dtype, shape, data_offsets} with dtype F32, F16 or BF16 and offsets that tile the data
@@ -18,13 +22,19 @@ and the NaN scan walks a memory map in `_SCAN_ELEMENTS` slices.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
+
+from gemma_jax.lora import LoraError
+from gemma_jax.weights.peft import bad_number, compile_patterns
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -81,7 +91,53 @@ def check_config(path: str | os.PathLike) -> dict[str, Any]:
     size = os.path.getsize(path)
     if size > MAX_CONFIG_BYTES:
         raise AdapterFileError(f"{CONFIG_NAME} is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
-    return _parse_object(Path(path).read_bytes(), CONFIG_NAME)
+    config = _parse_object(Path(path).read_bytes(), CONFIG_NAME)
+    bad = bad_number(config)
+    if bad is not None:
+        raise AdapterFileError(f"{CONFIG_NAME}: {bad[0]} must be a finite number that fits a float, got {bad[1]}")
+    error = jsonschema.exceptions.best_match(_config_validator().iter_errors(config))
+    if error is not None:
+        raise AdapterFileError(_schema_message(config, error))
+    try:
+        for field in ("rank_pattern", "alpha_pattern"):
+            compile_patterns(config.get(field) or {}, field)
+    except LoraError as e:
+        raise AdapterFileError(f"{CONFIG_NAME}: {e}") from None
+    return config
+
+
+CONFIG_SCHEMA_FILE = "adapter_config.schema.json"
+
+
+@functools.cache
+def _config_validator() -> jsonschema.protocols.Validator:
+    """The schema's validator, where "integer" means a JSON integer (`8.0` is not a rank)."""
+    schema = json.loads(resources.files("serving").joinpath("schemas", CONFIG_SCHEMA_FILE).read_text("utf-8"))
+    base = jsonschema.Draft202012Validator
+    base.check_schema(schema)
+    checker = base.TYPE_CHECKER.redefine(
+        "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))
+    return jsonschema.validators.extend(base, type_checker=checker)(schema)
+
+
+def _json_type(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(value) if len(repr(value)) <= 40 else f"a number of {len(repr(value))} digits"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _schema_message(config: dict[str, Any], error: jsonschema.ValidationError) -> str:
+    """`adapter_config.json: rank_pattern must be an object of module patterns to positive integers,
+    got array`; below the top level, where: `..., got 0 at rank_pattern['q_proj']`."""
+    path = list(error.absolute_path)
+    field = path[0]
+    expected = _config_validator().schema["properties"][field]["description"]
+    got = _json_type(error.instance)
+    if len(path) > 1:
+        got += " at " + field + "".join(f"[{p!r}]" for p in path[1:])
+    return f"{CONFIG_NAME}: {field} must be {expected}, got {got}"
 
 
 def _not_safetensors(reason: str) -> AdapterFileError:

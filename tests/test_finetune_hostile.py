@@ -19,6 +19,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -26,7 +27,8 @@ import requests
 import safetensors
 from safetensors.numpy import save as st_save
 
-from serving.adapter_files import MAX_CONFIG_BYTES, MAX_HEADER_BYTES, AdapterFileError, check_safetensors
+from serving.adapter_files import (MAX_CONFIG_BYTES, MAX_HEADER_BYTES, AdapterFileError, check_config,
+                                   check_safetensors)
 from serving.app import create_app
 from raw_http import post_raw
 from server_group import ServerGroup
@@ -182,22 +184,72 @@ def test_hostile_safetensors_refused_and_nothing_kept(sandbox, content, message,
     assert upload(sandbox, fid, ST, GOOD).status_code == 200  # the finetune still takes a good file
 
 
-CONFIG_CASES = [  # (id, content, what the message says after "adapter_config.json ")
-    ("not-json", b"{not json", "is not valid JSON: Expecting property name enclosed in double quotes: "
+class Raw(str):
+    """JSON text put into a config as it is (`1e999`, a 401-digit integer): json.dumps cannot write these."""
+
+
+def config_with(**fields) -> bytes:
+    """The good CONFIG with `fields` set (a `Raw` value is spliced in as written)."""
+    raw = {f"@raw{i}@": v for i, v in enumerate(v for v in fields.values() if isinstance(v, Raw))}
+    marks = iter(raw)
+    text = json.dumps({**json.loads(CONFIG), **{k: next(marks) if isinstance(v, Raw) else v
+                                                for k, v in fields.items()}})
+    for mark, value in raw.items():
+        text = text.replace(json.dumps(mark), value)
+    return text.encode()
+
+
+KEY = "invalid rank_pattern / alpha_pattern key"
+CONFIG_CASES = [  # (id, content, what the message says after "adapter_config.json")
+    ("not-json", b"{not json", " is not valid JSON: Expecting property name enclosed in double quotes: "
                                "line 1 column 2 (char 1)"),
-    ("array", b"[]", "must be a JSON object"),
-    ("duplicate-key", b'{"r": 8, "r": 64}', "is not valid JSON: duplicate key 'r'"),
-    ("nan-literal", b'{"r": NaN}', "is not valid JSON: the literal NaN is not allowed"),
-    ("deep-nesting", b"[" * 200_000 + b"]" * 200_000, "is nested too deeply"),
-    ("not-utf8", b'{"r": "\xff"}', "is not UTF-8"),
+    ("array", b"[]", " must be a JSON object"),
+    ("duplicate-key", b'{"r": 8, "r": 64}', " is not valid JSON: duplicate key 'r'"),
+    ("nan-literal", b'{"r": NaN}', " is not valid JSON: the literal NaN is not allowed"),
+    ("deep-nesting", b"[" * 200_000 + b"]" * 200_000, " is nested too deeply"),
+    ("not-utf8", b'{"r": "\xff"}', " is not UTF-8"),
+    # well-formed JSON of the wrong shape (issue 16): each was a 500 and a traceback
+    ("rank-pattern-array", config_with(rank_pattern=[1]),
+     ": rank_pattern must be an object of module patterns to positive integers, got array"),
+    ("alpha-pattern-string", config_with(alpha_pattern="x"),
+     ": alpha_pattern must be an object of module patterns to numbers, got string"),
+    ("modules-to-save-int", config_with(modules_to_save=5), ": modules_to_save must be null or an array of "
+                                                            "module names, got 5"),
+    ("alpha-10^400", config_with(lora_alpha=Raw("1" + "0" * 400)),
+     ": lora_alpha must be a finite number that fits a float, got an integer of 401 digits"),
+    ("alpha-1e999", config_with(lora_alpha=Raw("1e999")),
+     ": lora_alpha must be a finite number that fits a float, got infinity"),
+    ("alpha--1e999", config_with(lora_alpha=Raw("-1e999")),
+     ": lora_alpha must be a finite number that fits a float, got -infinity"),
+    ("nested-1e999", config_with(alpha_pattern=Raw('{"q_proj": 1e999}')),
+     ": alpha_pattern['q_proj'] must be a finite number that fits a float, got infinity"),
+    ("rank-pattern-zero", config_with(rank_pattern={"q_proj": 0}), ": rank_pattern must be an object of module "
+                                                                   "patterns to positive integers, got 0 at "
+                                                                   "rank_pattern['q_proj']"),
+    ("rank-8.0", config_with(r=8.0), ": r must be a positive integer, got 8.0"),
+    ("key-repeat-2^32", config_with(rank_pattern={"a{4294967296}": 4}),
+     f": {KEY} 'a{{4294967296}}': the repetition number is too large"),
+    ("key-5000-parens", config_with(rank_pattern={"(" * 5000 + ")" * 5000: 4}),
+     f": {KEY} '{'(' * 56}...: 10000 characters; the limit is 512"),
+    ("key-too-long", config_with(alpha_pattern={"q" * 513: 4}),
+     f": {KEY} '{'q' * 56}...: 513 characters; the limit is 512"),
+    ("too-many-keys", config_with(rank_pattern={f"layers.{i}.q_proj": 4 for i in range(1025)}),
+     ": rank_pattern has 1025 keys; the limit is 1024"),
+    ("key-lookahead", config_with(rank_pattern={"(?=q)q_proj": 4}),
+     f": {KEY} '(?=q)q_proj': RE2 cannot compile it (invalid perl operator: (?=)"),
+    ("key-backreference", config_with(alpha_pattern={r"(q)\1": 4}),
+     f": {KEY} '(q)\\\\1': backreference \\1 (RE2 reads it as octal; write \\x.. for a character)"),
 ]
 
 
 @pytest.mark.parametrize("content, reason", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
 def test_hostile_config_refused(sandbox, content, reason):
     fid = new_finetune(sandbox, with_config=False)
-    expect_refusal(upload(sandbox, fid, CFG, content), f"AiError: Bad input: Error: adapter_config.json {reason}")
+    tracebacks = sandbox.count("Traceback")
+    expect_refusal(upload(sandbox, fid, CFG, content), f"AiError: Bad input: Error: adapter_config.json{reason}")
     assert_nothing_kept(sandbox, fid, [])
+    assert sandbox.count("Traceback") == tracebacks
+    assert upload(sandbox, fid, CFG, CONFIG).status_code == 200  # the finetune still takes a good file
 
 
 def test_config_over_its_limit_refused(sandbox):
@@ -322,3 +374,86 @@ def test_check_safetensors_agrees_with_the_library(tmp_path, dtype):
     path.write_bytes(st_save({"big": big}))
     with pytest.raises(AdapterFileError, match="'big' holds NaN"):
         check_safetensors(path)
+
+
+def test_configs_peft_and_we_write_pass_the_config_checks(tmp_path):
+    """The schema refuses shapes, not adapters: configs written by peft (every LoraConfig field at its
+    default, and with patterns, layers and rslora set) and by our `save_adapter` pass `check_config`."""
+    import peft
+
+    from gemma_jax import config as C
+    from gemma_jax.finetune import init_adapter
+    from gemma_jax.weights.peft import save_adapter
+
+    for i, options in enumerate([{}, {"r": 4, "lora_alpha": 8.5, "target_modules": ["q_proj", "v_proj"],
+                                      "rank_pattern": {r"layers\.\d+\.self_attn\.q_proj": 2},
+                                      "alpha_pattern": {"v_proj": 3}, "layers_to_transform": [0, 1],
+                                      "layers_pattern": "layers", "use_rslora": True, "modules_to_save": None,
+                                      "init_lora_weights": "gaussian", "exclude_modules": "lm_head"}]):
+        peft.LoraConfig(**options).save_pretrained(tmp_path / f"peft{i}")
+        assert check_config(tmp_path / f"peft{i}" / CFG)["peft_type"] == "LORA"
+    ours = save_adapter(init_adapter(C.tiny_gemma3(), jax.random.key(0), rank=2), tmp_path / "ours",
+                        base_model_name="google/gemma-3-270m")
+    assert check_config(Path(ours) / CFG)["r"] == 2
+
+
+def test_catastrophic_key_does_not_stop_a_real_server(tmp_path):
+    """`.*` x 10 + `!` as a rank_pattern and alpha_pattern key, uploaded to the real serving stack (real
+    engine with a LoRA bank, the real loader): /health, polled every 50 ms from another thread, answers
+    each time within 0.5 s, and the upload that loads the adapter is answered within 1 s. Python's re
+    took seconds per module name on this key, holding the GIL (every request stalled meanwhile)."""
+    import threading
+    import time
+
+    from gemma_jax.finetune import init_adapter
+    from gemma_jax.weights.peft import save_adapter
+    from real_backend import make_engine, serve, tiny_model, train_tokenizer
+
+    (tmp_path / "spm").mkdir()
+    tok = train_tokenizer(tmp_path / "spm")
+    config, params = tiny_model(tok)
+    engine = make_engine(config, params, adapter_slots=2, adapter_rank=8)
+    good = Path(save_adapter(init_adapter(config, jax.random.key(1), rank=4), tmp_path / "good",
+                             base_model_name="google/gemma-7b-it"))
+    redos = ".*" * 10 + "!"
+    saved = json.loads((good / CFG).read_text())
+    hostile = json.dumps({**saved, "rank_pattern": {redos: 4}, "alpha_pattern": {redos: 99}}).encode()
+    weights = (good / ST).read_bytes()
+    with serve(engine, tok, tmp_path / "data") as (server, _):
+        def finetune(name):
+            r = requests.post(api(server), json={"model": MODEL, "name": name}, timeout=30)
+            return r.json()["result"]["id"]
+
+        warm = finetune("warm")  # the first load compiles the bank's write: not what is measured
+        assert upload(server, warm, CFG, (good / CFG).read_bytes()).status_code == 200
+        assert upload(server, warm, ST, weights).status_code == 200
+        fid = finetune("hostile")
+        assert upload(server, fid, CFG, hostile).status_code == 200  # a valid key: RE2 runs it in linear time
+
+        latencies, stop = [], threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    ok = requests.get(f"{server.url}/health", timeout=5).status_code == 200
+                except requests.RequestException:
+                    ok = False
+                latencies.append((ok, time.perf_counter() - start))
+                stop.wait(0.05)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            time.sleep(0.2)
+            start = time.perf_counter()
+            r = upload(server, fid, ST, weights)
+            took = time.perf_counter() - start
+            time.sleep(0.2)
+        finally:
+            stop.set()
+            poller.join()
+        assert r.status_code == 200, r.text
+        print(f"upload {took:.3f}s; /health {len(latencies)} polls, slowest {max(t for _, t in latencies):.3f}s")
+        assert took < 1.0, took
+        assert len(latencies) >= 5 and all(ok and t < 0.5 for ok, t in latencies), latencies

@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters (`adapter_config.json` + `adapter_model.safetensors`) -> `lora.Adapter`.
+r"""PEFT LoRA adapters (`adapter_config.json` + `adapter_model.safetensors`) -> `lora.Adapter`.
 
 What Workers AI accepts, and so what we accept: a PEFT LoRA adapter (peft_type "LORA") on the
 projections q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, rank at most a configured
@@ -12,6 +12,24 @@ alpha_pattern[match] or lora_alpha (patterns matched as peft's `get_pattern_key`
 must match a dotted suffix of the module name), scaling = alpha / r, or alpha / sqrt(r) with
 `use_rslora`. Dropout is a training-time option and is ignored.
 
+`rank_pattern` / `alpha_pattern` keys are regular expressions from the uploader. They are never run by
+Python's backtracking `re` (a key such as `.*.*.*.*.*.*.*.*.*.*!` takes seconds per module there): each
+key is compiled by RE2 (google-re2, linear time in the module name) and matched as peft's
+`get_pattern_key` does, `(.*\.)?(key)$` from the start of the name, first key in dict order wins.
+Limits: at most `MAX_PATTERNS` (1024) keys per dict, `MAX_PATTERN_CHARS` (512) ASCII characters per
+key; each key's RE2 program within `_RE2_MAX_MEM` (256 KiB) and all of a dict's programs
+within `MAX_PATTERN_PROGRAM` (131072) instructions. A key is refused (LoraError naming it) where
+Python's `re` would refuse it (peft would fail on it) or RE2 cannot compile it (backreferences,
+lookaround, atomic groups, `\Z`, `\u`), and where the two engines read the same text differently:
+`\1`..`\9` (a backreference in Python, octal in RE2), `{,n}` (a repetition in Python, literal text
+in RE2), a `[` inside a character class (`[[:alpha:]]` is a POSIX class only in RE2) and the doubled
+`--`, `&&`, `~~`, `||` that Python reserves inside classes. Module names matched are printable ASCII
+of at most `MAX_MODULE_CHARS` characters; there, for every key accepted, the answer is peft's
+(`tests/test_peft_patterns.py` checks against peft's own function).
+
+Numbers: every number in the config must be finite and fit a float (`1e999` parses as infinity, and an
+adapter scaled by it answers "" to every prompt; `10**400` overflows alpha / r).
+
 `model_type` is not written by peft but Workers AI requires it; when present (or when the caller
 requires it) it must name the base model's family: "gemma" for Gemma 1, "gemma3" / "gemma3_text"
 for Gemma 3. The family is read off the architecture (QK-norm is what Gemma 3 added), not a name.
@@ -23,10 +41,12 @@ import json
 import math
 import os
 import re
-from typing import Iterable, Mapping
+import sys
+from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
+import re2
 
 from gemma_jax.config import GemmaConfig
 from gemma_jax.lora import DEFAULT_MAX_RANK, TARGETS, Adapter, LoraError, adapter_from_torch
@@ -41,6 +61,11 @@ _UNSUPPORTED_OPTIONS = (
     ("target_parameters", None), ("trainable_token_indices", None), ("use_qalora", False),
     ("alora_invocation_tokens", None), ("use_bdlora", None),
 )
+MAX_PATTERNS = 1024  # keys per rank_pattern / alpha_pattern
+MAX_PATTERN_CHARS = 512  # characters per key
+MAX_PATTERN_PROGRAM = 1 << 17  # RE2 instructions over one dict's keys (a module-name key is about 60)
+MAX_MODULE_CHARS = 512  # a module name matched against the keys
+_RE2_MAX_MEM = 256 << 10  # per compiled key; a key past it is refused ("pattern too large")
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _PEFT_PREFIX = "base_model.model."
 
@@ -106,7 +131,27 @@ def _resolve(source) -> tuple[str, str]:
 def validate_config(adapter_config: Mapping, config: GemmaConfig, *, max_rank: int = DEFAULT_MAX_RANK,
                     require_model_type: bool = False) -> None:
     """Every check that needs only adapter_config.json. Raises LoraError."""
+    _validate(adapter_config, config, max_rank=max_rank, require_model_type=require_model_type)
+
+
+def _validate(adapter_config: Mapping, config: GemmaConfig, *, max_rank: int, require_model_type: bool):
+    """validate_config, returning the compiled (rank_pattern, alpha_pattern) keys."""
     c = adapter_config
+    if not isinstance(c, Mapping):
+        raise LoraError(f"{CONFIG_NAME} must be a JSON object, got {type(c).__name__}")
+    bad = bad_number(c)
+    if bad is not None:
+        raise LoraError(f"adapter {bad[0]} must be a finite number that fits a float, got {bad[1]}")
+    for key, kind in (("rank_pattern", "positive integers"), ("alpha_pattern", "numbers")):
+        if c.get(key) is not None and not isinstance(c[key], Mapping):
+            raise LoraError(f"adapter {key} must be an object of module patterns to {kind}, "
+                            f"got {type(c[key]).__name__}")
+    for key in ("modules_to_save", "target_modules"):
+        value = c.get(key)
+        if not (value is None or (isinstance(value, str) and key == "target_modules")
+                or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))):
+            raise LoraError(f"adapter {key} must be {'a string, ' if key == 'target_modules' else ''}"
+                            f"a list of module names or null, got {value!r:.80}")
     peft_type = c.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise LoraError(f"unsupported peft_type {peft_type!r}: only LoRA adapters ('LORA') are supported")
@@ -144,16 +189,117 @@ def validate_config(adapter_config: Mapping, config: GemmaConfig, *, max_rank: i
                          **{f"alpha_pattern[{k!r}]": v for k, v in (c.get("alpha_pattern") or {}).items()}}.items():
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
             raise LoraError(f"adapter {where} must be a number, got {alpha!r}")
+    return (compile_patterns(c.get("rank_pattern") or {}, "rank_pattern"),
+            compile_patterns(c.get("alpha_pattern") or {}, "alpha_pattern"))
 
 
-def _pattern_key(patterns: Iterable[str], module: str) -> str | None:
-    """peft's `get_pattern_key`: the first pattern matching a dotted suffix of the module name."""
-    for pattern in patterns:
+def bad_number(value) -> tuple[str, str] | None:
+    """(where, what) of the first number in a parsed JSON value that is not finite or does not fit a
+    float (`where` as `alpha_pattern['q_proj']`), or None. Iterative: depth is the parser's business."""
+    stack: list[tuple[str, object]] = [("", value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return where, "NaN" if math.isnan(v) else ("infinity" if v > 0 else "-infinity")
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > sys.float_info.max:
+            try:
+                return where, f"an integer of {len(str(abs(v)))} digits"
+            except ValueError:  # past Python's int -> str limit
+                return where, f"an integer of {v.bit_length()} bits"
+        if isinstance(v, Mapping):
+            items = [(f"{where}[{k!r}]" if where else str(k), x) for k, x in v.items()]
+        elif isinstance(v, (list, tuple)):
+            items = [(f"{where}[{i}]", x) for i, x in enumerate(v)]
+        else:
+            continue
+        stack.extend(reversed(items))
+    return None
+
+
+def _ambiguity(key: str) -> str | None:
+    """Where Python's `re` and RE2 would both accept `key` but read it differently: the reason, or None.
+
+    Tokens as Python's parser reads them: a backslash and the character after it, or one character;
+    a class starts at `[`, may begin with `^`, and a `]` first in it is a literal."""
+    i, n, in_class, first = 0, len(key), False, False
+    while i < n:
+        c = key[i]
+        if c == "\\":
+            if not in_class and key[i + 1:i + 2] in tuple("123456789"):
+                return f"backreference \\{key[i + 1]} (RE2 reads it as octal; write \\x.. for a character)"
+            i, first = i + 2, False
+            continue
+        if in_class:
+            if c == "]" and not first:
+                in_class = False
+            elif c == "[":
+                return "'[' inside a character class (a POSIX class in RE2, a literal in Python): escape it"
+            elif c in "-&~|" and key[i + 1:i + 2] == c and not first:
+                return f"'{c}{c}' inside a character class (reserved by Python for set operations)"
+            first = False
+        elif c == "[":
+            in_class, first = True, True
+            if key[i + 1:i + 2] == "^":
+                i += 1
+        elif c == "{" and key[i + 1:i + 2] == ",":
+            return "'{,' (a repetition in Python, literal text in RE2): write {0,n}"
+        i += 1
+    return None
+
+
+def compile_patterns(patterns: Mapping, field: str) -> list[tuple[str, "re2._Regexp"]]:
+    """rank_pattern / alpha_pattern -> [(key, RE2 program of peft's `(.*\\.)?(key)$`)] in dict order.
+    Raises LoraError naming the dict or the key (limits and refusals: the module docstring)."""
+    if len(patterns) > MAX_PATTERNS:
+        raise LoraError(f"{field} has {len(patterns)} keys; the limit is {MAX_PATTERNS}")
+    options = re2.Options()
+    options.max_mem, options.log_errors = _RE2_MAX_MEM, False
+    compiled, program = [], 0
+    for key in patterns:
+        def refuse(reason: str):
+            return LoraError(f"invalid rank_pattern / alpha_pattern key {_short(key)}: {reason}")
+        if not isinstance(key, str):
+            raise refuse("keys must be strings")
+        if len(key) > MAX_PATTERN_CHARS:
+            raise refuse(f"{len(key)} characters; the limit is {MAX_PATTERN_CHARS}")
+        if not key.isascii():
+            raise refuse("keys must be ASCII")
+        if (reason := _ambiguity(key)) is not None:
+            raise refuse(reason)
+        wrapped = rf"(.*\.)?({key})$"
+        try:  # Python's verdict (peft's engine): compiling is cheap, only matching with `re` backtracks
+            re.compile(wrapped)
+        except (re.error, OverflowError, RecursionError, ValueError) as e:
+            raise refuse(str(e)) from None
         try:
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                return pattern
-        except re.error as e:
-            raise LoraError(f"invalid rank_pattern / alpha_pattern key {pattern!r}: {e}") from None
+            program_ = re2.compile(wrapped, options)
+        except re2.error as e:
+            why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+            raise refuse(f"RE2 cannot compile it ({why})") from None
+        program += program_.programsize
+        if program > MAX_PATTERN_PROGRAM:
+            raise LoraError(f"{field}'s keys compile to over {MAX_PATTERN_PROGRAM} RE2 instructions; "
+                            "use fewer or simpler keys")
+        compiled.append((key, program_))
+    return compiled
+
+
+def _short(key) -> str:
+    text = repr(key)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _pattern_key(compiled: list[tuple[str, "re2._Regexp"]], module: str) -> str | None:
+    """peft's `get_pattern_key` over `compile_patterns`' output: the first key whose pattern matches
+    a dotted suffix of the module name (None: no key matches; peft then falls back to r / lora_alpha)."""
+    if not compiled:
+        return None
+    if len(module) > MAX_MODULE_CHARS or not (module.isascii() and module.isprintable()):
+        raise LoraError(f"module name {_short(module)} must be printable ASCII of at most {MAX_MODULE_CHARS} "
+                        "characters to be matched against rank_pattern / alpha_pattern")
+    for key, program in compiled:
+        if program.match(module) is not None:
+            return key
     return None
 
 
@@ -161,7 +307,8 @@ def adapter_from_peft(adapter_config: Mapping, tensors: Mapping[str, np.ndarray]
                       max_rank: int = DEFAULT_MAX_RANK, dtype=jnp.float32,
                       require_model_type: bool = False) -> Adapter:
     """Parsed adapter_config.json + safetensors tensors (name -> [r, in] / [out, r]) -> Adapter."""
-    validate_config(adapter_config, config, max_rank=max_rank, require_model_type=require_model_type)
+    rank_keys, alpha_keys = _validate(adapter_config, config, max_rank=max_rank,
+                                      require_model_type=require_model_type)
     c = adapter_config
     rank_pattern, alpha_pattern = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
     slots = {stem[: -len(".weight")]: slot for stem, slot in hf_names(config).items() if slot.target is not None}
@@ -191,7 +338,7 @@ def adapter_from_peft(adapter_config: Mapping, tensors: Mapping[str, np.ndarray]
         stem = re.search(r"(?:^|\.)(layers\.(\d+)\.\w+\.(\w+))$", module)
         layer, target = int(stem[2]), stem[3]
         key = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
-        r_key, alpha_key = _pattern_key(rank_pattern, key), _pattern_key(alpha_pattern, key)
+        r_key, alpha_key = _pattern_key(rank_keys, key), _pattern_key(alpha_keys, key)
         r = rank_pattern[r_key] if r_key is not None else c["r"]
         alpha = alpha_pattern[alpha_key] if alpha_key is not None else c.get("lora_alpha", 8)
         a, b = ab["A"], ab["B"]
