@@ -97,7 +97,7 @@ def check_config(path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterFileError(f"{CONFIG_NAME}: {bad[0]} must be a finite number that fits a float, got {bad[1]}")
     error = jsonschema.exceptions.best_match(_config_validator().iter_errors(config))
     if error is not None:
-        raise AdapterFileError(_schema_message(config, error))
+        raise AdapterFileError(_schema_message(error))
     try:
         for field in ("rank_pattern", "alpha_pattern"):
             compile_patterns(config.get(field) or {}, field)
@@ -120,7 +120,7 @@ def _config_validator() -> jsonschema.protocols.Validator:
     return jsonschema.validators.extend(base, type_checker=checker)(schema)
 
 
-def _json_type(value: Any) -> str:
+def _describe(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return json.dumps(value)
     if isinstance(value, (int, float)):
@@ -128,13 +128,15 @@ def _json_type(value: Any) -> str:
     return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
-def _schema_message(config: dict[str, Any], error: jsonschema.ValidationError) -> str:
+def _schema_message(error: jsonschema.ValidationError) -> str:
     """`adapter_config.json: rank_pattern must be an object of module patterns to positive integers,
     got array`; below the top level, where: `..., got 0 at rank_pattern['q_proj']`."""
     path = list(error.absolute_path)
+    if not path:
+        return f"{CONFIG_NAME} must be a JSON object"
     field = path[0]
     expected = _config_validator().schema["properties"][field]["description"]
-    got = _json_type(error.instance)
+    got = _describe(error.instance)
     if len(path) > 1:
         got += " at " + field + "".join(f"[{p!r}]" for p in path[1:])
     return f"{CONFIG_NAME}: {field} must be {expected}, got {got}"

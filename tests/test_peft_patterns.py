@@ -198,3 +198,46 @@ def test_catastrophic_key_through_the_real_loader(adapter_270m, field):
         if field == "alpha_pattern" and t == "up_proj":
             want = 99.0
         assert scale == pytest.approx(want), (layer, t)
+
+
+# --- the loader on its own (notebook users call it directly): LoraError, never a crash --------------
+GOOD = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"rank_pattern": [1]}, "adapter rank_pattern must be an object of module patterns to positive integers, "
+                            "got list"),
+    ({"alpha_pattern": "x"}, "adapter alpha_pattern must be an object of module patterns to numbers, got str"),
+    ({"modules_to_save": 5}, "adapter modules_to_save must be a list of module names or null, got 5"),
+    ({"target_modules": [1]}, "adapter target_modules must be a string, a list of module names or null, got [1]"),
+    ({"lora_alpha": 10**400}, "adapter lora_alpha must be a finite number that fits a float, "
+                              "got an integer of 401 digits"),
+    ({"lora_alpha": float("inf")}, "adapter lora_alpha must be a finite number that fits a float, got infinity"),
+    ({"lora_alpha": float("-inf")}, "adapter lora_alpha must be a finite number that fits a float, got -infinity"),
+    ({"alpha_pattern": {"q_proj": float("nan")}},
+     "adapter alpha_pattern['q_proj'] must be a finite number that fits a float, got NaN"),
+    ({"loftq_config": {"a": [1, 2**1100]}},
+     "adapter loftq_config['a'][1] must be a finite number that fits a float, got an integer of 332 digits"),
+    ({"rank_pattern": {"a{4294967296}": 4}},
+     "invalid rank_pattern / alpha_pattern key 'a{4294967296}': the repetition number is too large"),
+    ({"alpha_pattern": {f"k{i}": 1 for i in range(MAX_PATTERNS + 1)}},
+     f"alpha_pattern has {MAX_PATTERNS + 1} keys; the limit is {MAX_PATTERNS}"),
+])
+def test_loader_refuses_configs(changes, message):
+    from gemma_jax.weights.peft import validate_config
+
+    with pytest.raises(LoraError) as e:
+        validate_config({**GOOD, **changes}, C.tiny_mha())
+    assert str(e.value) == message
+
+
+def test_loader_refuses_config_files(tmp_path, adapter_270m):
+    """What `load_adapter` reads from disk: a 1e999 literal, a 5000-digit integer, deep nesting."""
+    config, directory = adapter_270m
+    weights = f"{directory}/adapter_model.safetensors"
+    for text, message in [('{"r": 1, "lora_alpha": 1e999}', "lora_alpha must be a finite number"),
+                          ('{"r": 1, "lora_alpha": 1' + "0" * 5000 + "}", "is not valid JSON: Exceeds the limit"),
+                          ("[" * 100_000 + "]" * 100_000, "is nested too deeply")]:
+        (tmp_path / CONFIG_NAME).write_text(text)
+        with pytest.raises(LoraError, match=re.escape(message)):
+            load_adapter((tmp_path / CONFIG_NAME, weights), config)

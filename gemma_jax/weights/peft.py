@@ -88,6 +88,10 @@ def load_adapter(source: str | os.PathLike | tuple, config: GemmaConfig, *, max_
             adapter_config = json.load(f)
     except json.JSONDecodeError as e:
         raise LoraError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise LoraError(f"{CONFIG_NAME} is nested too deeply") from None
+    except ValueError as e:  # not UTF-8; an integer past Python's 4300-digit limit
+        raise LoraError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
     try:
         tensors = dict(read_safetensors(weights_path))
     except (KeyError, TypeError, ValueError) as e:  # a header that is JSON but not safetensors' layout
