@@ -57,6 +57,10 @@ class LoraError(ValueError):
     """An adapter that cannot be used with this base model (bad files, shapes, options, rank...)."""
 
 
+class BankFull(LoraError):
+    """Every adapter slot of the bank is taken: a capacity limit, not a fault of the adapter."""
+
+
 # --- the adapter pytree ---------------------------------------------------------------------------
 @flax.struct.dataclass
 class LoraWeights:

@@ -56,6 +56,8 @@ and inputs gets the same tokens whatever other rows share the batch and whicheve
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Sequence
 
 import flax.struct
@@ -107,6 +109,40 @@ class SamplingRows:
     key: jax.Array  # uint32 [B, 2] raw threefry key data
 
 
+_FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_ROW_TOP_K = 2**31 - 1  # top_k lives in an int32 row
+SEED_RANGE = (-(2**63), 2**64 - 1)  # a seed is taken modulo 2**64 (`seed_key_data`)
+
+
+def check_params(params: SamplingParams) -> None:
+    """ValueError naming the first field of `params` that a sampling row cannot hold.
+
+    The rows are float32 / int32 arrays: floats must be finite in float32, temperature and top_p
+    not negative, top_k None or an integer in [0, MAX_ROW_TOP_K], seed None or an integer in
+    SEED_RANGE. Every value Workers AI's schema admits passes; anything that passes builds a row.
+    """
+    for name in _FLOAT_FIELDS:
+        value = getattr(params, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            x = float(value)
+        except OverflowError:
+            x = math.inf
+        if not (math.isfinite(x) and abs(x) <= _FLOAT32_MAX):
+            raise ValueError(f"{name} must be a finite float32 number, got {value!r}")
+    for name in ("temperature", "top_p"):
+        if float(getattr(params, name)) < 0:
+            raise ValueError(f"{name} must not be negative, got {getattr(params, name)!r}")
+    for name, lo, hi in (("top_k", 0, MAX_ROW_TOP_K), ("seed", *SEED_RANGE)):
+        value = getattr(params, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= int(value) <= hi:
+            raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
 def seed_key_data(seed: int) -> np.ndarray:
     """uint32 [2] threefry key data for a seed of up to 64 bits: [seed >> 32, seed & 0xffffffff]."""
     seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
@@ -114,7 +150,10 @@ def seed_key_data(seed: int) -> np.ndarray:
 
 
 def rows_from_params(params: Sequence[SamplingParams], rng: np.random.Generator | None = None) -> SamplingRows:
-    """Host side: one row per request. A seed of None is drawn from `rng` (fresh OS entropy if None)."""
+    """Host side: one row per request. A seed of None is drawn from `rng` (fresh OS entropy if None).
+    ValueError (`check_params`) if a row cannot hold some request's parameters."""
+    for p in params:
+        check_params(p)
     if rng is None:
         rng = np.random.default_rng()
     seeds = [p.seed if p.seed is not None else int(rng.integers(0, 2**63)) for p in params]

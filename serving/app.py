@@ -16,7 +16,8 @@ Cross-cutting rules, applied here once:
   rest of a refused body is never read;
 - errors: every failure, including unknown routes (404) and wrong methods (405), is an `ApiError`
   rendered as the Workers AI envelope (OpenAI's `{"error": {...}}` shape under /v1/);
-- access log: one JSON line per request on the `serving.access` logger.
+- access log: one JSON line per request on the `serving.access` logger; every error answer is also
+  logged at WARNING on `serving` with its reason (a stream's late error by serving/sse.py).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from serving import errors, openapi, sse, validation
 from serving.adapter_files import CONFIG_NAME, MAX_CONFIG_BYTES
-from serving.backend import AdapterError, Backend
+from serving.backend import AdapterBankFull, AdapterError, Backend
 from serving.finetunes import FinetuneError, FinetuneStore
 from serving.http import ServerState, read_json, start_generation, state
 from serving.metrics import Metrics
@@ -138,6 +139,9 @@ def _install_hooks(app: Flask) -> None:
 
 
 def _render(e: errors.ApiError) -> Response:
+    """The error answer for `e` (the envelope, OpenAI's shape under /v1/), logged at WARNING."""
+    log.warning("request %s: %s %s -> %d / %d %s", g.get("request_id"), request.method, request.path,
+                e.status, e.code, e.message)
     if request.path.startswith("/v1/"):
         from serving.openai import error_body  # noqa: PLC0415
 
@@ -250,6 +254,8 @@ def _install_workers_ai_routes(app: Flask) -> None:
                                         st.max_upload_bytes)
         except FinetuneError as e:
             raise errors.bad_input(f"Error: {e}") from None
+        except AdapterBankFull as e:  # a valid adapter with nowhere to go: capacity, not bad input
+            raise errors.adapter_bank_full(str(e)) from None
         except AdapterError as e:
             raise errors.bad_input(f"Error: invalid adapter: {e}") from None
         return jsonify(errors.envelope_ok(result))

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from gemma_jax.engine.api import Request, RequestHandle, SamplingParams, UnknownAdapter
 from gemma_jax import tokenizer as gemma_tokenizer
+from gemma_jax.lora import BankFull
 
 DEFAULT_MODEL = "@hf/google/gemma-7b-it"
 
@@ -62,6 +63,10 @@ class BadRequest(ValueError):
 
 class AdapterError(ValueError):
     """Uploaded adapter files are not a valid LoRA adapter for the served model."""
+
+
+class AdapterBankFull(AdapterError):
+    """The adapter is valid but every LoRA slot of the engine is taken (capacity: 429 / 3040)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +175,8 @@ class Backend:
             self._load_fn(finetune_id, os.fspath(directory))
         except AdapterError:
             raise
+        except BankFull as e:
+            raise AdapterBankFull(f"{e}; delete a finetune, or start the server with more --lora-slots") from e
         except (ValueError, KeyError, OSError) as e:
             raise AdapterError(str(e) or type(e).__name__) from e
         with self._lock:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gemma_jax.engine.api import InputTooLong, QueueFull, RequestFailed, UnknownAdapter
-from serving.backend import AdapterError, BadRequest
+from gemma_jax.engine.api import InputTooLong, InvalidRequest, QueueFull, RequestFailed, UnknownAdapter
+from serving.backend import AdapterBankFull, AdapterError, BadRequest
 
 
 class ApiError(Exception):
@@ -127,6 +127,16 @@ def out_of_capacity() -> ApiError:
     return ApiError(429, 3040, "Capacity temporarily exceeded, please try again.")
 
 
+def warming_up(detail: str) -> ApiError:
+    """503 / 3040 while the server starts (serving/startup.py): capacity that is not there yet."""
+    return ApiError(503, 3040, f"Capacity temporarily exceeded: the model is starting ({detail}); retry later")
+
+
+def adapter_bank_full(detail: str) -> ApiError:
+    """429 / 3040: every LoRA slot of the engine holds an adapter (a finetune must be deleted first)."""
+    return ApiError(429, 3040, f"Capacity temporarily exceeded: {detail}")
+
+
 def authentication_error() -> ApiError:
     return ApiError(401, 10000, "Authentication error")
 
@@ -154,7 +164,9 @@ def from_exception(e: BaseException) -> ApiError:
         return out_of_capacity()
     if isinstance(e, UnknownAdapter):
         return finetune_not_found(str(e.args[0]) if e.args else "")
-    if isinstance(e, (BadRequest, AdapterError)):
+    if isinstance(e, AdapterBankFull):
+        return adapter_bank_full(str(e))
+    if isinstance(e, (BadRequest, AdapterError, InvalidRequest)):
         return bad_input(f"Error: {e}")
     if isinstance(e, TimeoutError):
         return timeout()

@@ -8,7 +8,9 @@ completions APIs do; `/v1/chat/completions` applies Gemma's chat template. Error
 `{"error": {"message", "type", "param", "code"}}` shape with the same HTTP statuses as Workers AI.
 
 Accepted beyond OpenAI (as vLLM does): `top_k`, `repetition_penalty`. Not supported (400):
-`n` > 1, `stop`, `logprobs`, `echo`, `suffix`, tools.
+`n` > 1, `stop`, `logprobs`, `echo`, `suffix`, tools. Numbers follow the one rule every route
+shares (`validation.NUMBERS`): Workers AI's ranges (temperature up to 5, top_p up to 2, top_k 1..50),
+OpenAI's for what Workers AI lacks (frequency / presence penalties from -2, seeds up to 2**63 - 1).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from serving import errors, sse
+from serving import errors, sse, validation
 from serving.backend import GenerationInput, sampling_from
 from serving.generation import Run, usage
 from serving.http import read_json, start_generation, state
@@ -28,8 +30,6 @@ blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
           408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error"}
-_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "frequency_penalty": (-2, 2), "presence_penalty": (-2, 2),
-           "repetition_penalty": (0, 2)}
 
 
 def error_body(e: errors.ApiError) -> dict[str, Any]:
@@ -40,30 +40,6 @@ def error_body(e: errors.ApiError) -> dict[str, Any]:
 
 def _bad(message: str) -> errors.ApiError:
     return errors.bad_input(f"Error: {message}")
-
-
-def _number(body: dict, key: str) -> None:
-    value = body.get(key)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(f"'{key}' must be a number")
-    lo, hi = _RANGES[key]
-    if not lo <= value <= hi:
-        raise _bad(f"'{key}' must be between {lo} and {hi}, got {value}")
-
-
-def _integer(body: dict, key: str, minimum: int | None = None, maximum: int | None = None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"'{key}' must be an integer")
-    if minimum is not None and value < minimum:
-        raise _bad(f"'{key}' must be at least {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise _bad(f"'{key}' must be at most {maximum}, got {value}")
-    return value
 
 
 def _common(body: Any) -> tuple[str, str | None, dict]:
@@ -80,12 +56,7 @@ def _common(body: Any) -> tuple[str, str | None, dict]:
             lora = st.backend.resolve_adapter(model)
         except Exception:
             raise errors.ApiError(404, 5007, f"The model '{model}' does not exist") from None
-    for key in _RANGES:
-        _number(body, key)
-    _integer(body, "top_k", 1)
-    _integer(body, "seed", 0, 2**63 - 1)
-    if _integer(body, "n", 1) not in (None, 1):
-        raise _bad("only n=1 is supported")
+    validation.check_numbers(body)  # every numeric field, by the rule the run route uses too
     for key in ("stop", "suffix", "tools", "functions"):
         if body.get(key) not in (None, [], ""):
             raise _bad(f"'{key}' is not supported")
@@ -153,10 +124,11 @@ def _respond(run: Run, body: dict, model: str, kind: str) -> Response:
 
 
 def _max_tokens(body: dict, default: int | None) -> int | None:
-    value = _integer(body, "max_completion_tokens", 1)
+    """max_completion_tokens, else max_tokens (both checked integers: `_common`), else `default`."""
+    value = body.get("max_completion_tokens")
     if value is None:
-        value = _integer(body, "max_tokens", 1)
-    return default if value is None else value
+        value = body.get("max_tokens")
+    return default if value is None else int(value)
 
 
 @blueprint.get("/models")

@@ -50,13 +50,8 @@ def _envelope(result: dict[str, Any]) -> dict[str, Any]:
 _OPENAI_SAMPLING = {
     "model": {"type": "string", "minLength": 1,
               "description": "the served model's name, or a finetune's id or name (its LoRA adapter)"},
-    "temperature": _nullable("number", minimum=0, maximum=2),
-    "top_p": _nullable("number", minimum=0, maximum=1),
-    "top_k": _nullable("integer", minimum=1),
-    "repetition_penalty": _nullable("number", minimum=0, maximum=2),
-    "frequency_penalty": _nullable("number", minimum=-2, maximum=2),
-    "presence_penalty": _nullable("number", minimum=-2, maximum=2),
-    "seed": _nullable("integer", minimum=0, maximum=2**63 - 1),
+    **{name: _nullable("integer" if rule.integer else "number", minimum=rule.lo, maximum=rule.hi)
+       for name, rule in validation.NUMBERS.items() if rule.lo is not None and name != "n"},  # the one rule
     "max_tokens": _nullable("integer", minimum=1),
     "max_completion_tokens": _nullable("integer", minimum=1),
     "n": {"enum": [None, 1], "description": "only one choice per request"},

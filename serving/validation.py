@@ -16,10 +16,17 @@ Two deliberate departures, both documented in serving/README.md:
 - `"raw": "true"` / `"stream": "false"` (a string where the schema says boolean) are coerced to the
   boolean before validation, because the product page's own curl example sends `"raw": "true"`.
   Only the exact strings "true" and "false" are coerced; anything else still fails the schema.
+
+Numbers: every numeric field of every route (Workers AI's and OpenAI's) is checked by one rule,
+`NUMBERS` / `check_numbers`, so no route lets a value through that another refuses or that the engine
+cannot hold (an int32 top_k, a float32 temperature). On the run route the seed's schema applies first
+(its ranges lie inside these). `max_tokens` is only typed here: its range is the engine's (at least
+1, else 5006; within the context window, else 5021), checked where every request is admitted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from importlib import resources
@@ -106,7 +113,47 @@ def validate_input(body: Any) -> dict[str, Any]:
     failures = [_describe(e) for e in _validator().iter_errors(body)]
     if failures:
         raise errors.bad_input("Error: " + ", ".join(failures))
+    check_numbers(body)
     return body
+
+
+@dataclasses.dataclass(frozen=True)
+class Number:
+    """One numeric field's rule: an integer (JSON's sense: 5.0 is one) or any number, in [lo, hi]."""
+
+    integer: bool
+    lo: float | None = None
+    hi: float | None = None
+
+
+NUMBERS: dict[str, Number] = {
+    "temperature": Number(False, 0, 5),
+    "top_p": Number(False, 0, 2),
+    "top_k": Number(True, 1, 50),
+    "seed": Number(True, 0, 2**63 - 1),
+    "repetition_penalty": Number(False, 0, 2),
+    "frequency_penalty": Number(False, -2, 2),
+    "presence_penalty": Number(False, -2, 2),
+    "max_tokens": Number(True),  # the engine's range (module docstring)
+    "max_completion_tokens": Number(True),
+    "n": Number(True, 1, 1),
+}
+
+
+def check_numbers(body: dict[str, Any]) -> None:
+    """ApiError 5006 naming the first field of `body` that breaks its `NUMBERS` rule (absent or null
+    fields are not checked)."""
+    for key, rule in NUMBERS.items():
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise errors.bad_input(f"Error: '{key}' must be {'an integer' if rule.integer else 'a number'}")
+        if rule.integer and isinstance(value, float) and not value.is_integer():
+            raise errors.bad_input(f"Error: '{key}' must be an integer, got {value!r}")
+        if (rule.lo is not None and value < rule.lo) or (rule.hi is not None and value > rule.hi):
+            allowed = f"{rule.lo}" if rule.lo == rule.hi else f"between {rule.lo} and {rule.hi}"
+            raise errors.bad_input(f"Error: '{key}' must be {allowed}, got {value!r}")
 
 
 # -- messages in Workers AI's words -----------------------------------------------------------------

@@ -170,3 +170,35 @@ def test_refused_adapters_are_not_kept(real, tmp_path):
             "and data_offsets")
         assert sorted(p.name for p in (tmp_path / "finetunes" / fid).iterdir()) == ["adapter_config.json"]
         assert engine.adapters() == {}
+
+
+def test_a_full_bank_is_a_capacity_answer_and_nothing_is_kept(real, tmp_path):
+    """Every LoRA slot taken: a valid third adapter gets 429 / 3040 (capacity), not 5006 (bad input);
+    its completing file is not kept; once a finetune is deleted the same upload succeeds and serves
+    the adapter's merged-weights output."""
+    tok, config, params, engine, adapters = real
+    ids = tok.encode(PROMPT)
+    want = greedy_text(tok, config, merge_lora(params, load_adapter(adapters["poet"], config)), ids)[0]
+    with serve(engine, tok, tmp_path) as (server, backend):
+        held = {}
+        for name in ("pirate", "poet"):  # the engine's two slots
+            held[name] = create(server, name).json()["result"]["id"]
+            upload_dir(server, held[name], adapters[name])
+        third = create(server, "third").json()["result"]["id"]
+        upload_dir(server, third, adapters["poet"], files=["adapter_model.safetensors"])
+        config_bytes = (adapters["poet"] / "adapter_config.json").read_bytes()
+        r = upload(server, third, "adapter_config.json", config_bytes)
+        assert r.status_code == 429, r.text
+        [error] = r.json()["errors"]
+        assert error["code"] == 3040 and r.json()["success"] is False
+        assert error["message"] == ("AiError: Capacity temporarily exceeded: the adapter bank is full (2 adapters "
+                                    "loaded); delete a finetune, or start the server with more --lora-slots")
+        assert sorted(p.name for p in (tmp_path / "finetunes" / third).iterdir()) == ["adapter_model.safetensors"]
+        assert set(engine.adapters()) == set(held.values())
+        assert run(server, "third").json()["errors"][0]["code"] == 3039  # still incomplete
+
+        r = requests.delete(finetunes_url(server, held["pirate"]), timeout=10)
+        assert r.status_code == 200, r.text
+        assert upload(server, third, "adapter_config.json", config_bytes).status_code == 200
+        assert run(server, "third").json()["result"]["response"] == want
+    assert engine.adapters() == {}

@@ -110,7 +110,7 @@ def test_completions_stream_without_usage(live):
     ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "5006"),
     ({"model": MODEL, "messages": []}, 400, "5006"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3}, 400, "5006"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 6}, 400, "5006"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "5006"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "5006"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "seed": 2**64}, 400, "5006"),

@@ -86,6 +86,12 @@ class RequestFailed(EngineError):
     """The request failed inside the engine; other requests are unaffected."""
 
 
+class InvalidRequest(EngineError, ValueError):
+    """The request cannot be served as asked (a sampling parameter no row can hold, a token id
+    outside the vocabulary) -> Workers AI 5006 (HTTP 400). It fails alone: requests admitted with
+    it are served without it."""
+
+
 class RequestHandle(Protocol):
     """What `submit` returns: iterate for stream events, or wait for the whole completion."""
 

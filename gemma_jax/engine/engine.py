@@ -463,8 +463,8 @@ class Engine:
                      require_model_type: bool = False) -> int:
         """Put an adapter (an `lora.Adapter`, or a PEFT directory, validated here) into a free slot
         of the smallest rank bucket that holds it, under `name`; returns its id. Running requests and
-        compiled functions are unaffected. Raises LoraError (a ValueError) if it does not fit, the
-        name is taken or `adapter_slots` adapters are loaded already."""
+        compiled functions are unaffected. Raises LoraError (a ValueError) if it does not fit or the
+        name is taken, BankFull (a LoraError) if `adapter_slots` adapters are loaded already."""
         if self.bank is None:
             raise lora_lib.LoraError("this engine has no adapter bank (adapter_slots=0)")
         if not isinstance(adapter, lora_lib.Adapter):
@@ -476,7 +476,7 @@ class Engine:
             if name in self._adapters:
                 raise lora_lib.LoraError(f"an adapter named {name!r} is already loaded")
             if len(self._adapters) >= self.adapter_slots:
-                raise lora_lib.LoraError(f"the adapter bank is full ({len(self._adapters)} adapters loaded)")
+                raise lora_lib.BankFull(f"the adapter bank is full ({len(self._adapters)} adapters loaded)")
             free = self._free[self.bank.bucket_for(adapter.rank)]  # refuses a rank above the maximum
             index = free[0]  # a bucket has adapter_slots ids: one is free while fewer are loaded
             self.bank = lora_lib.bank_add(self.bank, index, adapter)  # validates; donates the old bucket

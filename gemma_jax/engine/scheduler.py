@@ -18,9 +18,13 @@ for neither adapters nor sampling.
 
 The device thread only moves token ids: each request's handle turns them into text itself
 (`IncrementalDecoder`, in whichever thread consumes the handle), so detokenizing never delays the
-device. An error while preparing one request, or while decoding its text, fails that request alone
+device. A request the engine cannot serve as asked (a sampling parameter no row can hold, a token
+id outside the vocabulary) is refused by `submit` with `InvalidRequest`, and checked again as it is
+admitted: there it fails alone and its group is prefilled without it. A group whose prefill raises
+is prefilled again one request at a time, so a request whose prefill cannot be built fails alone
+and its neighbours are admitted; an error while decoding a request's text fails that request alone
 with `RequestFailed`; a failure of a whole dispatch fails the requests in it, and the loop goes on
-with a fresh decode state. `stats()` counts each request once, as what it ended as (completed,
+with a fresh decode state. Every failed request is logged at WARNING with its reason. `stats()` counts each request once, as what it ended as (completed,
 cancelled or failed), even when its text fails to decode after the device finished with it. If the
 device thread itself dies (say a fresh decode state cannot be made), every request it held fails and
 `submit` refuses new ones with RequestFailed: nothing waits forever on a thread that is gone.
@@ -51,9 +55,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from gemma_jax.engine.api import (
-    Completion, QueueFull, Request, RequestFailed, StreamEvent,
+    Completion, InvalidRequest, QueueFull, Request, RequestFailed, StreamEvent,
 )
 from gemma_jax.engine.engine import Engine
+from gemma_jax.sampling import check_params
 from gemma_jax.tokenizer import IncrementalDecoder
 
 log = logging.getLogger("gemma_jax.scheduler")
@@ -133,6 +138,9 @@ class Handle:
                 except queue.Empty:
                     raise TimeoutError(f"request {self.id}: nothing within {timeout} s") from None
                 if kind == _ERROR:
+                    if isinstance(payload, InvalidRequest):  # the request's own fault: said as is (5006)
+                        self._error = payload
+                        raise self._error
                     self._error = RequestFailed(f"request {self.id} failed: {payload!r}")
                     raise self._error from payload
                 try:
@@ -216,7 +224,9 @@ def fault_from_env(environ=os.environ) -> Callable[[str], None] | None:
     each time the device thread reaches a stage. A file holding one word, a stage ("prefill" or
     "generate"), makes the next such stage raise InjectedFault, once: the device thread removes
     the file as it fires. "<stage> <seconds>" instead sleeps at each such stage for as long as the
-    file exists (a slow device, for deadline tests). Write the file atomically (write, then rename).
+    file exists (a slow device, for deadline tests); "<stage> hold" waits at the stage until the file
+    is removed (requests queue meanwhile, to be admitted together). Write the file atomically
+    (write, then rename).
     """
     path = environ.get(FAULT_ENV)
     if not path:
@@ -229,6 +239,10 @@ def fault_from_env(environ=os.environ) -> Callable[[str], None] | None:
         except OSError:  # no trigger now
             return
         if not words or words[0] != stage:
+            return
+        if words[1:] == ["hold"]:
+            while os.path.exists(path):
+                time.sleep(0.01)
             return
         if len(words) > 1:
             time.sleep(float(words[1]))
@@ -302,8 +316,12 @@ class Scheduler:
         return self.engine.check(prompt_tokens, max_tokens)
 
     def submit(self, request: Request) -> Handle:
-        """Queue a request. Raises InputTooLong, UnknownAdapter, QueueFull, ValueError at once."""
+        """Queue a request. Raises InputTooLong, UnknownAdapter, QueueFull, InvalidRequest, ValueError
+        (max_tokens < 1) at once."""
         limit = self.check(len(request.prompt_ids), request.max_tokens)
+        reason = self._invalid(request)
+        if reason is not None:
+            raise InvalidRequest(reason)
         adapter_id = 0 if request.adapter is None else self.engine.adapter_id(request.adapter)
         handle = Handle(request, self.tokenizer, next(self._ids), on_cancel=self._wake, on_outcome=self._counted)
         with self._cond:
@@ -431,43 +449,72 @@ class Scheduler:
         """Prefill and insert queued requests into free slots. Returns (state, [(first tokens [P] on
         the device, their owners)]): the first tokens are read only after the next dispatch is
         enqueued (their copy to the host started at prefill), so admission never makes the device
-        thread wait for the device."""
+        thread wait for the device.
+
+        Isolation: an invalid request fails alone before its group is prefilled; a group whose
+        prefill raises is split and each request prefilled alone (the decode state is untouched by a
+        prefill), so only a request whose own prefill fails is failed."""
         admitted = []
         while group := self._take_group():
-            group = [q for q in group if self._valid(q)]
-            if not group:
-                continue
-            free = [i for i, s in enumerate(self._slots) if s is None][: len(group)]
-            try:
-                self._fault_point("prefill")
-                prefix = self.engine.prefill_prompts(
-                    [q.handle.request.prompt_ids for q in group], [q.handle.request.sampling for q in group],
-                    [q.limit for q in group], [q.adapter_id for q in group], rng=self._rng)
-            except Exception as err:  # the decode state is untouched: only this group fails
-                self._count("prefill_failures")
-                for q in group:
-                    q.handle.fail(err)
-                continue
-            try:
-                state = self.engine.insert(prefix, state, self.engine.pad_slots(free, prefix))
-            except Exception as err:  # the state was donated: the loop starts a fresh one
-                for q in group:
-                    q.handle.fail(err)
-                raise
-            self._count("prefill_batches")
-            slots = [_Slot(q.handle, slot, q.limit) for q, slot in zip(group, free)]
-            for s in slots:
-                self._slots[s.slot] = s
-            admitted.append((prefix.tokens, slots))  # prefix row i is group[i]
+            parts = [[q for q in group if self._valid(q)]]
+            while parts:
+                part = parts.pop()
+                if not part:
+                    continue
+                try:
+                    self._fault_point("prefill")
+                    prefix = self.engine.prefill_prompts(
+                        [q.handle.request.prompt_ids for q in part], [q.handle.request.sampling for q in part],
+                        [q.limit for q in part], [q.adapter_id for q in part], rng=self._rng)
+                except Exception as err:  # the decode state is untouched: retry alone, or fail alone
+                    self._count("prefill_failures")
+                    if len(part) > 1:
+                        log.warning("a prefill of %d requests failed (%r): prefilling each alone", len(part), err)
+                        parts.extend([q] for q in reversed(part))  # popped in queue order
+                    else:
+                        self._fail(part[0].handle, err)
+                    continue
+                state, slots = self._insert(state, part, prefix)
+                admitted.append((prefix.tokens, slots))  # prefix row i is part[i]
         return state, admitted
 
-    def _valid(self, q: _Queued) -> bool:
-        ids = q.handle.request.prompt_ids
+    def _insert(self, state, group: list[_Queued], prefix) -> tuple[object, list[_Slot]]:
+        """Insert a prefilled group into free slots; returns (state, their _Slots in group order)."""
+        free = [i for i, s in enumerate(self._slots) if s is None][: len(group)]
+        try:
+            state = self.engine.insert(prefix, state, self.engine.pad_slots(free, prefix))
+        except Exception as err:  # the state was donated: the loop starts a fresh one
+            for q in group:
+                self._fail(q.handle, err)
+            raise
+        self._count("prefill_batches")
+        slots = [_Slot(q.handle, slot, q.limit) for q, slot in zip(group, free)]
+        for s in slots:
+            self._slots[s.slot] = s
+        return state, slots
+
+    def _invalid(self, request: Request) -> str | None:
+        """Why the engine cannot serve `request` as asked (its token ids, its sampling), or None."""
         vocab = self.engine.config.vocab_size
-        if all(0 <= int(i) < vocab for i in ids):
+        try:
+            if not all(0 <= int(i) < vocab for i in request.prompt_ids):
+                return f"prompt token ids must lie in [0, {vocab})"
+            check_params(request.sampling)
+        except (ValueError, TypeError, OverflowError) as err:
+            return str(err) or type(err).__name__
+        return None
+
+    def _valid(self, q: _Queued) -> bool:
+        """Checked again at admission: an invalid request fails alone (InvalidRequest), never its group."""
+        reason = self._invalid(q.handle.request)
+        if reason is None:
             return True
-        q.handle.fail(ValueError(f"prompt token ids must lie in [0, {vocab})"))
+        self._fail(q.handle, InvalidRequest(reason))
         return False
+
+    def _fail(self, handle: Handle, err: BaseException) -> None:
+        log.warning("request %d failed: %s", handle.id, err if isinstance(err, InvalidRequest) else repr(err))
+        handle.fail(err)
 
     def _deliver(self, tokens, owners) -> None:
         """tokens [steps, B'] or [B'] (its copy to the host started when it was enqueued); owners[b]:
