@@ -119,7 +119,8 @@ def run_serve(args: argparse.Namespace, backend_factory: Callable[[argparse.Name
     from serving.server import serve  # noqa: PLC0415 - keeps `--help` free of gunicorn imports
 
     serve(lambda: backend_factory(args), host=args.host, port=args.port, threads=args.threads,
-          app_kwargs=app_kwargs(args), graceful_timeout=args.graceful_timeout, log_level=args.log_level)
+          app_kwargs=app_kwargs(args), graceful_timeout=args.graceful_timeout, log_level=args.log_level,
+          model_name=getattr(args, "model_name", None))
 
 
 def _add_serve(subparsers) -> None:

@@ -27,6 +27,7 @@ from gemma_jax.engine.engine import Engine
 from gemma_jax.engine.scheduler import Scheduler
 from gemma_jax.mesh_flag import build_mesh, default_shape
 from gemma_jax.tokenizer import Tokenizer
+from serving import startup
 from serving.backend import DEFAULT_MODEL, Backend
 
 log = logging.getLogger("serving.factory")
@@ -109,6 +110,7 @@ def build_backend(args: argparse.Namespace) -> Backend:
     from gemma_jax import compilation_cache
 
     cache = compilation_cache.enable()
+    startup.PROGRESS.stage("loading weights")
     engine, tokenizer = build_engine(args)
     if multihost_requested(args):
         from gemma_jax.engine.multihost import LeaderEngine
@@ -118,7 +120,7 @@ def build_backend(args: argparse.Namespace) -> Backend:
     if args.warmup:
         started = time.monotonic()
         log.info("compiling every prefill / decode bucket (persistent cache: %s)", cache)
-        engine.warmup()
+        engine.warmup(progress=startup.compiled)  # /health shows it while the server starts
         log.info("compiled %d executables in %.1f s", sum(engine.compile_counts().values()),
                  time.monotonic() - started)
     return make_backend(engine, tokenizer, model_name=args.model_name, max_queue=args.max_queue)

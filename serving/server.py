@@ -10,18 +10,22 @@ Slow clients: the worker class is `serving.worker.PacedThreadWorker`, gthread wi
 small bodies read in its event loop, so clients that trickle bytes hold no thread (see its docstring
 for the exact rules and RELIABILITY.md for what tests/test_slowloris.py measures).
 
-Life cycle: the master binds the socket; the worker calls `backend_factory()` (which loads the model
-and compiles every bucket: `warmup`), starts the scheduler, builds the app, and only then logs one
-readiness line (`gemma-jax ready: ...`) and starts answering; until then connections wait in the
-listen backlog. While it loads, a thread in the worker keeps telling the master it is alive, so
-`worker_timeout` bounds a stuck event loop, not a long compile. On SIGTERM gunicorn stops
-accepting, lets in-flight requests finish for `graceful_timeout` seconds, then the worker's exit
-hook stops the scheduler (`backend.stop()`) and logs `gemma-jax stopped`; the master exits 0.
+Life cycle: the master binds the socket; the worker answers from its first second
+(`serving.startup.Starting`: `/health` 503 `{"status": "warming", ...}` with the stage and the
+executables compiled so far, every other route 503 / 3040 with Retry-After) while a thread calls
+`backend_factory()` (which loads the model and compiles every bucket: `warmup`), starts the
+scheduler and builds the app; then it logs one readiness line (`gemma-jax ready: ...`) and every
+request goes to the app. If that thread fails, the worker logs why and exits as a worker that could
+not boot, so the master exits non-zero. The event loop runs throughout, so `worker_timeout` bounds a
+stuck event loop, not a long compile. On SIGTERM gunicorn stops accepting, lets in-flight requests
+finish for `graceful_timeout` seconds, then the worker's exit hook stops the scheduler
+(`backend.stop()`) and logs `gemma-jax stopped`; the master exits 0.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -29,6 +33,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from serving import startup
 from serving import worker as worker_lib
 from serving.backend import Backend
 
@@ -55,25 +60,24 @@ class _GunicornApp(BaseApplication):
         return self._make_app()
 
 
-_loading = threading.Event()  # set once the worker has built its app
-HEARTBEAT_S = 5.0
+WORKER_BOOT_ERROR = 3  # gunicorn's exit status for a worker that could not boot: the master halts
+SWITCH_INTERVAL_S = 0.001  # the GIL's switch interval in the worker (Python's default: 5 ms)
 
 
-def _post_fork(server, worker) -> None:
-    """In the new worker: tell the master it is alive while the model loads and compiles."""
-    def beat():
-        while not _loading.wait(HEARTBEAT_S):
-            worker.notify()
+def _start_in_background(build: Callable[[], Any], starting: startup.Starting, describe: Callable[[], str]) -> None:
+    """Build the app in a thread while `starting` answers; hand requests to it once built."""
+    def run():
+        try:
+            app = build()
+        except BaseException:  # noqa: BLE001 - nothing can serve: say why, exit as a failed boot
+            log.exception("gemma-jax could not start")
+            _worker_exit(None, type("W", (), {"pid": os.getpid()})())
+            logging.shutdown()
+            os._exit(WORKER_BOOT_ERROR)
+        starting.ready(app)
+        log.info("gemma-jax ready: %s", describe())
 
-    threading.Thread(target=beat, name="gemma-jax-loading-heartbeat", daemon=True).start()
-
-
-def _post_worker_init(worker) -> None:
-    _loading.set()
-    if _worker_backend:
-        backend = _worker_backend[0]
-        log.info("gemma-jax ready: serving %s on http://%s (pid %d, %d threads)", backend.model_name,
-                 ", ".join(worker.cfg.bind), worker.pid, worker.cfg.threads)
+    threading.Thread(target=run, name="gemma-jax-start", daemon=True).start()
 
 
 def _worker_exit(server, worker) -> None:
@@ -114,23 +118,34 @@ def serve(
     graceful_timeout: float = 30.0,
     worker_timeout: float = 900.0,
     log_level: str = "info",
+    model_name: str | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT. `backend_factory` runs in the worker (it loads the model)."""
+    """Serve until SIGTERM/SIGINT. `backend_factory` runs in a thread of the worker (it loads the
+    model) while the worker already answers (module docstring); model_name: for /health meanwhile."""
     configure_logging(log_level)
     app_kwargs = dict(app_kwargs or {})
     worker_lib.LIMITS.buffered_body = int(app_kwargs.get("max_body_bytes", 1 << 20))
 
-    def make_app():
+    def build():
         from serving.app import create_app  # noqa: PLC0415 - imported in the worker
 
-        backend = backend_factory()
-        backend.start()
-        _worker_backend.append(backend)
-        try:
+        startup.PROGRESS.stage("loading")
+        with startup.quiet_heap():  # no GIL-holding full collections while /health must answer
+            backend = backend_factory()
+            backend.start()
+            _worker_backend.append(backend)
+            startup.PROGRESS.stage("loading finetunes")
             return create_app(backend, **app_kwargs)
-        except BaseException:
-            _worker_exit(None, type("W", (), {"pid": 0})())
-            raise
+
+    def make_app():
+        # The device thread and compiles hold the GIL for long stretches of Python; a shorter switch
+        # interval keeps HTTP threads (health checks, streams) answering promptly beside them.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        starting = startup.Starting(startup.PROGRESS, model_name)
+        describe = lambda: (f"serving {_worker_backend[0].model_name} on http://{bind_address(host, port)} "
+                            f"(pid {os.getpid()}, {max(1, int(threads))} threads)")
+        _start_in_background(build, starting, describe)
+        return starting
 
     options = {
         "bind": [bind_address(host, port)],
@@ -146,8 +161,6 @@ def serve(
         "errorlog": "-",
         "loglevel": log_level,
         "proc_name": "gemma-jax",
-        "post_fork": _post_fork,
-        "post_worker_init": _post_worker_init,
         "worker_exit": _worker_exit,
         # one shared per-user control socket would clash between servers on one machine
         "control_socket_disable": True,

@@ -8,7 +8,8 @@
 
 `p` is Cloudflare's random-length padding, which hides the length of each token from someone who
 can only see encrypted record sizes; clients ignore it. It is on by default and can be switched off.
-Keep-alive comments (`: keep-alive`) are sent while a request waits, which SSE clients ignore.
+Keep-alive comments (`: keep-alive`) are sent every heartbeat while a request waits (in the queue,
+or between tokens), which SSE clients ignore; the response head goes out with the first of them.
 An error after the stream has begun becomes one last event, `{"response":"","errors":[...]}`, and
 the stream ends without `[DONE]`, so a client can tell a complete answer from a cut one.
 
@@ -19,6 +20,7 @@ client goes away, the server closes the generator and `finally` cancels the gene
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -27,6 +29,7 @@ from gemma_jax.engine.api import StreamEvent
 from serving import errors
 from serving.generation import Run, usage
 
+log = logging.getLogger("serving")
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -46,17 +49,19 @@ def event(obj: dict[str, Any], pad: bool = False) -> bytes:
 
 
 def first_then_rest(run: Run) -> Iterator[StreamEvent | None]:
-    """Wait for the first text event (or the end) before anything is sent, so that errors found
-    before generation starts (queue full, too long, unknown adapter) still get their HTTP status.
+    """Wait for the first item before anything is sent: a text event, the end, or the first
+    keep-alive tick (`Run.heartbeat` seconds, 5 by default), whichever comes first. So errors found
+    before generation starts (a failed prefill, an invalid request) still get their HTTP status,
+    while a stream that waits in the queue gets its response head and `: keep-alive` comments every
+    heartbeat instead of silence until its first token (a proxy's read timeout never cuts it).
     Returns an iterator that replays that first item. If waiting fails, the run is closed (its
     generation cancelled) before the error propagates."""
     items = run.items()
-    head: list[StreamEvent] = []
+    head: list[StreamEvent | None] = []
     try:
         for item in items:  # raises ApiError here, before the response starts
-            if item is not None:
-                head.append(item)
-                break
+            head.append(item)
+            break
     except BaseException:
         run.close()
         raise
@@ -79,6 +84,7 @@ def workers_ai_stream(run: Run, items: Iterator[StreamEvent | None], pad: bool) 
         yield event({"response": "", "usage": usage(run.completion)}, pad)
         yield DONE
     except errors.ApiError as e:
+        _log_late(e)
         yield event({"response": "", "errors": [{"code": e.code, "message": e.message}]}, pad)
     finally:
         run.close()
@@ -104,6 +110,13 @@ def generic_stream(run: Run, items: Iterator[StreamEvent | None],
             yield event(obj)
         yield DONE
     except errors.ApiError as e:
+        _log_late(e)
         yield event(on_error(e))
     finally:
         run.close()
+
+
+def _log_late(e: errors.ApiError) -> None:
+    """A stream's error after its head went out (its status was 200): logged like any error answer."""
+    if e.status != 499:  # the client went away: nobody to answer, not a failure
+        log.warning("stream ended by an error: %d / %d %s", e.status, e.code, e.message)

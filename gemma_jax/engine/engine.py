@@ -83,7 +83,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -428,29 +428,46 @@ class Engine:
             self._needs.pop(int(slot), None)
         return self._release_jit(state, mask)
 
-    def warmup(self) -> None:
+    def warmup(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Compile every variant serving can reach, through the functions above: prefill (and
         insert) per (P, T) bucket, generate once per sampling mode and, with a bank, LoRA on and
-        off; then release. Afterwards `compile_counts()` stays constant."""
+        off; then release. Afterwards `compile_counts()` stays constant.
+
+        progress(compiled, total): called before the first compile and after each step, with the
+        executables traced so far by this warmup and how many it traces in all (one per distinct
+        prefill, insert and generate shape or variant, plus init and release on a fresh engine)."""
         examples = {mode_for([s]): s for s in _MODE_EXAMPLES}
         if set(examples) != set(MODES):
             raise AssertionError(f"warmup examples cover {sorted(examples)}, not every mode of {MODES}")
         adapters = (0, 1) if self.bank is not None else (0,)  # slot 1 serves for any adapter: same shapes
         rng, bos = np.random.default_rng(0), self.config.bos_id
-        variants = [(a, examples[m]) for a in adapters for m in MODES]
+        widest = examples[MODES[-1]]  # prefill always samples in the widest mode
+        # (prompts, sampling, adapter, slots, generate after insert?) per step
+        steps = [([[bos] * t] * p, widest, adapter, [], False)
+                 for t in self.prefill_buckets for p in self.prefill_batches
+                 if p == 1 or p * t <= self.prefill_budget for adapter in adapters]
+        steps += [([[bos]], examples[m], adapter, [0], True) for adapter in adapters for m in MODES]
+        lora = lambda a: self.bank is not None and a > 0
+        keys = set()
+        for prompts, sampling, adapter, _, gen in steps:
+            shape = (self.batch_bucket(len(prompts)), self.prompt_bucket(len(prompts[0])))
+            keys |= {("prefill", *shape, lora(adapter)), ("insert", *shape)}
+            if gen:
+                keys.add(("generate", lora(adapter), mode_for([sampling])))
+        fresh = {name for name in ("init", "release") if not self._traces[name]}
+        total, before = len(keys) + len(fresh), sum(self._traces.values())
+        report = (lambda: progress(sum(self._traces.values()) - before, total)) if progress else (lambda: None)
+        report()
         state = self.init_state()
-        for t in self.prefill_buckets:
-            for p in self.prefill_batches:
-                if p == 1 or p * t <= self.prefill_budget:
-                    for adapter in adapters:  # prefill always samples in the widest mode
-                        sampling = examples[MODES[-1]]
-                        prefix = self.prefill_prompts([[bos] * t] * p, [sampling] * p, [1] * p, [adapter] * p, rng)
-                        state = self.insert(prefix, state, self.pad_slots([], prefix))  # rows dropped
-        for adapter, sampling in variants:
-            prefix = self.prefill_prompts([[bos]], [sampling], [1], [adapter], rng)  # done at once
-            state = self.insert(prefix, state, self.pad_slots([0], prefix))
-            state, _ = self.generate(state, live=[0])
+        for prompts, sampling, adapter, slots, gen in steps:
+            n = len(prompts)
+            prefix = self.prefill_prompts(prompts, [sampling] * n, [1] * n, [adapter] * n, rng)
+            state = self.insert(prefix, state, self.pad_slots(slots, prefix))  # rows past `slots` dropped
+            if gen:
+                state, _ = self.generate(state, live=[0])
+            report()
         jax.block_until_ready(self.release(state, range(self.slots)))
+        report()
 
     # -- host-side planning -----------------------------------------------------------------------
     def check(self, prompt_tokens: int, max_tokens: int, *, clip: bool = False) -> int:

@@ -204,10 +204,10 @@ class LeaderEngine:
             self._send("release", slots=slots)
             return self.engine.release(state, slots)
 
-    def warmup(self) -> None:
+    def warmup(self, progress=None) -> None:
         with self._lock:
             self._send("warmup")
-            self.engine.warmup()
+            self.engine.warmup(progress)  # the followers compile the same, unreported
 
     def load_adapter(self, name: str, adapter, *, require_model_type: bool = False) -> int:
         """Load by path on every process; if any process fails, unload it everywhere and raise
