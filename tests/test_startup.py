@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -131,3 +132,18 @@ def test_serve_is_warm_and_quiet_at_ready(gguf_file, tmp_path):
     assert "gemma-jax ready" in start_text and "compiling every prefill / decode bucket" in start_text
     noise = [line for line in start_lines if not (OURS.match(line) or GUNICORN.match(line))]
     assert noise == [], noise
+
+
+def test_a_start_that_fails_says_why_and_exits_non_zero(tmp_path):
+    """The model loads in a thread while the worker answers; if loading fails the worker exits as a
+    worker that could not boot, so `serve` ends non-zero with the reason on stderr (never a server
+    that stays up answering 503 for ever)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    missing = tmp_path / "missing.gguf"
+    argv = [sys.executable, "-m", "serving.cli", "serve", "--checkpoint", str(missing), "--host", "127.0.0.1",
+            "--port", str(free_port()), "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "gemma-jax could not start" in done.stderr and f"No such file or directory: '{missing}'" in done.stderr
+    assert "Worker failed to boot" in done.stderr

@@ -24,8 +24,9 @@ admitted: there it fails alone and its group is prefilled without it. A group wh
 is prefilled again one request at a time, so a request whose prefill cannot be built fails alone
 and its neighbours are admitted; an error while decoding a request's text fails that request alone
 with `RequestFailed`; a failure of a whole dispatch fails the requests in it, and the loop goes on
-with a fresh decode state. Every failed request is logged at WARNING with its reason. `stats()` counts each request once, as what it ended as (completed,
-cancelled or failed), even when its text fails to decode after the device finished with it. If the
+with a fresh decode state. Every failed request is logged at WARNING with its reason. `stats()`
+counts each request once, as what it ended as (completed, cancelled or failed), even when its text
+fails to decode after the device finished with it. If the
 device thread itself dies (say a fresh decode state cannot be made), every request it held fails and
 `submit` refuses new ones with RequestFailed: nothing waits forever on a thread that is gone.
 
