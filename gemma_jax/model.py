@@ -47,6 +47,7 @@ from gemma_jax.attention import decode_attention, prefill_attention
 from gemma_jax.config import GemmaConfig
 from gemma_jax.contraction import unembed
 from gemma_jax.layers import Einsum, RMSNorm, apply_rope, gelu_tanh, lora_delta
+from gemma_jax.paged_attention import ragged_paged_attention, write_pages
 from gemma_jax.quantize import QArray, dequantize, is_qarray, lookup, qeinsum, quantize_array, stored_param
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
@@ -65,6 +66,34 @@ class LayerCache:
 
 
 Cache = dict[str, LayerCache]  # "layer_0" ... "layer_{L-1}"
+
+
+@flax.struct.dataclass
+class PagedLayer:
+    """One layer's page pool (float): `paged_attention.py`'s layout."""
+
+    k: jax.Array  # [P, K, S, H]
+    v: jax.Array  # [P, K, S, H]
+
+
+@flax.struct.dataclass
+class PagedBatch:
+    """Where a flat token batch's K/V goes and what each token reads (`paged_attention.py`)."""
+
+    pages: jax.Array  # [T] int32: the page each token's K/V is written to (0 for padding)
+    offsets: jax.Array  # [T] int32: its offset in that page
+    tables: jax.Array  # [Q, M] int32: each sequence's pages, in order
+    seq_ids: jax.Array  # [T] int32: the sequence (table row) of each token
+
+
+PagedCache = dict[str, PagedLayer]
+
+
+def init_paged_cache(config: GemmaConfig, pages: int, page_size: int, dtype=jnp.float32) -> PagedCache:
+    """All-zeros page pools, `pages` pages of `page_size` positions per layer."""
+    shape = (pages, config.num_kv_heads, page_size, config.head_dim)
+    return {f"layer_{i}": PagedLayer(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            for i in range(config.num_layers)}
 
 CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 SCALE_AXES = ("batch", "kv_heads", "cache_seq")  # an int8 cache's scales: sharded like the cache
@@ -150,7 +179,14 @@ class Attention(nn.Module):
         b, t = q.shape[:2]
         window = cfg.sliding_window if self.local else None
         kw = dict(window=window, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap, impl=self.impl)
-        if cache is None:  # the tokens given attend each other (causal by index)
+        if isinstance(cache, PagedLayer):  # a flat batch: B tokens of T = 1, each over its sequence's pages
+            paged: PagedBatch = kv_len
+            k_pages, v_pages = write_pages(cache.k, cache.v, key[:, 0], value[:, 0], paged.pages, paged.offsets)
+            new_cache = PagedLayer(k_pages, v_pages)
+            encoded = ragged_paged_attention(q[:, 0], k_pages, v_pages, paged.tables, paged.seq_ids, positions[:, 0],
+                                             window=window, scale=cfg.query_scale,
+                                             softcap=cfg.attn_logit_softcap)[:, None]
+        elif cache is None:  # the tokens given attend each other (causal by index)
             encoded = prefill_attention(q, key, value, **kw)  # [B, T, N, H]
             new_cache = None
             if return_kv:  # this call's keys/values, [B, K, T, H], for the caller to place in a cache
@@ -284,6 +320,8 @@ class Transformer(nn.Module):
     """tokens [B, T], positions [B, T], cache | None -> (logits [B, T, V] float32, cache | None).
 
     lora: None or (bank, adapter_ids [B]) with bank an `lora.AdapterBank` (per-row adapters).
+    kv_len: a dense cache's bound (`forward`), or with a PagedCache the PagedBatch saying where each
+    token's K/V goes and which pages it reads (`forward_paged`: B tokens, T = 1).
     """
 
     config: GemmaConfig
@@ -291,8 +329,9 @@ class Transformer(nn.Module):
     attn_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: Cache | None = None, kv_len: int | None = None, lora=None,
-                 logits_at: jax.Array | None = None, return_kv: bool = False):
+    def __call__(self, tokens, positions, cache: Cache | PagedCache | None = None,
+                 kv_len: int | PagedBatch | None = None, lora=None, logits_at: jax.Array | None = None,
+                 return_kv: bool = False, rows: jax.Array | None = None):
         cfg, dt = self.config, self.param_dtype
         embedder = Embedder(cfg, dt, name="embedder")
         x = embedder.encode(tokens)
@@ -306,6 +345,8 @@ class Transformer(nn.Module):
                 new_cache[name] = layer_cache
         if logits_at is not None:  # only one position per row needs logits (e.g. a prompt's last)
             x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
+        if rows is not None:  # only these rows need logits (a flat batch's sampling tokens)
+            x = x[rows]  # [R, T, D]
         x = RMSNorm("embed", cfg.norm_eps, dt, name="final_norm")(x)
         logits = embedder.decode(x)
         if cfg.final_logit_softcap:
@@ -336,3 +377,20 @@ def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None
     dtype = params["embedder"]["input_embedding"].dtype
     return Transformer(config, dtype, attn_impl).apply({"params": params}, tokens, positions, cache, kv_len, lora,
                                                        logits_at, return_kv)
+
+
+def forward_paged(params, tokens: jax.Array, positions: jax.Array, cache: PagedCache, batch: PagedBatch, *,
+                  config: GemmaConfig, lora=None, logits_rows: jax.Array | None = None):
+    """One step over a flat, ragged token batch and a paged KV cache (issue 17's step, the model part).
+
+    tokens, positions: [T] int32: decode tokens and prompt chunks of any sequences, in any order,
+    padded (position -1: attends nothing, writes page 0). Each token's K/V is written at
+    (batch.pages, batch.offsets) first; then every token attends its own sequence's positions up to
+    its own (`paged_attention.ragged_paged_attention`). lora: None or (bank, adapter_ids [T]) per
+    token. logits_rows: None (logits for every token) or [R] int token indices (the last token of
+    each sequence that samples). Returns (logits [R or T, V] float32, new cache).
+    """
+    dtype = params["embedder"]["input_embedding"].dtype
+    logits, new_cache = Transformer(config, dtype).apply(
+        {"params": params}, tokens[:, None], positions[:, None], cache, batch, lora, None, False, logits_rows)
+    return logits[:, 0], new_cache
