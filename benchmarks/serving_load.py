@@ -7,9 +7,10 @@ Each phase runs the real `gemma-jax serve` process on 127.0.0.1 (benchmarks/load
 prints one line of figures; `--out FILE` also writes them, with every greedy output, as JSON (so a
 later engine's outputs can be compared token for token with this one's).
 
-1. cold start: a fresh cache directory (the embedded model's one-time conversion and its GGUF are
-   linked in, so only JAX's compilation cache is empty): seconds from launch to the readiness line,
-   and the engine's compiled executables (`/health` scheduler `compiles`).
+1. cold start of the default serve configuration (`--max-batch 8`, `--lora-slots 8`): a fresh cache
+   directory (the embedded model's one-time conversion and its GGUF are linked in, so only JAX's
+   compilation cache is empty): seconds from launch to the readiness line, and the engine's
+   compiled executables (`/health` scheduler `compiles`).
 2. chat: `--requests` chat requests (default 64) with one shared system prompt of about
    `--system-tokens` tokens (1000) and a short user question each, arriving as a Poisson process
    (`--rate` per second), streamed, greedy, `--chat-tokens` tokens each: time to first token of the
@@ -18,9 +19,10 @@ later engine's outputs can be compared token for token with this one's).
    prompt of about `--long-tokens` tokens (1500) is sent; the gaps between consecutive events of the
    8 streams that overlap [sent, its first token] (p50, p99, max; and p50 before it was sent) say
    whether its prefill stalls them. The server sends one event per dispatch (a few tokens).
-4. warm start: the same server started again with the cache that phase 1 filled.
+4. warm start: the default configuration started again with the cache that phase 1 filled.
 
-The server runs with `--max-batch 9` (8 streams and the long prompt at once) unless `--max-batch`.
+Phases 2 and 3 run on a server with `--max-batch 9` (8 streams and the long prompt at once; set by
+`--max-batch`), otherwise the default configuration, started on the same cache.
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--long-tokens", type=int, default=1500)
     p.add_argument("--stream-tokens", type=int, default=200)
     p.add_argument("--quick", action="store_true", help="skip the warm start (phase 4)")
+    p.add_argument("--only-starts", action="store_true", help="phases 1 and 4 only")
     p.add_argument("--out", help="write the figures and outputs as JSON here")
     p.add_argument("--server-log", default=os.path.join(tempfile.gettempdir(), "gemma-jax-serving-load.log"))
     args = p.parse_args(argv)
@@ -171,8 +174,8 @@ def main(argv=None) -> int:
     from gemma_jax.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf(str(gguf_path()))
-    flags = ["--max-batch", str(args.max_batch), "--max-queue", "256", "--threads", "128", "--no-stream-padding",
-             "--lora-slots", "0", "--data-dir", tempfile.mkdtemp(prefix="gemma-jax-load-data-")]
+    flags = ["--max-queue", "256", "--threads", "128", "--no-stream-padding",
+             "--data-dir", tempfile.mkdtemp(prefix="gemma-jax-load-data-")]
     if args.random_weights:
         flags += ["--random-weights", args.random_weights]
     else:
@@ -183,9 +186,21 @@ def main(argv=None) -> int:
     cache = fresh_cache(cache_dir())
     try:
         ctx, base, out["cold_start_s"] = started_server(flags, args.server_log, cache)
+        out["executables"] = compiles(base)
+        ctx.__exit__(None, None, None)
+        print(f"cold start: ready in {out['cold_start_s']:.1f} s, {out['executables']} executables", flush=True)
+        if not args.quick:
+            ctx, base, out["warm_start_s"] = started_server(flags, args.server_log, cache)
+            ctx.__exit__(None, None, None)
+            print(f"warm start: ready in {out['warm_start_s']:.1f} s", flush=True)
+        if args.only_starts:
+            return _write(out, args)
+        workload = flags + ["--max-batch", str(args.max_batch)]
+        ctx, base, out["workload_start_s"] = started_server(workload, args.server_log, cache)
         try:
-            out["executables"] = compiles(base)
-            print(f"cold start: ready in {out['cold_start_s']:.1f} s, {out['executables']} executables", flush=True)
+            out["workload_executables"] = compiles(base)
+            print(f"workload server (--max-batch {args.max_batch}): ready in {out['workload_start_s']:.1f} s, "
+                  f"{out['workload_executables']} executables", flush=True)
             out["chat"] = chat_phase(base, args, tokenizer)
             c = out["chat"]
             print(f"chat: {c['requests']} requests, system prompt {c['system_tokens']} tokens, {c['rate_per_s']}/s: "
@@ -198,12 +213,12 @@ def main(argv=None) -> int:
                   f"({lp['gaps_while_admitting']} gaps; p50 before it {lp['gap_p50_before_s']} s)", flush=True)
         finally:
             ctx.__exit__(None, None, None)
-        if not args.quick:
-            ctx, base, out["warm_start_s"] = started_server(flags, args.server_log, cache)
-            ctx.__exit__(None, None, None)
-            print(f"warm start: ready in {out['warm_start_s']:.1f} s", flush=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    return _write(out, args)
+
+
+def _write(out: dict, args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
     return 0

@@ -29,7 +29,8 @@ from serving.http import read_json, start_generation, state
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+          408: "timeout_error", 413: "invalid_request_error", 414: "invalid_request_error",
+          417: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error"}
 
 
 def error_body(e: errors.ApiError) -> dict[str, Any]:
