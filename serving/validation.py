@@ -20,7 +20,8 @@ Two deliberate departures, both documented in serving/README.md:
 Numbers: every numeric field of every route (Workers AI's and OpenAI's) is checked by one rule,
 `NUMBERS` / `check_numbers`, so no route lets a value through that another refuses or that the engine
 cannot hold (an int32 top_k, a float32 temperature). On the run route the seed's schema applies first
-(its ranges lie inside these). `max_tokens` is only typed here: its range is the engine's (at least
+(its ranges lie inside these), and only the fields it names are checked (Workers AI ignores others).
+`max_tokens` is only typed here: its range is the engine's (at least
 1, else 5006; within the context window, else 5021), checked where every request is admitted.
 """
 
@@ -113,7 +114,7 @@ def validate_input(body: Any) -> dict[str, Any]:
     failures = [_describe(e) for e in _validator().iter_errors(body)]
     if failures:
         raise errors.bad_input("Error: " + ", ".join(failures))
-    check_numbers(body)
+    check_numbers(body, _schema_fields())  # fields the schema does not name are ignored, as Workers AI does
     return body
 
 
@@ -140,10 +141,18 @@ NUMBERS: dict[str, Number] = {
 }
 
 
-def check_numbers(body: dict[str, Any]) -> None:
+@functools.cache
+def _schema_fields() -> frozenset[str]:
+    """The fields the seed's schema names (either form): the only ones the run route reads."""
+    return frozenset(k for branch in input_schema()["oneOf"] for k in branch.get("properties", {}))
+
+
+def check_numbers(body: dict[str, Any], names=None) -> None:
     """ApiError 5006 naming the first field of `body` that breaks its `NUMBERS` rule (absent or null
-    fields are not checked)."""
+    fields are not checked; `names`: only these fields, e.g. the ones a route reads)."""
     for key, rule in NUMBERS.items():
+        if names is not None and key not in names:
+            continue
         value = body.get(key)
         if value is None:
             continue

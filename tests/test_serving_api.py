@@ -331,3 +331,12 @@ def test_health_and_metrics(server):
                    "gemma_jax_inter_token_latency_seconds_bucket", "gemma_jax_generated_tokens_total"):
         assert needle in text, needle
     assert "X-Request-Id" in requests.get(f"{server.url}/health", timeout=10).headers
+
+
+def test_fields_the_schema_does_not_name_are_ignored_not_range_checked(server):
+    """The run route reads only the seed schema's fields (Workers AI ignores others): an OpenAI-style
+    `n` or `max_completion_tokens` riding along is not refused by the numeric rule the OpenAI routes apply."""
+    r = post(server, {"prompt": "x", "max_tokens": 3, "n": 2, "max_completion_tokens": "many"})
+    assert r.status_code == 200, r.text
+    assert_error(post(server, {"prompt": "x", "top_k": 2**31}), 400, 5006,
+                 contains=["Value of '/top_k' is 2147483648, must be <= 50"])
