@@ -98,7 +98,7 @@ def test_serve_is_warm_and_quiet_at_ready(gguf_file, tmp_path):
         compiling = [b for *_, b in warming if b["stage"] == "compiling"]
         assert compiling and [b["compiled"] for b in compiling] == sorted(b["compiled"] for b in compiling)
         assert {b["total"] for b in compiling} == {before}  # the total announced is what was compiled
-        assert warming[-1][3]["compiled"] == before or warming[-1][3]["stage"] != "compiling"
+        assert all(b["compiled"] <= b["total"] for b in compiling)  # the last step may fall between two polls
         status, retry_after, envelope = poller.generation
         assert status == 503 and retry_after == "5" and envelope["errors"][0]["code"] == 3040
         assert envelope["errors"][0]["message"].startswith("AiError: Capacity temporarily exceeded: the model is starting")
