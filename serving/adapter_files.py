@@ -35,6 +35,7 @@ import numpy as np
 
 from gemma_jax.lora import LoraError
 from gemma_jax.weights.peft import bad_number, compile_patterns
+from serving.validation import json_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -125,7 +126,7 @@ def _describe(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, (int, float)):
         return repr(value) if len(repr(value)) <= 40 else f"a number of {len(repr(value))} digits"
-    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+    return json_type(value)
 
 
 def _schema_message(error: jsonschema.ValidationError) -> str:

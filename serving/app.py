@@ -142,13 +142,7 @@ def _render(e: errors.ApiError) -> Response:
     """The error answer for `e` (the envelope, OpenAI's shape under /v1/), logged at WARNING."""
     log.warning("request %s: %s %s -> %d / %d %s", g.get("request_id"), request.method, request.path,
                 e.status, e.code, e.message)
-    if request.path.startswith("/v1/"):
-        from serving.openai import error_body  # noqa: PLC0415
-
-        body = error_body(e)
-    else:
-        body = e.body()
-    response = jsonify(body)
+    response = jsonify(errors.body_for(e, request.path))
     response.status_code = e.status
     if e.close:  # the rest of the body stays unread: end the connection (serving/worker.py obeys)
         response.headers["Connection"] = "close"

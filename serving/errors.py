@@ -29,6 +29,15 @@ class ApiError(Exception):
         return envelope_error(self.code, self.message)
 
 
+def body_for(e: ApiError, path: str) -> dict[str, Any]:
+    """The error body for a request to `path`: OpenAI's `{"error"}` under /v1/, else the envelope."""
+    if path.startswith("/v1/"):
+        from serving.openai import error_body  # noqa: PLC0415 - openai imports this module
+
+        return error_body(e)
+    return e.body()
+
+
 def envelope_ok(result: Any) -> dict[str, Any]:
     return {"result": result, "success": True, "errors": [], "messages": []}
 

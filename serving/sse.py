@@ -19,6 +19,7 @@ client goes away, the server closes the generator and `finally` cancels the gene
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import secrets
@@ -57,11 +58,8 @@ def first_then_rest(run: Run) -> Iterator[StreamEvent | None]:
     Returns an iterator that replays that first item. If waiting fails, the run is closed (its
     generation cancelled) before the error propagates."""
     items = run.items()
-    head: list[StreamEvent | None] = []
     try:
-        for item in items:  # raises ApiError here, before the response starts
-            head.append(item)
-            break
+        head = list(itertools.islice(items, 1))  # raises ApiError here, before the response starts
     except BaseException:
         run.close()
         raise

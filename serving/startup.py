@@ -102,11 +102,7 @@ class Starting:
             snap = self.progress.snapshot()
             total = "?" if snap["total"] is None else snap["total"]
             e = errors.warming_up(f"{snap['stage']}, {snap['compiled']} of {total} executables compiled")
-            body = e.body()
-            if path.startswith("/v1/"):
-                from serving.openai import error_body  # noqa: PLC0415
-
-                body = error_body(e)
+            body = errors.body_for(e, path)
         data = json.dumps(body).encode("utf-8")
         start_response("503 Service Unavailable", [
             ("Content-Type", "application/json"), ("Content-Length", str(len(data))),

@@ -202,14 +202,11 @@ def _client_fault(exc: BaseException):
 
 def _error_answer(error, path: str) -> bytes:
     """A whole HTTP/1.1 answer for `error`: Workers AI's envelope, OpenAI's shape under /v1/."""
-    if path.startswith("/v1/"):
-        from serving.openai import error_body  # noqa: PLC0415
+    from serving import errors  # noqa: PLC0415 - only in the worker (it imports jax)
 
-        body = error_body(error)
-        if error.status < 500:  # statuses the app itself never answers (414, 417, 431) are still the client's
-            body["error"]["type"] = "invalid_request_error"
-    else:
-        body = error.body()
+    body = errors.body_for(error, path)
+    if path.startswith("/v1/") and error.status < 500:  # statuses the app never answers (403) are the client's
+        body["error"]["type"] = "invalid_request_error"
     data = json.dumps(body, separators=(",", ":")).encode()
     return (f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"

@@ -113,10 +113,10 @@ class PagedEngine:
             raise ValueError(f"at most {self.max_seqs} sequences at once")
         pages = (self.pool.match_prefix(ids, adapter, limit=(len(ids) - 1) // self.page_size)
                  if self.prefix_caching else [])
+        if sampling.seed is None:  # drawn once, so every step of the sequence uses the same key
+            sampling = dataclasses.replace(sampling, seed=int(self._rng.integers(0, 2**63)))
         seq = _Seq(self._next, ids, len(ids), int(max_tokens), sampling, int(adapter), pages,
                    computed=len(pages) * self.page_size)
-        seq.sampling = dataclasses.replace(sampling, seed=sampling.seed if sampling.seed is not None
-                                           else int(self._rng.integers(0, 2**63)))
         self._seqs[seq.id] = seq
         self._next += 1
         return seq.id
@@ -204,16 +204,19 @@ class PagedEngine:
             if len(seq.generated) >= seq.max_tokens:
                 self._finish(seq, "length")
         for seq, _ in plan:
-            if seq.finish is None and self.prefix_caching:  # full pages written so far join the prefix cache
-                full = seq.computed // self.page_size
-                self.pool.register(seq.pages[:full], seq.tokens[:full * self.page_size], seq.adapter)
+            if seq.finish is None:
+                self._register(seq)
         return out
 
-    def _finish(self, seq: _Seq, reason: str) -> None:
-        seq.finish = reason
+    def _register(self, seq: _Seq) -> None:
+        """The full pages `seq` has written so far join the prefix cache."""
         if self.prefix_caching:
             full = seq.computed // self.page_size
             self.pool.register(seq.pages[:full], seq.tokens[:full * self.page_size], seq.adapter)
+
+    def _finish(self, seq: _Seq, reason: str) -> None:
+        seq.finish = reason
+        self._register(seq)
         self.pool.release(seq.pages)
         del self._seqs[seq.id]
         self._done[seq.id] = seq
