@@ -3,6 +3,7 @@
     ragged_paged_attention_tpu(q [T, N, H], k_pages [P, K, S, H], v_pages, tables [Q, M], seq_ids [T],
                                positions [T], *, window, scale, softcap, interpret=False) -> [T, N, H]
     ragged_paged_attention_gpu(... the same ...) -> [T, N, H]
+        (both also take an int8 pool's k_scale, v_scale [P, K, S], which they hand to the reference)
     paged_attention_fn(impl) -> one of the above or the reference; default_paged_impl() -> impl
 
 Shape letters and the contract are `paged_attention.py`'s: token t attends its sequence's positions
@@ -70,10 +71,13 @@ def combine_kv_pages(k_pages: jax.Array, v_pages: jax.Array) -> jax.Array:
 
 def ragged_paged_attention_tpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Array,
                                seq_ids: jax.Array, positions: jax.Array, *, window: int | None = None,
-                               scale: float, softcap: float | None = None, interpret: bool = False) -> jax.Array:
+                               scale: float, softcap: float | None = None, k_scale: jax.Array | None = None,
+                               v_scale: jax.Array | None = None, interpret: bool = False) -> jax.Array:
     """The reference's contract through JAX's TPU ragged kernel (module docstring: layout copy, runs,
     precondition). interpret: Pallas TPU interpret mode (on the CPU; jax 0.10.2's interpreter cannot
     run this kernel yet). Returns [T, N, H] in q's dtype."""
+    if k_scale is not None or v_scale is not None:  # an int8 pool: the kernel takes one scale per pool only
+        return _reference(q, k_pages, v_pages, tables, seq_ids, positions, window, scale, softcap, k_scale, v_scale)
     kernel = _tpu_kernel()
     if kernel is None:
         raise NotImplementedError(f"jax {jax.__version__} ships no jax.experimental.pallas.ops.tpu."
@@ -133,13 +137,13 @@ def gpu_fits(pages: int, page_size: int) -> bool:
 
 def ragged_paged_attention_gpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Array,
                                seq_ids: jax.Array, positions: jax.Array, *, window: int | None = None,
-                               scale: float, softcap: float | None = None, interpret: bool = False) -> jax.Array:
+                               scale: float, softcap: float | None = None, k_scale: jax.Array | None = None,
+                               v_scale: jax.Array | None = None, interpret: bool = False) -> jax.Array:
     """The reference's contract through JAX's Triton paged kernel, one query per (token, kv head)
     (module docstring); sliding-window layers use the reference. interpret: Pallas interpret mode
     (on the CPU). Returns [T, N, H] in q's dtype."""
-    if window is not None:
-        return ragged_paged_attention(q, k_pages, v_pages, tables, seq_ids, positions, window=window,
-                                      scale=scale, softcap=softcap)
+    if window is not None or k_scale is not None or v_scale is not None:
+        return _reference(q, k_pages, v_pages, tables, seq_ids, positions, window, scale, softcap, k_scale, v_scale)
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
     tables, seq_ids, positions = (jnp.asarray(x, jnp.int32) for x in (tables, seq_ids, positions))
@@ -158,6 +162,13 @@ def ragged_paged_attention_gpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Ar
                           block_h=16, pages_per_compute_block=per_block, k_splits=k_splits, interpret=interpret,
                           attn_logits_soft_cap=softcap)
     return out.reshape(t, n, h).astype(q.dtype)
+
+
+def _reference(q, k_pages, v_pages, tables, seq_ids, positions, window, scale, softcap, k_scale, v_scale):
+    """The XLA reference, for what a kernel cannot express (int8 pools' scales only when given)."""
+    scales = {} if k_scale is None and v_scale is None else dict(k_scale=k_scale, v_scale=v_scale)
+    return ragged_paged_attention(q, k_pages, v_pages, tables, seq_ids, positions, window=window, scale=scale,
+                                  softcap=softcap, **scales)
 
 
 def paged_attention_fn(impl: str):

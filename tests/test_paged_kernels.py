@@ -122,6 +122,16 @@ def test_tpu_without_the_kernel_raises_not_implemented(monkeypatch):
     assert default_paged_impl("tpu") == "xla"
 
 
+def test_int8_scales_go_to_the_reference(monkeypatch):
+    seen = []
+    monkeypatch.setattr(paged_kernels, "ragged_paged_attention", lambda *a, **kw: seen.append(kw) or "reference")
+    args = batch(4, 2, jnp.float32)
+    k_scale, v_scale = jnp.ones((PAGES, 2, S)), jnp.ones((PAGES, 2, S))
+    for fn in (ragged_paged_attention_tpu, ragged_paged_attention_gpu):
+        assert fn(*args, scale=SCALE, k_scale=k_scale, v_scale=v_scale, interpret=True) == "reference"
+    assert all(kw["k_scale"] is k_scale and kw["v_scale"] is v_scale for kw in seen) and len(seen) == 2
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("n,kv", HEADS)
 @pytest.mark.parametrize("softcap", [None, 5.0])
