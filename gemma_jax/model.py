@@ -47,7 +47,7 @@ from gemma_jax.attention import decode_attention, prefill_attention
 from gemma_jax.config import GemmaConfig
 from gemma_jax.contraction import unembed
 from gemma_jax.layers import Einsum, RMSNorm, apply_rope, gelu_tanh, lora_delta
-from gemma_jax.paged_attention import ragged_paged_attention, write_pages
+from gemma_jax.paged_attention import paged_attention_fn, write_pages
 from gemma_jax.quantize import QArray, dequantize, is_qarray, lookup, qeinsum, quantize_array, stored_param
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
@@ -70,10 +70,17 @@ Cache = dict[str, LayerCache]  # "layer_0" ... "layer_{L-1}"
 
 @flax.struct.dataclass
 class PagedLayer:
-    """One layer's page pool (float): `paged_attention.py`'s layout."""
+    """One layer's page pool: `paged_attention.py`'s layout; an int8 pool has a float32 scale per
+    (page, kv head, offset), each token's K/V quantized as it is written (`quantize_kv`)."""
 
     k: jax.Array  # [P, K, S, H]
     v: jax.Array  # [P, K, S, H]
+    k_scale: jax.Array | None = None  # [P, K, S] float32 for an int8 pool, else None
+    v_scale: jax.Array | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
 
 @flax.struct.dataclass
@@ -90,10 +97,16 @@ PagedCache = dict[str, PagedLayer]
 
 
 def init_paged_cache(config: GemmaConfig, pages: int, page_size: int, dtype=jnp.float32) -> PagedCache:
-    """All-zeros page pools, `pages` pages of `page_size` positions per layer."""
+    """All-zeros page pools, `pages` pages of `page_size` positions per layer (int8: with scales)."""
     shape = (pages, config.num_kv_heads, page_size, config.head_dim)
-    return {f"layer_{i}": PagedLayer(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-            for i in range(config.num_layers)}
+
+    def layer():
+        if jnp.dtype(dtype) == jnp.int8:
+            return PagedLayer(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8),
+                              jnp.zeros(shape[:3], KV_SCALE_DTYPE), jnp.zeros(shape[:3], KV_SCALE_DTYPE))
+        return PagedLayer(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    return {f"layer_{i}": layer() for i in range(config.num_layers)}
 
 CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 SCALE_AXES = ("batch", "kv_heads", "cache_seq")  # an int8 cache's scales: sharded like the cache
@@ -181,11 +194,18 @@ class Attention(nn.Module):
         kw = dict(window=window, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap, impl=self.impl)
         if isinstance(cache, PagedLayer):  # a flat batch: B tokens of T = 1, each over its sequence's pages
             paged: PagedBatch = kv_len
-            k_pages, v_pages = write_pages(cache.k, cache.v, key[:, 0], value[:, 0], paged.pages, paged.offsets)
-            new_cache = PagedLayer(k_pages, v_pages)
-            encoded = ragged_paged_attention(q[:, 0], k_pages, v_pages, paged.tables, paged.seq_ids, positions[:, 0],
-                                             window=window, scale=cfg.query_scale,
-                                             softcap=cfg.attn_logit_softcap)[:, None]
+            if cache.quantized:  # int8 K/V [T, K, H] and their scales [T, K] at the same places
+                (k1, ks), (v1, vs) = quantize_kv(key[:, 0]), quantize_kv(value[:, 0])
+                k_pages, v_pages = write_pages(cache.k, cache.v, k1, v1, paged.pages, paged.offsets)
+                k_scale, v_scale = write_pages(cache.k_scale, cache.v_scale, ks, vs, paged.pages, paged.offsets)
+                new_cache = PagedLayer(k_pages, v_pages, k_scale, v_scale)
+            else:
+                k_pages, v_pages = write_pages(cache.k, cache.v, key[:, 0], value[:, 0], paged.pages, paged.offsets)
+                new_cache = PagedLayer(k_pages, v_pages)
+            encoded = paged_attention_fn(self.impl)(
+                q[:, 0], k_pages, v_pages, paged.tables, paged.seq_ids, positions[:, 0], window=window,
+                scale=cfg.query_scale, softcap=cfg.attn_logit_softcap, k_scale=new_cache.k_scale,
+                v_scale=new_cache.v_scale)[:, None]
         elif cache is None:  # the tokens given attend each other (causal by index)
             encoded = prefill_attention(q, key, value, **kw)  # [B, T, N, H]
             new_cache = None
@@ -380,7 +400,7 @@ def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None
 
 
 def forward_paged(params, tokens: jax.Array, positions: jax.Array, cache: PagedCache, batch: PagedBatch, *,
-                  config: GemmaConfig, lora=None, logits_rows: jax.Array | None = None):
+                  config: GemmaConfig, lora=None, logits_rows: jax.Array | None = None, attn_impl: str = "xla"):
     """One step over a flat, ragged token batch and a paged KV cache (issue 17's step, the model part).
 
     tokens, positions: [T] int32: decode tokens and prompt chunks of any sequences, in any order,
@@ -388,9 +408,10 @@ def forward_paged(params, tokens: jax.Array, positions: jax.Array, cache: PagedC
     (batch.pages, batch.offsets) first; then every token attends its own sequence's positions up to
     its own (`paged_attention.ragged_paged_attention`). lora: None or (bank, adapter_ids [T]) per
     token. logits_rows: None (logits for every token) or [R] int token indices (the last token of
-    each sequence that samples). Returns (logits [R or T, V] float32, new cache).
+    each sequence that samples). attn_impl (static): `paged_attention.paged_attention_fn`'s impl.
+    Returns (logits [R or T, V] float32, new cache).
     """
     dtype = params["embedder"]["input_embedding"].dtype
-    logits, new_cache = Transformer(config, dtype).apply(
+    logits, new_cache = Transformer(config, dtype, attn_impl).apply(
         {"params": params}, tokens[:, None], positions[:, None], cache, batch, lora, None, False, logits_rows)
     return logits[:, 0], new_cache

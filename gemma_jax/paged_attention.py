@@ -1,9 +1,12 @@
 """Attention over a paged KV cache for a flat, ragged token batch: the XLA reference (issue 17).
 
     write_pages(k_pages [P, K, S, H], v_pages, k [T, K, H], v [T, K, H], pages [T], offsets [T])
-        -> (k_pages, v_pages)
+        -> (k_pages, v_pages)            (also scale pools [P, K, S] with scales [T, K])
     ragged_paged_attention(q [T, N, H], k_pages [P, K, S, H], v_pages, tables [Q, M], seq_ids [T],
-                           positions [T], *, window, scale, softcap) -> [T, N, H]
+                           positions [T], *, window, scale, softcap, k_scale=None, v_scale=None)
+        -> [T, N, H]
+    paged_attention_fn(impl) -> the implementation: "xla" (this reference) or a kernel of
+        `paged_kernels.py`
 
 Shape letters: T tokens of the step (decode tokens and prompt chunks together, padded to a token
 budget), P pages of the pool, S positions per page, K kv heads, N query heads (G = N // K per kv
@@ -19,6 +22,8 @@ The reference reads the cache in place page by page: a `lax.fori_loop` over page
 (the batch's last needed page), each iteration gathering one page per token ([T, K, S, H]) and
 folding it into an online softmax, so no [T, context] copy of the KV is made and nothing is
 compiled per context length. Padding tokens (position < 0) attend nothing and return zeros.
+An int8 pool comes with float32 scales [P, K, S] (`model.quantize_kv`: one per token and kv head);
+the reference multiplies each gathered page by its scales, so it reads 1 byte per value.
 """
 
 from __future__ import annotations
@@ -32,15 +37,26 @@ _NEG = -1e30  # masked logits (finite, so an all-masked block leaves the running
 def write_pages(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, pages: jax.Array,
                 offsets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """k/v [T, K, H] into their pools at (pages[t], offsets[t]); later tokens win a shared slot
-    (only the trash page is ever shared)."""
-    k_pages = k_pages.at[pages, :, offsets, :].set(k.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[pages, :, offsets, :].set(v.astype(v_pages.dtype), mode="drop")
+    (only the trash page is ever shared). Scale pools [P, K, S] take scales [T, K] the same way."""
+    k_pages = k_pages.at[pages, :, offsets].set(k.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[pages, :, offsets].set(v.astype(v_pages.dtype), mode="drop")
     return k_pages, v_pages
+
+
+def paged_attention_fn(impl: str = "xla"):
+    """The ragged paged attention of `impl`: "xla" is `ragged_paged_attention`; the Pallas kernels
+    ("pallas_tpu", "pallas_gpu") live in `paged_kernels.py` with the same signature."""
+    if impl == "xla":
+        return ragged_paged_attention
+    from gemma_jax import paged_kernels  # noqa: PLC0415 - Pallas imports only where a kernel is asked for
+
+    return paged_kernels.paged_attention_fn(impl)
 
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Array,
                            seq_ids: jax.Array, positions: jax.Array, *, window: int | None = None,
-                           scale: float, softcap: float | None = None) -> jax.Array:
+                           scale: float, softcap: float | None = None, k_scale: jax.Array | None = None,
+                           v_scale: jax.Array | None = None) -> jax.Array:
     """Each token's attention over its own sequence's pages (module docstring). Returns [T, N, H] in q's dtype."""
     tables, seq_ids, positions = (jnp.asarray(x, jnp.int32) for x in (tables, seq_ids, positions))
     t, n, h = q.shape
@@ -58,6 +74,9 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         page = table[:, col]  # [T]
         kb = k_pages[page].astype(jnp.float32)  # [T, K, S, H]
         vb = v_pages[page].astype(jnp.float32)
+        if k_scale is not None:  # int8 pages: each value times its token's scale
+            kb = kb * k_scale[page][..., None]
+            vb = vb * v_scale[page][..., None]
         logits = jnp.einsum("tkgh,tksh->tkgs", qg, kb)
         if softcap is not None:
             logits = jnp.tanh(logits / softcap) * softcap

@@ -134,6 +134,30 @@ def tiny_engine(name: str, warm: bool = False):
     return config, params, engine
 
 
+# The paged engine's test shape: 4 sequences, 4-position pages, a 16-token budget, 4 decode steps.
+PAGED_KW = dict(max_seqs=4, page_size=4, num_pages=80, token_budget=16, decode_steps=4)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_paged(name: str, warm: bool = False):
+    """(config, params, PagedEngine) over `tiny_engine`'s config (its end_of_turn id is drawn by
+    greedy decoding), shared by every test in the process. warm: every executable compiled."""
+    from gemma_jax.engine.build import build_engine
+
+    config, params, _ = tiny_engine(name)
+    engine = build_engine(config, params, **{**PAGED_KW, "adapter_slots": 0})
+    if warm:
+        engine.warmup()
+    return config, params, engine
+
+
+def paged_alone(engine, prompt: Sequence[int], max_tokens: int,
+                sampling: SamplingParams = SamplingParams(temperature=0.0)) -> list[int]:
+    """The tokens a paged engine draws for one request run alone (stop token included)."""
+    seq = engine.add(prompt, max_tokens, sampling)
+    return engine.run()[seq]
+
+
 @functools.lru_cache(maxsize=None)
 def trained_tokenizer() -> Tokenizer:
     """A 512-piece BPE sentencepiece model (the tiny configs' vocabulary) trained here, with byte

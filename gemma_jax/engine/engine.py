@@ -82,7 +82,6 @@ from __future__ import annotations
 
 import collections
 import os
-import threading
 from typing import Callable, Sequence
 
 import jax
@@ -94,7 +93,8 @@ from gemma_jax import attention
 from gemma_jax import lora as lora_lib
 from gemma_jax import params as params_lib
 from gemma_jax.config import GemmaConfig
-from gemma_jax.engine.api import SamplingParams, UnknownAdapter, check_limits
+from gemma_jax.engine.adapters import AdapterSlots
+from gemma_jax.engine.api import SamplingParams, check_limits
 from gemma_jax.engine.state import DecodeState, Prefix, init_decode_state, prefix_shardings, state_shardings
 from gemma_jax.model import LayerCache, forward, quantize_layer_cache
 from gemma_jax.sampling import (MODES, SamplingRows, mode_for, prompt_seen, rows_from_params, sample,
@@ -284,19 +284,16 @@ class Engine:
 
         # Per slot, what its decode needs: (adapter id > 0, sampling mode), recorded at insert.
         self._needs: dict[int, tuple[bool, str]] = {}
-        # LoRA bank: id 0 is "no adapter"; names -> ids; per rank bucket, its free ids, oldest-freed first.
-        self.bank: lora_lib.AdapterBank | None = None
+        # LoRA bank: id 0 is "no adapter"; names, free ids and the lock live in `AdapterSlots`.
         self.adapter_slots = max(int(adapter_slots), 0)
-        if self.adapter_slots > 0:
-            dtype = adapter_dtype or params["embedder"]["input_embedding"].dtype
-            if adapter_rank_buckets is None:
-                adapter_rank_buckets = lora_lib.default_rank_buckets(self.mesh.devices.flat[0].platform)
-            self.bank = lora_lib.make_bank(config, self.adapter_slots + 1, int(adapter_rank), dtype, self.mesh,
-                                           rank_buckets=adapter_rank_buckets)
-        self._adapters: dict[str, int] = {}
-        buckets = range(len(self.bank.ranks)) if self.bank is not None else ()
-        self._free = [collections.deque(self.bank.bucket_ids(k)) for k in buckets]
-        self._bank_lock = threading.Lock()  # bank updates (donated) vs dispatches that read it
+        self._lora = AdapterSlots(config, adapter_slots=self.adapter_slots, rank=adapter_rank,
+                                  dtype=adapter_dtype or params["embedder"]["input_embedding"].dtype, mesh=self.mesh,
+                                  rank_buckets=adapter_rank_buckets)
+        self._bank_lock = self._lora.lock  # bank updates (donated) vs dispatches that read it
+
+    @property
+    def bank(self) -> lora_lib.AdapterBank | None:
+        return self._lora.bank
 
     def _attention_impl(self, asked: str | None) -> str:
         """The explicit choice, else `attention.default_impl()` where it applies: the Pallas kernel
@@ -478,53 +475,25 @@ class Engine:
     # -- LoRA adapters ------------------------------------------------------------------------------
     def load_adapter(self, name: str, adapter: "lora_lib.Adapter | str | os.PathLike", *,
                      require_model_type: bool = False) -> int:
-        """Put an adapter (an `lora.Adapter`, or a PEFT directory, validated here) into a free slot
-        of the smallest rank bucket that holds it, under `name`; returns its id. Running requests and
-        compiled functions are unaffected. Raises LoraError (a ValueError) if it does not fit or the
-        name is taken, BankFull (a LoraError) if `adapter_slots` adapters are loaded already."""
-        if self.bank is None:
-            raise lora_lib.LoraError("this engine has no adapter bank (adapter_slots=0)")
-        if not isinstance(adapter, lora_lib.Adapter):
-            from gemma_jax.weights.peft import load_adapter as load_peft
-
-            adapter = load_peft(adapter, self.config, max_rank=self.bank.rank, dtype=self.bank_dtype,
-                                require_model_type=require_model_type)
-        with self._bank_lock:
-            if name in self._adapters:
-                raise lora_lib.LoraError(f"an adapter named {name!r} is already loaded")
-            if len(self._adapters) >= self.adapter_slots:
-                raise lora_lib.BankFull(f"the adapter bank is full ({len(self._adapters)} adapters loaded)")
-            free = self._free[self.bank.bucket_for(adapter.rank)]  # refuses a rank above the maximum
-            index = free[0]  # a bucket has adapter_slots ids: one is free while fewer are loaded
-            self.bank = lora_lib.bank_add(self.bank, index, adapter)  # validates; donates the old bucket
-            free.popleft()
-            self._adapters[name] = index
-        return index
+        """`AdapterSlots.load`: the adapter (or a PEFT directory) into the bank under `name`; its id.
+        Running requests and compiled functions are unaffected."""
+        return self._lora.load(name, adapter, require_model_type=require_model_type)
 
     def unload_adapter(self, name: str) -> None:
         """Forget `name` (UnknownAdapter if not loaded); its slot is reused by a later load."""
-        with self._bank_lock:
-            if name not in self._adapters:
-                raise UnknownAdapter(f"no LoRA adapter named {name!r} is loaded")
-            index = self._adapters.pop(name)
-            self._free[self.bank.locate(index)[0]].append(index)
+        self._lora.unload(name)
 
     def adapters(self) -> dict[str, int]:
         """Loaded adapters: name -> id."""
-        with self._bank_lock:
-            return dict(self._adapters)
+        return self._lora.names()
 
     @property
     def bank_dtype(self):
-        return None if self.bank is None else next(iter(self.bank.layer(0).values()))[0].a.dtype
+        return self._lora.dtype
 
     def adapter_id(self, name: str) -> int:
         """The device id of a loaded LoRA adapter; UnknownAdapter if there is none by that name."""
-        with self._bank_lock:
-            found = self._adapters.get(name)
-        if found is None:
-            raise UnknownAdapter(f"no LoRA adapter named {name!r} is loaded")
-        return found
+        return self._lora.id_of(name)
 
     def prompt_bucket(self, length: int) -> int:
         return next(b for b in self.prefill_buckets if b >= length)

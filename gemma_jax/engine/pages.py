@@ -71,6 +71,10 @@ class PagePool:
         """Pages a sequence of `tokens` positions occupies."""
         return -(-int(tokens) // self.page_size)
 
+    def cached_count(self) -> int:
+        """Pages held in the prefix cache (referenced or not)."""
+        return len(self._key_of)
+
     def refs(self, page: int) -> int:
         return self._refs[page]
 
