@@ -21,6 +21,10 @@ later engine's outputs can be compared token for token with this one's).
    whether its prefill stalls them. The server sends one event per dispatch (a few tokens).
 4. warm start: the default configuration started again with the cache that phase 1 filled.
 
+`--compare-with FILE` (an earlier run's JSON) counts the chat and stream outputs equal, text for text,
+to that run's: e.g. this engine with its prefix cache against the slot engine, which had none; and
+`--no-prefix-cache` runs the workload server without one.
+
 Phases 2 and 3 run on a server with `--max-batch 9` (8 streams and the long prompt at once; set by
 `--max-batch`), otherwise the default configuration, started on the same cache.
 """
@@ -167,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="skip the warm start (phase 4)")
     p.add_argument("--only-starts", action="store_true", help="phases 1 and 4 only")
     p.add_argument("--out", help="write the figures and outputs as JSON here")
+    p.add_argument("--compare-with", help="an earlier run's JSON: count the outputs equal to its outputs")
+    p.add_argument("--no-prefix-cache", action="store_true", help="the workload server without the prefix cache")
     p.add_argument("--server-log", default=os.path.join(tempfile.gettempdir(), "gemma-jax-serving-load.log"))
     args = p.parse_args(argv)
 
@@ -195,7 +201,7 @@ def main(argv=None) -> int:
             print(f"warm start: ready in {out['warm_start_s']:.1f} s", flush=True)
         if args.only_starts:
             return _write(out, args)
-        workload = flags + ["--max-batch", str(args.max_batch)]
+        workload = flags + ["--max-batch", str(args.max_batch)] + (["--no-prefix-cache"] if args.no_prefix_cache else [])
         ctx, base, out["workload_start_s"] = started_server(workload, args.server_log, cache)
         try:
             out["workload_executables"] = compiles(base)
@@ -211,11 +217,24 @@ def main(argv=None) -> int:
             print(f"long prompt: {lp['long_prompt_tokens']} tokens, TTFT {lp['long_ttft_s']:.2f} s; 8 streams' gaps "
                   f"meanwhile p50 {lp['gap_p50_s']} s, p99 {lp['gap_p99_s']} s, max {lp['gap_max_s']} s "
                   f"({lp['gaps_while_admitting']} gaps; p50 before it {lp['gap_p50_before_s']} s)", flush=True)
+            out["engine"] = requests.get(f"{base}/health", timeout=30).json()["scheduler"]
         finally:
             ctx.__exit__(None, None, None)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    if args.compare_with:
+        out["compared_with"] = compare(out, json.loads(Path(args.compare_with).read_text()))
+        print(f"outputs equal to {args.compare_with}: {out['compared_with']}", flush=True)
     return _write(out, args)
+
+
+def compare(out: dict, earlier: dict) -> dict:
+    """How many chat and stream outputs equal the earlier run's, text for text."""
+    result = {}
+    for phase in ("chat", "long_prompt"):
+        mine, theirs = out.get(phase, {}).get("outputs", []), earlier.get(phase, {}).get("outputs", [])
+        result[phase] = {"equal": sum(a == b for a, b in zip(mine, theirs)), "of": min(len(mine), len(theirs))}
+    return result
 
 
 def _write(out: dict, args) -> int:

@@ -11,7 +11,7 @@ does for `prompt`; `chat=False`, the default, sends it verbatim after BOS), a li
 (`[{"role": "user", "content": ...}]`, always templated) or token ids. Sampling keywords are those
 of `SamplingParams` (temperature, top_p, top_k, seed, repetition_penalty, frequency_penalty,
 presence_penalty). `max_tokens` is cut to what the context window leaves, rather than refused
-(`Engine.check(..., clip=True)`, the engine's one limits rule); a prompt over the input limit is
+(`PagedEngine.check(..., clip=True)`, the engine's one limits rule); a prompt over the input limit is
 refused with `InputTooLong`.
 
 The model starts its engine and scheduler thread on first use (a daemon thread, so a notebook exits
@@ -29,8 +29,9 @@ import numpy as np
 
 from gemma_jax import tokenizer as tokenizer_lib
 from gemma_jax.config import GemmaConfig
-from gemma_jax.engine.api import Request, SamplingParams
-from gemma_jax.engine.engine import Engine
+from gemma_jax.engine.api import DEFAULT_MAX_TOKENS, Request, SamplingParams
+from gemma_jax.engine.build import build_engine
+from gemma_jax.engine.paged import PagedEngine
 from gemma_jax.engine.scheduler import Scheduler
 from gemma_jax.model import forward
 from gemma_jax.weights.load import load_parts
@@ -40,23 +41,25 @@ Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
 
 @dataclasses.dataclass(eq=False)
 class Model:
-    """Config + params + tokenizer; `engine_options` go to `Engine` (slots, steps_per_call, ...).
+    """Config + params + tokenizer; `engine_options` go to `build_engine` (max_seqs, page_size, ...).
 
-    Pass `engine` to reuse an already compiled engine for these params.
+    Pass `engine` to reuse an already compiled engine for these params (one scheduler drives an
+    engine at a time: close the model before another scheduler uses it).
     """
 
     config: GemmaConfig
     params: Any = dataclasses.field(repr=False)
     tokenizer: Any = dataclasses.field(repr=False)
-    engine_options: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"slots": 4})
-    engine: Engine | None = dataclasses.field(default=None, repr=False)
+    engine_options: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"max_seqs": 4})
+    engine: PagedEngine | None = dataclasses.field(default=None, repr=False)
     _scheduler: Scheduler | None = dataclasses.field(default=None, init=False, repr=False)
 
     def scheduler(self) -> Scheduler:
         """The running scheduler (engine built and thread started on first call)."""
         if self._scheduler is None:
             if self.engine is None:
-                self.engine = Engine(self.config, self.params, **{"slots": 4, **self.engine_options})
+                self.engine = build_engine(self.config, self.params, **{"max_seqs": 4, "adapter_slots": 0,
+                                                                        **self.engine_options})
             self._scheduler = Scheduler(self.engine, self.tokenizer).start()
         return self._scheduler
 
@@ -69,7 +72,7 @@ class Model:
 def load(checkpoint: str | None = None, dtype="float32", **engine_options) -> Model:
     """A ready Model: `load()` is the embedded 270M; `load("checkpoints/gemma-7b-it", "bfloat16")`."""
     config, params, tokenizer = load_parts(checkpoint, dtype)
-    return Model(config, params, tokenizer, engine_options={"slots": 4, **engine_options})
+    return Model(config, params, tokenizer, engine_options={"max_seqs": 4, **engine_options})
 
 
 def encode(model: Model, prompt: Prompt, chat: bool = False) -> list[int]:
@@ -91,7 +94,7 @@ def _request(model: Model, prompt: Prompt, chat: bool, max_tokens: int, adapter:
     return Request(prompt_ids=tuple(ids), max_tokens=max_tokens, sampling=SamplingParams(**sampling), adapter=adapter)
 
 
-def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_tokens: int = 256, chat: bool = False,
+def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_tokens: int = DEFAULT_MAX_TOKENS, chat: bool = False,
              adapter: str | None = None, **sampling) -> list[str]:
     """Generate for every prompt (batched together by the scheduler); one string per prompt."""
     first = None if isinstance(prompts, str) else next(iter(prompts), None)
@@ -102,7 +105,7 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_tokens: in
     return [h.result().text for h in handles]
 
 
-def stream(model: Model, prompt: Prompt, *, max_tokens: int = 256, chat: bool = False,
+def stream(model: Model, prompt: Prompt, *, max_tokens: int = DEFAULT_MAX_TOKENS, chat: bool = False,
            adapter: str | None = None, **sampling) -> Iterator[str]:
     """Yield the text as it is generated, in whole characters. Closing the iterator cancels."""
     handle = model.scheduler().submit(_request(model, prompt, chat, max_tokens, adapter, sampling))

@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from gemma_jax.engine.api import Request, RequestHandle, SamplingParams, UnknownAdapter
+from gemma_jax.engine.api import DEFAULT_MAX_TOKENS, Request, RequestHandle, SamplingParams, UnknownAdapter
 from gemma_jax import tokenizer as gemma_tokenizer
 from gemma_jax.lora import BankFull
 
@@ -76,7 +76,7 @@ class GenerationInput:
     prompt: str | None = None
     raw: bool = False
     messages: Sequence[Mapping[str, Any]] | None = None
-    max_tokens: int | None = 256  # None: whatever the context window leaves
+    max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: whatever the context window leaves
     sampling: SamplingParams = SamplingParams()
     lora: str | None = None
 
@@ -135,7 +135,7 @@ class Backend:
     # -- requests -----------------------------------------------------------------------------
     def input_from_body(self, body: Mapping[str, Any]) -> GenerationInput:
         """A schema-validated Workers AI body -> GenerationInput."""
-        max_tokens = body.get("max_tokens", 256)
+        max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
         return GenerationInput(
             prompt=body.get("prompt"), raw=bool(body.get("raw", False)), messages=body.get("messages"),
             max_tokens=int(max_tokens), sampling=sampling_from(body), lora=body.get("lora"))

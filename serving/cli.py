@@ -44,7 +44,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--data-dir", default=_env("DATA_DIR", "./gemma-jax-data"),
       help="finetunes database and adapter files [GEMMA_JAX_DATA_DIR] (default ./gemma-jax-data)")
     a("--max-batch", type=int, default=int(_env("MAX_BATCH", "8")),
-      help="decode slots of the engine [GEMMA_JAX_MAX_BATCH] (default 8)")
+      help="sequences the engine runs at once [GEMMA_JAX_MAX_BATCH] (default 8)")
+    a("--kv-pages", type=int, default=_env_int("KV_PAGES"),
+      help="KV cache pages (each --page-size positions of every layer); a request waits in the queue "
+           "until pages are free [GEMMA_JAX_KV_PAGES] (default: half the accelerator's free memory; on a "
+           "CPU, room for --max-batch full-length sequences and one more)")
+    a("--page-size", type=int, default=_env_int("PAGE_SIZE"),
+      help="positions per KV page, the prefix cache's unit [GEMMA_JAX_PAGE_SIZE] (default 16)")
+    a("--token-budget", type=int, default=_env_int("TOKEN_BUDGET"),
+      help="most tokens in one step (decode tokens first, then prompt chunks) [GEMMA_JAX_TOKEN_BUDGET] "
+           "(default 64 on a CPU, 512 on an accelerator)")
+    a("--decode-steps", type=int, default=_env_int("DECODE_STEPS"),
+      help="most decode steps per dispatch when every sequence decodes and none waits "
+           "[GEMMA_JAX_DECODE_STEPS] (default 1 on a CPU, 8 on an accelerator)")
+    a("--prefix-cache", action=argparse.BooleanOptionalAction, default=_env_bool("PREFIX_CACHE", True),
+      help="reuse the KV pages of a prompt's leading tokens that an earlier request computed "
+           "[GEMMA_JAX_PREFIX_CACHE=0 to disable] (default: on)")
     a("--threads", type=int, default=int(_env("THREADS", "32")),
       help="HTTP threads of the single worker [GEMMA_JAX_THREADS] (default 32)")
     a("--max-queue", type=int, default=int(_env("MAX_QUEUE", "256")),
@@ -71,24 +86,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="parameter / activation dtype [GEMMA_JAX_DTYPE] (default: float32 on a CPU, bfloat16 on a "
            "GPU or TPU)")
     a("--mesh", metavar="data=D,model=M", type=parse_mesh, default=_env("MESH") or None,
-      help="device mesh of the engine: decode slots split over D, heads / MLP / vocabulary over M; "
+      help="device mesh of the engine: heads / KV pages / MLP / vocabulary split over M, the step "
+           "replicated over D; "
            "D*M must equal the device count [GEMMA_JAX_MESH] (default: one device on CPU; on TPU/GPU "
            "every device, M = the largest divisor of the device count dividing the head count)")
     a("--quantize", choices=("int8",), default=_env("QUANTIZE") or None,
       help="int8: quantize the weights at load, int8 weight-only with per-channel scales, computing in "
            "--dtype [GEMMA_JAX_QUANTIZE] (default: the weights as loaded)")
     a("--kv-cache", choices=("int8",), default=_env("KV_CACHE") or None,
-      help="int8: store the KV cache as int8 with one float32 scale per (slot, kv head, position), "
-           "written as each token's keys/values are computed; decode attention folds the scales into its "
-           "products (XLA's attention loop, whatever the platform's default kernel). Half a bfloat16 "
-           "cache's bytes, a quarter of float32's [GEMMA_JAX_KV_CACHE] (default: the cache in --dtype)")
+      help="int8: store the KV pages as int8 with one float32 scale per (page, kv head, position), "
+           "written as each token's keys/values are computed. Half a bfloat16 cache's bytes, a quarter "
+           "of float32's, so twice or four times the pages [GEMMA_JAX_KV_CACHE] (default: the cache in --dtype)")
     a("--lora-slots", type=int, default=int(_env("LORA_SLOTS", "8")),
       help="LoRA adapters held on device at once, mixed per batch row [GEMMA_JAX_LORA_SLOTS] (default 8; 0 = no LoRA)")
     a("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", "32")),
       help="largest adapter rank accepted [GEMMA_JAX_MAX_LORA_RANK] (default 32)")
     a("--warmup", action=argparse.BooleanOptionalAction, default=_env_bool("WARMUP", True),
-      help="compile every prefill/decode bucket before reporting ready, so the first request is as fast "
-           "as the tenth; --no-warmup compiles on first use instead [GEMMA_JAX_WARMUP=0] (default: on)")
+      help="compile every step variant (10 with LoRA, 5 without) before reporting ready, so the first request is as "
+           "fast as the tenth; --no-warmup compiles on first use instead [GEMMA_JAX_WARMUP=0] (default: on)")
     a("--coordinator", metavar="HOST:PORT", default=_env("COORDINATOR"),
       help="multi-host: the jax.distributed coordinator (process 0's address), or 'auto' where JAX finds "
            "the cluster itself (a TPU VM slice); process 0 serves HTTP, the others follow "

@@ -1,4 +1,4 @@
-"""What `gemma-jax serve` serves: model weights -> Engine -> Scheduler -> Backend.
+"""What `gemma-jax serve` serves: model weights -> PagedEngine (`engine.build`) -> Scheduler -> Backend.
 
 Runs inside the gunicorn worker (the process that owns the device). The model comes from, in order:
 `--random-weights CONFIG` (a named config with random weights, for benchmarks), `--checkpoint PATH`
@@ -23,7 +23,8 @@ from jax.sharding import Mesh
 
 from gemma_jax import config as config_lib
 from gemma_jax import model as model_lib
-from gemma_jax.engine.engine import Engine
+from gemma_jax.engine import build
+from gemma_jax.engine.paged import PagedEngine
 from gemma_jax.engine.scheduler import Scheduler
 from gemma_jax.mesh_flag import build_mesh, default_shape
 from gemma_jax.tokenizer import Tokenizer
@@ -104,8 +105,8 @@ def _random_config(name: str) -> config_lib.GemmaConfig:
 
 
 def build_backend(args: argparse.Namespace) -> Backend:
-    """Load, then compile every bucket (`Engine.warmup`, unless --no-warmup) so that the server is
-    ready only once the first request runs as fast as the tenth; compiled executables come from
+    """Load, then compile every executable (`PagedEngine.warmup`: 10 step variants, unless --no-warmup) so
+    that the server is ready only once the first request runs as fast as the tenth; compiled executables come from
     JAX's persistent cache (`gemma_jax.compilation_cache`) when an earlier start wrote them."""
     from gemma_jax import compilation_cache
 
@@ -119,18 +120,18 @@ def build_backend(args: argparse.Namespace) -> Backend:
         atexit.register(_stop_followers, engine)
     if args.warmup:
         started = time.monotonic()
-        log.info("compiling every prefill / decode bucket (persistent cache: %s)", cache)
+        log.info("compiling every step variant (persistent cache: %s)", cache)
         engine.warmup(progress=startup.compiled)  # /health shows it while the server starts
         log.info("compiled %d executables in %.1f s", sum(engine.compile_counts().values()),
                  time.monotonic() - started)
     return make_backend(engine, tokenizer, model_name=args.model_name, max_queue=args.max_queue)
 
 
-def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
-    """The Engine the flags ask for, on its mesh: the config first (`model_config`, no weights),
+def build_engine(args: argparse.Namespace) -> tuple[PagedEngine, Tokenizer]:
+    """The engine the flags ask for (`engine.build.build_engine`), on its mesh: the config first (`model_config`, no weights),
     then the mesh (--mesh, or the default rule of mesh_flag.py), then the weights loaded straight
-    onto it (`load_model`), which the Engine keeps where they are; --kv-cache int8 gives it an int8
-    KV cache (every process of a multi-host engine builds the same one from the same flags). Multi-host (`--coordinator`):
+    onto it (`load_model`), which the engine keeps where they are; --kv-cache int8 gives it int8
+    KV pages (every process of a multi-host engine builds the same one from the same flags). Multi-host (`--coordinator`):
     `jax.distributed` first, and the same mesh over every process's devices (`jax.devices()` spans
     them; without --mesh the accelerator rule, on CPU too); a native checkpoint restores into its
     global sharding, other weights are converted on every host alike and each tensor is placed."""
@@ -147,9 +148,20 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
     mesh = build_mesh(shape, config)
     log.info("mesh: data=%d, model=%d (%s)", mesh.shape["data"], mesh.shape["model"], mesh.devices.flat[0].platform)
     config, params, tokenizer = load_model(args, mesh)
-    engine = Engine(config, params, slots=args.max_batch, mesh=mesh, adapter_slots=args.lora_slots,
-                    adapter_rank=args.max_lora_rank, cache_dtype=kv_cache_dtype(args))
+    engine = build.build_engine(config, params, mesh=mesh, **engine_options(args))
+    log.info("engine: %d sequences, %d KV pages of %d positions, token budget %d, %d decode steps per dispatch",
+             engine.max_seqs, engine.num_pages - 1, engine.page_size, engine.budget, engine.decode_steps)
     return engine, tokenizer
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The flags' `build_engine` options (a flag left out keeps the engine's default)."""
+    given = dict(max_seqs=args.max_batch, adapter_slots=args.lora_slots, adapter_rank=args.max_lora_rank,
+                 cache_dtype=kv_cache_dtype(args), num_pages=getattr(args, "kv_pages", None),
+                 page_size=getattr(args, "page_size", None), token_budget=getattr(args, "token_budget", None),
+                 decode_steps=getattr(args, "decode_steps", None),
+                 prefix_caching=getattr(args, "prefix_cache", None))
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def kv_cache_dtype(args: argparse.Namespace):
@@ -190,11 +202,11 @@ def run_follower(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
-def make_backend(engine: Engine, tokenizer: Tokenizer, *, model_name: str = DEFAULT_MODEL,
+def make_backend(engine: PagedEngine, tokenizer: Tokenizer, *, model_name: str = DEFAULT_MODEL,
                  max_queue: int = 256) -> Backend:
     """A new scheduler over `engine`, as a Backend. Adapters load into the engine's LoRA bank with
     `model_type` required (Workers AI's rule); an engine without a bank serves no finetunes. The
-    limits are the engine's own (`Engine.check`, through the scheduler)."""
+    limits are the engine's own (`PagedEngine.check`, through the scheduler)."""
     lora = engine.bank is not None
     return Backend(Scheduler(engine, tokenizer, max_queue=max_queue), tokenizer, model_name=model_name,
                    load_adapter_fn=functools.partial(engine.load_adapter, require_model_type=True) if lora else None,

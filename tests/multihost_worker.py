@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from gemma_jax import config as config_lib  # noqa: E402
 from gemma_jax.engine import multihost  # noqa: E402
 from gemma_jax.engine.api import Request, SamplingParams  # noqa: E402
-from gemma_jax.engine.engine import Engine  # noqa: E402
+from gemma_jax.engine.build import build_engine  # noqa: E402
 from gemma_jax.engine.scheduler import Scheduler  # noqa: E402
 from gemma_jax.params import init_params  # noqa: E402
 from gemma_jax.sharding import make_mesh  # noqa: E402
@@ -58,8 +58,8 @@ class IdTokenizer:
 
 
 def engine(config, params, mesh):
-    return Engine(config, params, slots=4, mesh=mesh, prefill_buckets=(16, 32, 48), prefill_batches=(1, 2, 4),
-                  steps_per_call=4, adapter_slots=2, adapter_rank=8)
+    return build_engine(config, params, mesh=mesh, max_seqs=4, page_size=8, num_pages=40, token_budget=32,
+                        decode_steps=4, adapter_slots=2, adapter_rank=8)
 
 
 def main(coordinator: str, num_processes: int, process_id: int, out: str, after_kill: bool = False) -> None:

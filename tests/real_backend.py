@@ -1,5 +1,5 @@
 """The real serving stack for tests (a helper, not a test): a small trained sentencepiece tokenizer, a
-tiny Gemma with random weights, the real Engine + Scheduler behind `serving.factory.make_backend`,
+tiny Gemma with random weights, the real PagedEngine + Scheduler behind `serving.factory.make_backend`,
 served over HTTP on 127.0.0.1 by a werkzeug thread (`serving_fakes.LiveServer`).
 
 Random init makes a tiny Gemma copy its input token (the tied embedding dominates the residual), so
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import sentencepiece as spm
 
 from gemma_jax.config import GemmaConfig, Limits, tiny_mqa
-from gemma_jax.engine.engine import Engine
+from gemma_jax.engine.build import build_engine
+from gemma_jax.engine.paged import PagedEngine
 from gemma_jax.params import init_params
 from gemma_jax.tokenizer import Tokenizer
 from serving.app import create_app
@@ -29,8 +30,8 @@ from serving.factory import make_backend
 from serving_fakes import MODEL, LiveServer
 
 LIMITS = Limits(max_input_tokens=60, max_total_tokens=128, max_batch_prefill_tokens=128)
-# Few, small buckets: every test prompt fits one prefill bucket of 32 or 64 tokens.
-ENGINE_KW = dict(slots=2, max_len=128, prefill_buckets=(32, 64), prefill_batches=(1,), steps_per_call=4)
+# Two sequences, small pages, a 32-token budget: a long test prompt enters over several steps.
+ENGINE_KW = dict(max_seqs=2, page_size=8, token_budget=32, decode_steps=4, adapter_slots=0)
 
 
 def train_tokenizer(directory: str | os.PathLike) -> Tokenizer:
@@ -58,12 +59,12 @@ def tiny_model(tok: Tokenizer, seed: int = 7) -> tuple[GemmaConfig, dict]:
     return config, params
 
 
-def make_engine(config: GemmaConfig, params, **kw) -> Engine:
-    return Engine(config, params, **{**ENGINE_KW, **kw})
+def make_engine(config: GemmaConfig, params, **kw) -> PagedEngine:
+    return build_engine(config, params, **{**ENGINE_KW, **kw})
 
 
 @contextlib.contextmanager
-def serve(engine: Engine, tok: Tokenizer, data_dir: str | os.PathLike,
+def serve(engine: PagedEngine, tok: Tokenizer, data_dir: str | os.PathLike,
           **app_kw) -> Iterator[tuple[LiveServer, Backend]]:
     """The backend `gemma-jax serve` builds around `engine` (a new scheduler), started, behind a
     LiveServer; stopped (server, then scheduler) on exit."""

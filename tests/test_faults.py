@@ -194,18 +194,14 @@ def test_scheduler_fault_hook_and_a_dead_device_thread():
         assert list(second.result(120).token_ids) == want  # the engine recovered with a fresh state
         assert scheduler.stats()["dispatch_failures"] == 1
 
-    # a device thread that dies (here: no fresh decode state after a failed dispatch) fails what it
+    # a device thread that dies (here: no fresh cache after a failed dispatch) fails what it
     # held and refuses new requests, instead of leaving them to wait forever
     broken = make_engine(config, params)
-    real_init, calls = broken.init_state, []
 
-    def init_state():
-        calls.append(1)
-        if len(calls) > 1:
-            raise RuntimeError("device lost")
-        return real_init()
+    def reset():
+        raise RuntimeError("device lost")
 
-    broken.init_state = init_state
+    broken.reset = reset
     with Scheduler(broken, tok, fault=_Dies(1)) as scheduler:
         held = scheduler.submit(Request(prompt_ids=ids, max_tokens=12, sampling=greedy))
         with pytest.raises(RequestFailed):

@@ -2,8 +2,9 @@
 
 The server is the real CLI with random tiny_gemma3 weights (`tiny_server.TinyServer`). Its test-only
 hook holds the device thread at the prefill stage ("prefill hold"): a blocker request is taken and
-held there while the requests under test queue up; released, they are admitted as one prefill group
-(the scheduler's `prefill_batches` counter says so).
+held there while the requests under test queue up; released, the blocker and they are admitted in
+one admission round, into the same steps (the scheduler's `prefill_batches` counter of admission
+rounds says so).
 
 - Property (hypothesis): a drawn body on every JSON generation route (the run route's prompt and
   messages forms, /v1/chat/completions, /v1/completions), with numbers at and past +-2**31 and
@@ -185,7 +186,7 @@ def test_a_drawn_body_never_hurts_its_prefill_group(server, drawn):
         check_envelope(n_route, answer)
         assert text_of(n_route, answer.json()) == solo
     after = stats(server)
-    assert after["prefill_batches"] - before["prefill_batches"] == 2  # the blocker, then all of them at once
+    assert after["prefill_batches"] - before["prefill_batches"] == 1  # the blocker and all of them: one round
     assert after["requests_failed"] == before["requests_failed"]
 
 

@@ -2,12 +2,12 @@
 
 import numpy as np
 
-from engine_reference import _full_forward, naive_greedy, tiny_engine, trained_tokenizer
+from engine_reference import _full_forward, naive_greedy, tiny_paged, trained_tokenizer
 from gemma_jax.notebook import Model, encode, generate, logits, stream
 
 
 def test_generate_stream_and_logits():
-    config, params, engine = tiny_engine("tiny_gemma3", warm=True)
+    config, params, engine = tiny_paged("tiny_gemma3", warm=True)
     tok = trained_tokenizer()
     model = Model(config, params, tok, engine=engine)
     try:

@@ -1,17 +1,16 @@
-"""The scheduler (continuous batching, streams, cancellation, failures, limits) on a tiny engine,
-with a real sentencepiece tokenizer trained here and the greedy full-recompute reference."""
+"""The scheduler (continuous batching, streams, cancellation, failures, limits) on a tiny paged
+engine, with a real sentencepiece tokenizer trained here and the greedy full-recompute reference."""
 
 import threading
 import time
 
 import pytest
 
-from engine_reference import naive_greedy, prompts_for, tiny_engine, trained_tokenizer
+from engine_reference import naive_greedy, paged_alone, prompts_for, tiny_paged, trained_tokenizer
 from gemma_jax.engine import scheduler as scheduler_lib
 from gemma_jax.engine.api import (
     InputTooLong, InvalidRequest, QueueFull, Request, RequestFailed, SamplingParams, UnknownAdapter,
 )
-from engine_reference import run_to_completion
 from gemma_jax.engine.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -24,12 +23,12 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def setup():
-    return tiny_engine("tiny_gemma3", warm=True)
+    return tiny_paged("tiny_gemma3", warm=True)
 
 
 class GatedEngine:
-    """The real engine, but each `generate` dispatch waits for the test to allow it; `calls` lists
-    each dispatch's live slots as it was asked for."""
+    """The real engine, but each step waits for the test to allow it; `calls` lists each step's
+    (running sequences, steps asked for) as it was asked for."""
 
     def __init__(self, engine):
         self._engine = engine
@@ -39,10 +38,10 @@ class GatedEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate(self, state, **kw):
-        self.calls.append(list(kw["live"]))
+    def step(self, steps=None):
+        self.calls.append((self._engine.running(), steps))
         assert self.permits.acquire(timeout=60), "the test never allowed this dispatch"
-        return self._engine.generate(state, **kw)
+        return self._engine.step(steps)
 
 
 def wait_for(predicate, timeout=60.0):
@@ -63,7 +62,7 @@ def test_continuous_batching_gives_each_request_its_solo_tokens(setup, tokenizer
     sampling[7] = SamplingParams(temperature=1.3, seed=9, frequency_penalty=0.5, presence_penalty=0.5)
     want = []
     for p, m, s in zip(prompts, max_tokens, sampling):
-        alone = run_to_completion(engine, [p], max_tokens=m, sampling=s)[0]
+        alone = paged_alone(engine, p, m, s)
         if s is GREEDY:
             assert alone == naive_greedy(config, params, [p], m)[0]
         want.append(alone)
@@ -71,7 +70,7 @@ def test_continuous_batching_gives_each_request_its_solo_tokens(setup, tokenizer
     scheduler = Scheduler(engine, tokenizer, max_queue=16)
     handles = [scheduler.submit(Request(tuple(p), max_tokens=m, sampling=s))
                for p, m, s in zip(prompts, max_tokens, sampling)]
-    with scheduler:  # started with all ten queued: the first four short ones prefill together
+    with scheduler:  # started with all ten queued: four start together, the others as rows free
         streamed = [list(h) for h in handles[:3]]  # three consumed as streams, the rest by result()
         results = [h.result(timeout=120) for h in handles]
         stats = scheduler.stats()
@@ -89,7 +88,7 @@ def test_continuous_batching_gives_each_request_its_solo_tokens(setup, tokenizer
     assert any(r.finish_reason == "stop" for r in results)
     assert stats["tokens_generated"] == sum(len(w) for w in want)
     assert stats["requests_completed"] == 10 and stats["active_slots"] == 0 and stats["queue_depth"] == 0
-    assert stats["prefill_batches"] <= 7  # the first four prompts were prefilled as one batch
+    assert stats["requests_admitted"] == 10 and stats["prefill_batches"] <= 7  # the first four together
 
 
 def test_cancel_frees_the_slot_for_a_waiting_request(setup, tokenizer):
@@ -105,7 +104,7 @@ def test_cancel_frees_the_slot_for_a_waiting_request(setup, tokenizer):
     try:
         handles = [scheduler.submit(Request(tuple(p), max_tokens=m, sampling=GREEDY))
                    for p, m in zip(prompts, max_tokens)]
-        # All four slots taken, the fifth request waits; the device thread waits for dispatch 1.
+        # All four rows taken, the fifth request waits; the device thread waits for step 1.
         wait_for(lambda: scheduler.stats()["active_slots"] == 4 and len(gated.calls) == 1)
         assert scheduler.stats()["queue_depth"] == 1
         handles[0].cancel()
@@ -127,32 +126,57 @@ def test_cancel_frees_the_slot_for_a_waiting_request(setup, tokenizer):
     assert scheduler.stats()["requests_cancelled"] == 1
 
 
-def test_admission_enqueues_the_next_dispatch_before_reading_first_tokens(setup, tokenizer):
-    """The device thread never waits on an admitted prompt's first token: it enqueues the next
-    dispatch (the new slot live in it) first, and reads the token after."""
+def test_a_waiting_request_gets_in_at_the_next_step(setup, tokenizer):
+    """While a request waits in the queue the scheduler asks for one step per dispatch (so it starts
+    at the next), and for the engine's multi-step dispatch otherwise."""
     config, params, engine = setup
     gated = GatedEngine(engine)
-    candidates = prompts_for([9] * 6, seed=31)
+    candidates = prompts_for([9] * 12, seed=31)
     firsts = naive_greedy(config, params, candidates, 1)
-    prompt = next(p for p, f in zip(candidates, firsts) if f[0] not in config.stop_ids)
-    want = naive_greedy(config, params, [prompt], 7)[0]
+    prompts = [p for p, f in zip(candidates, firsts) if f[0] not in config.stop_ids][:5]
+    want = [paged_alone(engine, p, 12) for p in prompts]
     scheduler = Scheduler(gated, tokenizer).start()
     try:
-        handle = scheduler.submit(Request(tuple(prompt), max_tokens=7, sampling=GREEDY))
-        wait_for(lambda: len(gated.calls) == 1)  # dispatch 1 asked for, held by the gate
-        assert gated.calls[0] == [0]
-        with pytest.raises(TimeoutError):  # prefill is done, yet its token is not read before the dispatch
-            handle.next(0.3)
-        assert scheduler.stats()["tokens_generated"] == 0
-        for _ in range(100):
+        handles = [scheduler.submit(Request(tuple(p), max_tokens=12, sampling=GREEDY)) for p in prompts]
+        wait_for(lambda: len(gated.calls) == 1)
+        assert gated.calls[0] == (4, 1)  # four rows, the fifth waits: one step
+        for _ in range(200):
             gated.permits.release()
-        result = handle.result(timeout=60)
+        results = [h.result(timeout=60) for h in handles]
     finally:
-        for _ in range(100):
+        for _ in range(200):
             gated.permits.release()
         scheduler.stop()
-    assert result.token_ids == tuple(t for t in want if t not in config.stop_ids)
-    assert result.completion_tokens == len(want)
+    assert any(steps is None for _, steps in gated.calls)  # nothing waiting: the engine's decode steps
+    for r, w in zip(results, want):
+        assert r.token_ids == tuple(t for t in w if t not in config.stop_ids) and r.completion_tokens == len(w)
+
+
+def test_the_engine_says_why_a_request_finished(setup, tokenizer):
+    """The scheduler takes the engine's finish reasons as given: it does not count tokens itself."""
+    config, params, engine = setup
+
+    class Cut:
+        def __init__(self, engine):
+            self._engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self._engine, name)
+
+        def step(self, steps=None):
+            events = self._engine.step(steps)
+            for e in events:
+                if e.finish is None:  # the engine says "length" after the first step, whatever the limit
+                    self._engine.cancel(e.seq)
+                    e.finish = "length"
+            return events
+
+    prompt = prompts_for([7], seed=3)[0]
+    with Scheduler(Cut(engine), tokenizer) as scheduler:
+        result = scheduler.submit(Request(tuple(prompt), max_tokens=30, sampling=GREEDY)).result(60)
+    first = paged_alone(engine, prompt, 30)[:len(result.token_ids)]
+    assert result.finish_reason == "length" and 1 <= result.completion_tokens <= 4
+    assert list(result.token_ids) == first
 
 
 def test_a_failing_request_fails_alone(setup, tokenizer):
@@ -288,9 +312,9 @@ def test_queue_full_limits_adapters_and_stop(setup, tokenizer):
     assert result.token_ids == tuple(t for t in want if t not in config.stop_ids)
 
 
-class PrefillSpy:
-    """The real engine; each `prefill_prompts` call's prompts are recorded, and a call whose batch
-    holds `poison` raises as a failing device would."""
+class AddSpy:
+    """The real engine; each `add` call's prompt is recorded, and adding `poison` raises as an engine
+    that cannot start a request would."""
 
     def __init__(self, engine, poison=None):
         self._engine, self.poison, self.calls = engine, poison, []
@@ -298,11 +322,11 @@ class PrefillSpy:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def prefill_prompts(self, prompts, *args, **kw):
-        self.calls.append([tuple(p) for p in prompts])
-        if self.poison is not None and tuple(self.poison) in self.calls[-1]:
+    def add(self, prompt, *args, **kw):
+        self.calls.append(tuple(prompt))
+        if self.poison is not None and tuple(self.poison) == self.calls[-1]:
             raise RuntimeError("device fault on the poisoned prompt")
-        return self._engine.prefill_prompts(prompts, *args, **kw)
+        return self._engine.add(prompt, *args, **kw)
 
 
 SEEDED = SamplingParams(temperature=0.9, top_k=20, seed=1234)
@@ -321,12 +345,12 @@ def _alone(engine, tokenizer, prompt, sampling, max_tokens=8) -> tuple[int, ...]
 ], ids=lambda p: ",".join(f"{k}={v!r}" for k, v in vars(p).items() if v != getattr(SamplingParams(), k)))
 def test_a_request_no_row_can_hold_fails_alone(setup, tokenizer, bad, monkeypatch):
     """Refused by submit (InvalidRequest, the server's 5006); and if it gets past submit, it fails
-    alone at admission and the rest of its prefill group gets its solo tokens."""
+    alone at admission and the requests admitted with it get their solo tokens."""
     config, params, engine = setup
     good_prompts = prompts_for([5, 9, 7], seed=21)
     good_sampling = [GREEDY, SEEDED, GREEDY]
     solo = [_alone(engine, tokenizer, p, s) for p, s in zip(good_prompts, good_sampling)]
-    spy = PrefillSpy(engine)
+    spy = AddSpy(engine)
     scheduler = Scheduler(spy, tokenizer)
     with pytest.raises(InvalidRequest):
         scheduler.submit(Request((2, 7, 9), max_tokens=8, sampling=bad))
@@ -334,21 +358,21 @@ def test_a_request_no_row_can_hold_fails_alone(setup, tokenizer, bad, monkeypatc
         m.setattr(scheduler_lib, "check_params", lambda p: None)
         handle = scheduler.submit(Request((2, 7, 9), max_tokens=8, sampling=bad))
     good = [scheduler.submit(Request(tuple(p), max_tokens=8, sampling=s)) for p, s in zip(good_prompts, good_sampling)]
-    with scheduler:  # all four were queued before the device thread started: one admission group
+    with scheduler:  # all four were queued before the device thread started: admitted together
         with pytest.raises(InvalidRequest) as e:
             handle.result(timeout=60)
         assert str(e.value).split(" must ")[0] in {k for k, v in vars(bad).items() if v != getattr(SamplingParams(), k)}
         assert [h.result(timeout=60).token_ids for h in good] == solo
-    assert spy.calls == [[tuple(p) for p in good_prompts]]  # one prefill: the three, without it
+    assert spy.calls == [tuple(p) for p in good_prompts]  # the three started, it never reached the engine
     assert scheduler.stats()["requests_failed"] == 1 and scheduler.stats()["requests_completed"] == 3
 
 
-def test_a_group_whose_prefill_fails_is_split_and_only_the_culprit_fails(setup, tokenizer):
+def test_a_request_the_engine_cannot_start_fails_alone(setup, tokenizer):
     config, params, engine = setup
     prompts = prompts_for([6, 11, 4, 8], seed=5)
     sampling = [GREEDY, SEEDED, GREEDY, GREEDY]
     solo = [_alone(engine, tokenizer, p, s) for p, s in zip(prompts, sampling)]
-    spy = PrefillSpy(engine, poison=prompts[1])
+    spy = AddSpy(engine, poison=prompts[1])
     scheduler = Scheduler(spy, tokenizer)
     handles = [scheduler.submit(Request(tuple(p), max_tokens=8, sampling=s)) for p, s in zip(prompts, sampling)]
     with scheduler:
@@ -356,7 +380,6 @@ def test_a_group_whose_prefill_fails_is_split_and_only_the_culprit_fails(setup, 
             handles[1].result(timeout=60)
         for i in (0, 2, 3):
             assert handles[i].result(timeout=60).token_ids == solo[i]
-    whole = [tuple(p) for p in prompts]
-    assert spy.calls == [whole] + [[p] for p in whole]  # the group, then each alone, in queue order
+    assert spy.calls == [tuple(p) for p in prompts]  # in queue order, the culprit among them
     stats = scheduler.stats()
-    assert stats["prefill_failures"] == 2 and stats["requests_failed"] == 1 and stats["requests_completed"] == 3
+    assert stats["prefill_failures"] == 1 and stats["requests_failed"] == 1 and stats["requests_completed"] == 3

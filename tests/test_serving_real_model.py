@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from gemma_jax.embedded import load_embedded
-from gemma_jax.engine.engine import Engine
+from gemma_jax.engine.build import build_engine
 from gemma_jax.notebook import Model, generate
 from real_backend import serve
 from serving_fakes import run_url
@@ -30,8 +30,8 @@ MAX_TOKENS = 8
 @pytest.fixture(scope="module")
 def stack(gguf_file, tmp_path_factory):
     config, params, tok = load_embedded(cache=gguf_file.parent)
-    engine = Engine(config, params, slots=1, max_len=64, prefill_buckets=(32,), prefill_batches=(1,),
-                    steps_per_call=4)
+    engine = build_engine(config, params, max_seqs=1, page_size=16, num_pages=9, token_budget=32, decode_steps=4,
+                          adapter_slots=0)
     with serve(engine, tok, tmp_path_factory.mktemp("data")) as (server, _):
         yield server, config, params, tok, engine
 

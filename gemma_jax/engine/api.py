@@ -7,15 +7,17 @@ a device array. Everything here is plain Python, importable without touching a d
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 from gemma_jax.sampling import SamplingParams  # re-export: the engine boundary speaks it
+
+DEFAULT_MAX_TOKENS = 256  # a request's max_tokens when it names none (Workers AI's default for this model)
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
     prompt_ids: tuple[int, ...]  # already tokenized, BOS included
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     sampling: SamplingParams = SamplingParams()
     adapter: str | None = None  # key of a LoRA adapter loaded in the engine's bank, None = base
 
@@ -103,3 +105,40 @@ class RequestHandle(Protocol):
     def result(self, timeout: float | None = None) -> Completion: ...
 
     def cancel(self) -> None: ...
+
+
+class StepEngine(Protocol):
+    """What `scheduler.Scheduler` drives (`paged.PagedEngine`; `multihost.LeaderEngine` over one).
+    One thread adds, cancels and steps; the adapter calls may come from any thread."""
+
+    config: Any
+    max_seqs: int
+    bank: Any
+
+    def check(self, prompt_tokens: int, max_tokens: int, *, clip: bool = False) -> int: ...
+
+    def can_add(self, prompt_tokens: int) -> bool: ...
+
+    def add(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams, adapter: int) -> int: ...
+
+    def cancel(self, seq_id: int) -> None: ...
+
+    def step(self, steps: int | None = None) -> list: ...
+
+    def reset(self) -> list[int]: ...
+
+    def busy(self) -> bool: ...
+
+    def warmup(self, progress=None) -> None: ...
+
+    def compile_counts(self) -> dict[str, int]: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def adapter_id(self, name: str) -> int: ...
+
+    def adapters(self) -> dict[str, int]: ...
+
+    def load_adapter(self, name: str, adapter, *, require_model_type: bool = False) -> int: ...
+
+    def unload_adapter(self, name: str) -> None: ...

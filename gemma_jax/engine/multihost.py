@@ -1,23 +1,25 @@
 """Multi-host serving on JAX's own multi-controller runtime (`jax.distributed`).
 
-JetStream's recipe. Every process runs `jax.distributed.initialize`, builds the same `Engine` over
-one global mesh (`jax.devices()` spans every process) and so holds the same jitted device functions.
+JetStream's recipe. Every process runs `jax.distributed.initialize`, builds the same `PagedEngine`
+over one global mesh (`jax.devices()` spans every process) and so holds the same jitted step.
 Process 0, the leader, holds HTTP and the `Scheduler`; its engine is a `LeaderEngine`, which before
-each engine call broadcasts a command (the call's name and host arguments: prompt ids, sampling
-parameters, limits, a prefill seed, slots, live slots, adapter loads) with
-`multihost_utils.broadcast_one_to_all`. The other processes, followers, sit in `follow(engine)`:
-they receive each command and make the identical `Engine` call, so every process enqueues the same
-SPMD programs in the same order (a multi-controller program needs exactly that). The scheduler never
-knows: a `LeaderEngine` has the `Engine`'s interface.
+each engine call that matters broadcasts a command (the call's name and host arguments: a new
+sequence's prompt ids, limit, sampling parameters with their seed, adapter id; a cancellation; a
+step and its decode steps; a reset; adapter loads) with `multihost_utils.broadcast_one_to_all`. The
+other processes, followers, sit in `follow(engine)`: they receive each command and make the
+identical call. The engine's host logic (page tables, prefix cache, preemption, the plan of each
+step) is deterministic, so every process builds the same step inputs and enqueues the same SPMD
+programs in the same order (a multi-controller program needs exactly that). The scheduler never
+knows: a `LeaderEngine` implements the same engine interface (`api.StepEngine`).
 
 What crosses between processes:
 - a command is a small JSON document (`_encode`): a fixed-size int32 header (its length) is
   broadcast first, then the bytes padded to a power of two (so a handful of broadcast shapes, each
   compiled once). JSON, not pickle: a follower never runs code it was sent.
-- prefill's sampling keys: the leader draws one seed per prefill from the scheduler's generator and
-  both sides build their rows from `np.random.default_rng(seed)`: the same keys on every process.
-- tokens the host reads (each prefill's first tokens, each dispatch's [steps, B]) are replicated by
-  the engine's pinned output shardings, so `np.asarray` on the leader reads its local copy.
+- sampling keys: the leader draws the seed of an unseeded request and sends it with the request:
+  the same key on every process.
+- what the host reads of a step (drawn tokens, finish reasons) is replicated by the engine's pinned
+  output shardings, so every process reads the same values from its local copy.
 - a LoRA adapter is loaded by path on every process (the directory must be readable by all: a
   shared data dir, or the same files on each host); the processes then agree (`process_allgather`
   of a flag) and if any failed, the leader unloads it everywhere and the load fails.
@@ -25,7 +27,7 @@ What crosses between processes:
 Failure: when a follower dies its connections close, so the leader's next broadcast fails at once
 (gloo: "Connection reset by peer"; tests/test_multihost.py kills one), as does a dispatch whose
 programs span it: the `LeaderEngine` raises `FollowerLost`, and every later call fails at once with
-the same error. The scheduler fails the requests involved; when its fresh `init_state` fails too its
+the same error. The scheduler fails the requests involved; when its `reset` fails too its
 device thread stops, and `submit` refuses each new request with RequestFailed naming FollowerLost
 (the processes no longer run the same programs: restart them all). A follower that hangs
 without dying leaves the collective waiting; what ends that wait is `jax.distributed`'s heartbeat
@@ -45,7 +47,7 @@ import jax
 import numpy as np
 
 from gemma_jax.engine.api import SamplingParams
-from gemma_jax.engine.engine import Engine
+from gemma_jax.engine.paged import PagedEngine
 from gemma_jax.lora import LoraError
 
 log = logging.getLogger("gemma_jax.multihost")
@@ -132,25 +134,56 @@ class FollowerLost(RuntimeError):
 
 # -- the leader -------------------------------------------------------------------------------------
 class LeaderEngine:
-    """An `Engine` on process 0 that broadcasts each call to the followers before making it.
+    """A `PagedEngine` on process 0 that broadcasts each call to the followers before making it.
 
-    Same interface as `Engine` (whatever it does not override it reads from the engine). One lock
-    keeps broadcast and call together, so the followers see calls in the leader's order even when an
-    HTTP thread loads an adapter while the device thread dispatches.
+    It implements the scheduler's engine interface (`api.StepEngine`) explicitly: the calls that run
+    device programs or change host state the next step depends on (add, cancel, step, reset,
+    warmup, adapter loads) are broadcast; the rest read the leader's engine. One lock keeps
+    broadcast and call together, so the followers see calls in the leader's order even when an
+    HTTP thread loads an adapter while the device thread steps. An unseeded request's seed is drawn
+    here and sent, so every process samples with the same key.
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: PagedEngine, seed: int | None = None):
         if not is_leader():
             raise RuntimeError("LeaderEngine runs on process 0; other processes run follow(engine)")
         self.engine = engine
+        self._rng = np.random.default_rng(seed)
         self._lock = threading.RLock()
-        self._prefixes = 0  # prefill sequence number: names a prefix for the followers' insert
         self._stopped = False
         self._lost: BaseException | None = None  # the error that lost a follower; every later call fails
 
-    def __getattr__(self, name):  # everything host-side: limits, buckets, planning, introspection
-        return getattr(self.engine, name)
+    # -- what the leader alone answers ---------------------------------------------------------
+    config = property(lambda self: self.engine.config)
+    max_seqs = property(lambda self: self.engine.max_seqs)
+    bank = property(lambda self: self.engine.bank)
+    num_pages = property(lambda self: self.engine.num_pages)
+    page_size = property(lambda self: self.engine.page_size)
+    budget = property(lambda self: self.engine.budget)
+    decode_steps = property(lambda self: self.engine.decode_steps)
 
+    def check(self, prompt_tokens: int, max_tokens: int, *, clip: bool = False) -> int:
+        return self.engine.check(prompt_tokens, max_tokens, clip=clip)
+
+    def can_add(self, prompt_tokens: int) -> bool:
+        return self.engine.can_add(prompt_tokens)
+
+    def busy(self) -> bool:
+        return self.engine.busy()
+
+    def compile_counts(self) -> dict[str, int]:
+        return self.engine.compile_counts()
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
+
+    def adapter_id(self, name: str) -> int:
+        return self.engine.adapter_id(name)
+
+    def adapters(self) -> dict[str, int]:
+        return self.engine.adapters()
+
+    # -- what every process does ---------------------------------------------------------------
     def _send(self, op: str, **args) -> None:
         if self._stopped:
             raise RuntimeError("the followers were stopped")
@@ -163,46 +196,30 @@ class LeaderEngine:
             raise FollowerLost(f"multi-host: the broadcast of {op!r} to the followers failed ({err!r}); "
                                "restart every process") from err
 
-    def init_state(self):
+    def add(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
+            adapter: int = 0) -> int:
+        if sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=int(self._rng.integers(0, 2**63)))
+        prompt = [int(t) for t in prompt_ids]
         with self._lock:
-            self._send("init_state")
-            return self.engine.init_state()
+            self._send("add", prompt=prompt, max_tokens=int(max_tokens), sampling=_sampling_to_json(sampling),
+                       adapter=int(adapter))
+            return self.engine.add(prompt, int(max_tokens), sampling, int(adapter))
 
-    def prefill_prompts(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams],
-                        limits: Sequence[int], adapter_ids: Sequence[int] | None = None,
-                        rng: np.random.Generator | None = None):
-        rng = rng if rng is not None else np.random.default_rng()
-        seed = int(rng.integers(0, 2**62))
-        prompts = [[int(t) for t in p] for p in prompts]
-        limits = [int(n) for n in limits]
-        ids = None if adapter_ids is None else [int(a) for a in adapter_ids]
+    def cancel(self, seq_id: int) -> None:
         with self._lock:
-            self._prefixes += 1
-            self._send("prefill", id=self._prefixes, prompts=prompts, sampling=[_sampling_to_json(s) for s in sampling],
-                       limits=limits, adapter_ids=ids, seed=seed)
-            prefix = self.engine.prefill_prompts(prompts, sampling, limits, ids, rng=np.random.default_rng(seed))
-            return _Tagged(prefix, self._prefixes)
+            self._send("cancel", seq=int(seq_id))
+            self.engine.cancel(int(seq_id))
 
-    def insert(self, prefix, state, slots):
-        tag = prefix.id if isinstance(prefix, _Tagged) else None
-        if tag is None:
-            raise TypeError("LeaderEngine.insert takes a prefix from its own prefill_prompts")
-        slots = [int(s) for s in np.asarray(slots).tolist()]
+    def step(self, steps: int | None = None):
         with self._lock:
-            self._send("insert", id=tag, slots=slots)
-            return self.engine.insert(prefix.prefix, state, slots)
+            self._send("step", steps=None if steps is None else int(steps))
+            return self.engine.step(steps)
 
-    def generate(self, state, live: Sequence[int] | None = None):
-        live = None if live is None else [int(s) for s in live]
+    def reset(self) -> list[int]:
         with self._lock:
-            self._send("generate", live=live)
-            return self.engine.generate(state, live)
-
-    def release(self, state, slots: Sequence[int]):
-        slots = [int(s) for s in slots]
-        with self._lock:
-            self._send("release", slots=slots)
-            return self.engine.release(state, slots)
+            self._send("reset")
+            return self.engine.reset()
 
     def warmup(self, progress=None) -> None:
         with self._lock:
@@ -242,43 +259,28 @@ class LeaderEngine:
                 self._stopped = True
 
 
-@dataclasses.dataclass
-class _Tagged:
-    """A leader's Prefix with its prefill sequence number (reads fall through to the Prefix)."""
-
-    prefix: object
-    id: int
-
-    def __getattr__(self, name):
-        return getattr(self.prefix, name)
-
-
 # -- the followers ----------------------------------------------------------------------------------
-def follow(engine: Engine) -> int:
+def follow(engine: PagedEngine) -> int:
     """A follower's loop: make every engine call the leader broadcasts, until it says stop.
-    Returns how many commands it ran. An engine call that fails here fails on the leader too (same
-    programs, same inputs); it is logged and the loop goes on (the leader then starts a fresh state)."""
-    state, prefixes, n = None, {}, 0
+    Returns how many commands it ran. The host logic is deterministic, so the same calls in the
+    same order give the same page tables, sequence ids and steps as the leader's. An engine call
+    that fails here fails on the leader too (same programs, same inputs); it is logged and the loop
+    goes on (the leader then resets)."""
+    n = 0
     while True:
         cmd = json.loads(_broadcast(None))
         op, n = cmd["op"], n + 1
         if op == STOP:
             return n
         try:
-            if op == "init_state":
-                state = engine.init_state()
-                prefixes.clear()
-            elif op == "prefill":
-                sampling = [_sampling_from_json(s) for s in cmd["sampling"]]
-                prefixes[cmd["id"]] = engine.prefill_prompts(cmd["prompts"], sampling, cmd["limits"],
-                                                             cmd["adapter_ids"],
-                                                             rng=np.random.default_rng(cmd["seed"]))
-            elif op == "insert":
-                state = engine.insert(prefixes.pop(cmd["id"]), state, cmd["slots"])
-            elif op == "generate":
-                state, _ = engine.generate(state, cmd["live"])
-            elif op == "release":
-                state = engine.release(state, cmd["slots"])
+            if op == "add":
+                engine.add(cmd["prompt"], cmd["max_tokens"], _sampling_from_json(cmd["sampling"]), cmd["adapter"])
+            elif op == "cancel":
+                engine.cancel(cmd["seq"])
+            elif op == "step":
+                engine.step(cmd["steps"])
+            elif op == "reset":
+                engine.reset()
             elif op == "warmup":
                 engine.warmup()
             elif op == "load_adapter":

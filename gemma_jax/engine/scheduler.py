@@ -5,33 +5,29 @@
     handle.next(timeout)              # or one at a time: the next event, None at the end
     handle.result(timeout)            # or wait for the Completion; handle.cancel() to stop early
 
-Continuous batching: whenever a slot frees (stop token, max_tokens, cancellation), queued requests
-are prefilled (several together, within the batch prefill budget) and inserted before the next
-dispatch. The device thread never waits on the host: it enqueues dispatch n+1 before it reads the
-tokens of dispatch n (whose copy to the host started when n was enqueued), so reading tokens
-overlaps device work; likewise newly admitted prompts' first tokens are read only after the next
-dispatch (in which their slots are live) is enqueued. Each dispatch remembers which request owned each slot when it was enqueued,
-so tokens always reach the right request even when a slot changes hands one dispatch later. Each
-dispatch names its live slots (`generate(..., live=)`): the engine compiles a variant per what they
-need (LoRA or not, the least general sampling mode), so a batch of greedy base-model requests pays
-for neither adapters nor sampling.
+Continuous batching over a step engine (`api.StepEngine`: `paged.PagedEngine`, or its multi-host
+`LeaderEngine`): before every step, cancelled requests are dropped and queued requests start, in
+order, while the engine has a free row and pages for their prompts (`can_add`); a request that must
+wait for pages waits in the queue, never failing later (the engine preempts and restarts a sequence
+when its pool runs short). Each step is one dispatch; while a request waits it runs one step (so
+the request starts at the next), otherwise up to the engine's `decode_steps`. The engine says which
+sequences finished and why (a stop token, their length); the scheduler takes that as given.
 
 The device thread only moves token ids: each request's handle turns them into text itself
 (`IncrementalDecoder`, in whichever thread consumes the handle), so detokenizing never delays the
 device. A request the engine cannot serve as asked (a sampling parameter no row can hold, a token
 id outside the vocabulary) is refused by `submit` with `InvalidRequest`, and checked again as it is
-admitted: there it fails alone and its group is prefilled without it. A group whose prefill raises
-is prefilled again one request at a time, so a request whose prefill cannot be built fails alone
-and its neighbours are admitted; an error while decoding a request's text fails that request alone
+admitted: there it fails alone. A request the engine refuses to start (`add` raises) fails alone and
+its neighbours are admitted; an error while decoding a request's text fails that request alone
 with `RequestFailed`; a failure of a whole dispatch fails the requests in it, and the loop goes on
-with a fresh decode state. Every failed request is logged at WARNING with its reason. `stats()`
+with a fresh cache (`engine.reset()`). Every failed request is logged at WARNING with its reason. `stats()`
 counts each request once, as what it ended as (completed, cancelled or failed), even when its text
 fails to decode after the device finished with it. If the
-device thread itself dies (say a fresh decode state cannot be made), every request it held fails and
+device thread itself dies (say a fresh cache cannot be made), every request it held fails and
 `submit` refuses new ones with RequestFailed: nothing waits forever on a thread that is gone.
 
-Faults, for tests only: `Scheduler(fault=f)` calls `f("prefill")` where a group of prompts is about to
-be prefilled and `f("generate")` where a dispatch is about to be enqueued; whatever `f` raises there is
+Faults, for tests only: `Scheduler(fault=f)` calls `f("prefill")` where a request is about to start
+(join the engine) and `f("generate")` where a step is about to be dispatched; whatever `f` raises there is
 what a failing device would raise (sleeping there is a slow device). Without `fault=`, the
 `GEMMA_JAX_TEST_FAULT` environment variable (`fault_from_env`) gives a real server process the same
 hook: a trigger file that a test writes when it wants the next dispatch to fail.
@@ -53,12 +49,9 @@ import threading
 import time
 from typing import Callable, Iterator
 
-import numpy as np
-
 from gemma_jax.engine.api import (
-    Completion, InvalidRequest, QueueFull, Request, RequestFailed, StreamEvent,
+    Completion, InvalidRequest, QueueFull, Request, RequestFailed, StepEngine, StreamEvent,
 )
-from gemma_jax.engine.engine import Engine
 from gemma_jax.sampling import check_params
 from gemma_jax.tokenizer import IncrementalDecoder
 
@@ -197,14 +190,12 @@ class Handle:
 
 
 @dataclasses.dataclass
-class _Slot:
-    """Host bookkeeping of one request in a decode slot."""
+class _Running:
+    """Host bookkeeping of one request the engine is running."""
 
     handle: Handle
-    slot: int
-    limit: int  # most tokens to draw
-    drawn: int = 0  # tokens seen by the host so far (stop token included)
-    finished: bool = False
+    seq: int  # the engine's sequence id
+    drawn: int = 0  # tokens drawn so far (a stop token included)
 
 
 @dataclasses.dataclass
@@ -260,17 +251,17 @@ def fault_from_env(environ=os.environ) -> Callable[[str], None] | None:
 class Scheduler:
     """Owns the engine's device from one thread; see the module docstring."""
 
-    def __init__(self, engine: Engine, tokenizer, *, max_queue: int = 256, seed: int | None = None,
+    def __init__(self, engine: StepEngine, tokenizer, *, max_queue: int = 256, seed: int | None = None,
                  fault: Callable[[str], None] | None = None):
-        """fault: the test-only hook (module docstring); None: `fault_from_env()`, normally nothing."""
+        """fault: the test-only hook (module docstring); None: `fault_from_env()`, normally nothing.
+        seed: accepted for compatibility; a request's unseeded key is drawn by the engine."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_queue = int(max_queue)
-        self._rng = np.random.default_rng(seed)
         self._cond = threading.Condition()
         self._queue: collections.deque[_Queued] = collections.deque()
-        self._slots: list[_Slot | None] = [None] * engine.slots
-        self._running = False
+        self._running: dict[int, _Running] = {}  # engine sequence id -> request
+        self._started = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self._stats = collections.Counter()
@@ -280,9 +271,9 @@ class Scheduler:
     # -- public API -------------------------------------------------------------------------------
     def start(self) -> "Scheduler":
         with self._cond:
-            if self._running:
+            if self._started:
                 return self
-            self._running = True
+            self._started = True
             self._dead = None
         self._thread = threading.Thread(target=self._run, name="gemma-jax-device", daemon=True)
         self._thread.start()
@@ -291,15 +282,17 @@ class Scheduler:
     def stop(self, timeout: float | None = None) -> None:
         """Stop the device thread; requests still queued or running fail with RequestFailed."""
         with self._cond:
-            self._running = False
+            self._started = False
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
         with self._cond:
-            pending = [q.handle for q in self._queue] + [s.handle for s in self._slots if s is not None]
+            pending = [q.handle for q in self._queue] + [r.handle for r in self._running.values()]
             self._queue.clear()
-            self._slots = [None] * self.engine.slots
+            running, self._running = list(self._running), {}
+        for seq in running:
+            self.engine.cancel(seq)
         for handle in pending:
             handle.fail(RequestFailed("the scheduler stopped"))
 
@@ -310,15 +303,15 @@ class Scheduler:
         self.stop()
 
     def check(self, prompt_tokens: int, max_tokens: int | None = None) -> int:
-        """The engine's limits check (`Engine.check`: InputTooLong, ValueError); returns how many
-        tokens the request may draw. max_tokens None: what the context window leaves (at least 1)."""
+        """The engine's limits check (`check`: InputTooLong, ValueError); returns how many tokens
+        the request may draw. max_tokens None: what the context window leaves (at least 1)."""
         if max_tokens is None:
             return self.engine.check(prompt_tokens, sys.maxsize, clip=True)
         return self.engine.check(prompt_tokens, max_tokens)
 
     def submit(self, request: Request) -> Handle:
-        """Queue a request. Raises InputTooLong, UnknownAdapter, QueueFull, InvalidRequest, ValueError
-        (max_tokens < 1) at once."""
+        """Queue a request: the one place a request is admitted or refused. Raises InputTooLong,
+        UnknownAdapter, QueueFull, InvalidRequest, ValueError (max_tokens < 1) at once."""
         limit = self.check(len(request.prompt_ids), request.max_tokens)
         reason = self._invalid(request)
         if reason is not None:
@@ -336,12 +329,17 @@ class Scheduler:
         return handle
 
     def stats(self) -> dict:
+        """Requests by outcome, queue, running sequences, compiles, and the engine's own counters
+        (`PagedEngine.stats`: pages, prefix-cache hits / misses / evictions, preemptions)."""
         with self._cond:
-            active = sum(s is not None for s in self._slots)
             out = dict(self._stats)
-            out.update(queue_depth=len(self._queue), active_slots=active, slots=self.engine.slots,
-                       max_queue=self.max_queue, running=self._running and self._dead is None,
+            out.update(queue_depth=len(self._queue), active_slots=len(self._running), slots=self.engine.max_seqs,
+                       max_queue=self.max_queue, running=self._started and self._dead is None,
                        compiles=sum(self.engine.compile_counts().values()))
+        try:
+            out.update({k: v for k, v in self.engine.stats().items() if k != "running"})
+        except Exception:  # noqa: BLE001 - stats never fail because the engine is being reset
+            pass
         for key in ("tokens_generated", "requests_completed", "requests_failed", "requests_cancelled",
                     "dispatches", "prefill_batches", "dispatch_failures", "prefill_failures"):
             out.setdefault(key, 0)
@@ -363,9 +361,6 @@ class Scheduler:
                 self._stats[_STAT[previous]] -= 1
             self._stats[_STAT[outcome]] += 1
 
-    def _has_work(self) -> bool:
-        return bool(self._queue) or any(s is not None for s in self._slots)
-
     def _run(self) -> None:
         """The device thread: `_loop`, and if it ever raises, fail everything rather than hang."""
         try:
@@ -374,9 +369,9 @@ class Scheduler:
             log.exception("the scheduler's device thread died")
             with self._cond:
                 self._dead = err
-                pending = [q.handle for q in self._queue] + [s.handle for s in self._slots if s is not None]
+                pending = [q.handle for q in self._queue] + [r.handle for r in self._running.values()]
                 self._queue.clear()
-                self._slots = [None] * self.engine.slots
+                self._running = {}
             for handle in pending:
                 handle.fail(RequestFailed(f"the device thread died: {err!r}"))
 
@@ -386,113 +381,74 @@ class Scheduler:
 
     def _loop(self) -> None:
         engine = self.engine
-        state = engine.init_state()
-        inflight = None  # (tokens [steps, B] on device, owners when enqueued)
         while True:
             with self._cond:
-                while self._running and inflight is None and not self._has_work():
+                while self._started and not self._queue and not self._running:
                     self._cond.wait()
-                if not self._running:
+                if not self._started:
                     return
             try:
-                state = self._cancel_slots(state)
-                state, admitted = self._admit(state)
-                enqueued = None
-                live = [s.slot for s in self._slots if s is not None and s.limit > 1]  # limit 1: done at prefill
-                if live:
-                    self._fault_point("generate")
-                    state, tokens = engine.generate(state, live=live)
-                    enqueued = (tokens, list(self._slots))
-                    self._count("dispatches")
-                if inflight is not None:
-                    self._deliver(*inflight)
-                for first, slots in admitted:  # after the dispatch is enqueued: the device never idles on these reads
-                    self._deliver(first, slots)
-                inflight = enqueued
-            except Exception as err:  # a whole dispatch failed: fail its requests, start afresh
-                log.warning("a dispatch failed (%r): failing its %d request(s)", err,
-                            sum(s is not None for s in self._slots))
+                self._cancel_running()
+                self._admit()
+                if not self._running:
+                    continue
+                self._fault_point("generate")
+                with self._cond:
+                    waiting = bool(self._queue)
+                events = engine.step(steps=1 if waiting else None)  # one step when a request waits
+                self._count("dispatches")
+                self._deliver(events)
+            except Exception as err:  # a whole step failed: fail its requests, start afresh
+                with self._cond:
+                    owners, self._running = list(self._running.values()), {}
+                log.warning("a dispatch failed (%r): failing its %d request(s)", err, len(owners))
                 self._count("dispatch_failures")
-                owners = [s for s in self._slots if s is not None]
-                self._slots = [None] * engine.slots
-                inflight = None
-                for s in owners:
-                    s.handle.fail(err)
-                state = engine.init_state()  # if even this fails, `_run` fails everything
+                for r in owners:
+                    r.handle.fail(err)
+                engine.reset()  # if even this fails, `_run` fails everything
 
-    def _cancel_slots(self, state):
-        freed = []
-        for s in self._slots:
-            if s is not None and s.handle.cancelled.is_set():
-                self._finish(s, "cancelled")
-                freed.append(s.slot)
-        return self.engine.release(state, freed) if freed else state
+    def _cancel_running(self) -> None:
+        for seq, r in list(self._running.items()):
+            if r.handle.cancelled.is_set():
+                self.engine.cancel(seq)
+                self._finish(r, "cancelled")
 
-    def _take_group(self) -> list[_Queued]:
-        """Leading queued requests to prefill together (cancelled ones are finished on the way)."""
-        free = sum(s is None for s in self._slots)
-        cancelled, group = [], []
+    def _next_queued(self) -> _Queued | None:
+        """The queue's head, taken, if the engine can start it now (cancelled ones are finished on
+        the way); None when the queue is empty or the head must wait for rows or pages."""
+        cancelled, taken = [], None
         with self._cond:
             while self._queue and self._queue[0].handle.cancelled.is_set():
                 cancelled.append(self._queue.popleft().handle)
-            if free and self._queue:
-                candidates = list(itertools.islice(self._queue, free))
-                candidates = [q for q in candidates if not q.handle.cancelled.is_set()] or candidates[:1]
-                n = self.engine.plan_prefill([len(q.handle.request.prompt_ids) for q in candidates], free)
-                group = candidates[:n]
-                for q in group:
-                    self._queue.remove(q)
+            if self._queue and self.engine.can_add(len(self._queue[0].handle.request.prompt_ids)):
+                taken = self._queue.popleft()
         for handle in cancelled:  # outside the lock: a handle reports its outcome under it
             handle.finish("cancelled", 0)
-        return group
+        return taken
 
-    def _admit(self, state):
-        """Prefill and insert queued requests into free slots. Returns (state, [(first tokens [P] on
-        the device, their owners)]): the first tokens are read only after the next dispatch is
-        enqueued (their copy to the host started at prefill), so admission never makes the device
-        thread wait for the device.
+    def _admit(self) -> None:
+        """Start queued requests, in order, while the engine has a free row and pages for them.
 
-        Isolation: an invalid request fails alone before its group is prefilled; a group whose
-        prefill raises is split and each request prefilled alone (the decode state is untouched by a
-        prefill), so only a request whose own prefill fails is failed."""
-        admitted = []
-        while group := self._take_group():
-            parts = [[q for q in group if self._valid(q)]]
-            while parts:
-                part = parts.pop()
-                if not part:
+        Isolation: a request that cannot start (invalid, or the engine refuses it) fails alone;
+        the others are admitted."""
+        admitted = 0
+        while (q := self._next_queued()) is not None:
+            try:
+                self._fault_point("prefill")
+                if not self._valid(q):
                     continue
-                try:
-                    self._fault_point("prefill")
-                    prefix = self.engine.prefill_prompts(
-                        [q.handle.request.prompt_ids for q in part], [q.handle.request.sampling for q in part],
-                        [q.limit for q in part], [q.adapter_id for q in part], rng=self._rng)
-                except Exception as err:  # the decode state is untouched: retry alone, or fail alone
-                    self._count("prefill_failures")
-                    if len(part) > 1:
-                        log.warning("a prefill of %d requests failed (%r): prefilling each alone", len(part), err)
-                        parts.extend([q] for q in reversed(part))  # popped in queue order
-                    else:
-                        self._fail(part[0].handle, err)
-                    continue
-                state, slots = self._insert(state, part, prefix)
-                admitted.append((prefix.tokens, slots))  # prefix row i is part[i]
-        return state, admitted
-
-    def _insert(self, state, group: list[_Queued], prefix) -> tuple[object, list[_Slot]]:
-        """Insert a prefilled group into free slots; returns (state, their _Slots in group order)."""
-        free = [i for i, s in enumerate(self._slots) if s is None][: len(group)]
-        try:
-            state = self.engine.insert(prefix, state, self.engine.pad_slots(free, prefix))
-        except Exception as err:  # the state was donated: the loop starts a fresh one
-            for q in group:
+                request = q.handle.request
+                seq = self.engine.add(request.prompt_ids, q.limit, request.sampling, q.adapter_id)
+            except Exception as err:  # noqa: BLE001 - this request alone
+                self._count("prefill_failures")
                 self._fail(q.handle, err)
-            raise
-        self._count("prefill_batches")
-        slots = [_Slot(q.handle, slot, q.limit) for q, slot in zip(group, free)]
-        for s in slots:
-            self._slots[s.slot] = s
-        return state, slots
+                continue
+            with self._cond:
+                self._running[seq] = _Running(q.handle, seq)
+            admitted += 1
+        if admitted:
+            self._count("prefill_batches")
+            self._count("requests_admitted", admitted)
 
     def _invalid(self, request: Request) -> str | None:
         """Why the engine cannot serve `request` as asked (its token ids, its sampling), or None."""
@@ -506,7 +462,7 @@ class Scheduler:
         return None
 
     def _valid(self, q: _Queued) -> bool:
-        """Checked again at admission: an invalid request fails alone (InvalidRequest), never its group."""
+        """Checked again at admission: an invalid request fails alone (InvalidRequest), never its neighbours."""
         reason = self._invalid(q.handle.request)
         if reason is None:
             return True
@@ -517,35 +473,22 @@ class Scheduler:
         log.warning("request %d failed: %s", handle.id, err if isinstance(err, InvalidRequest) else repr(err))
         handle.fail(err)
 
-    def _deliver(self, tokens, owners) -> None:
-        """tokens [steps, B'] or [B'] (its copy to the host started when it was enqueued); owners[b]:
-        the slot that owned column b then, or None."""
-        tokens = np.atleast_2d(np.asarray(tokens))
-        for slot, s in enumerate(owners):
-            if s is None or s.finished:
+    def _deliver(self, events) -> None:
+        """Hand each sequence's drawn tokens to its request; the engine says which finished and why
+        (a "stop" finish's last token is the stop token: counted, not shown)."""
+        for event in events:
+            r = self._running.get(event.seq)
+            if r is None:
                 continue
-            self._take_tokens(s, [int(t) for t in tokens[:, slot] if t >= 0])
+            keep = event.tokens[:-1] if event.finish == "stop" else event.tokens
+            r.drawn += len(event.tokens)
+            self._count("tokens_generated", len(event.tokens))
+            if keep:
+                r.handle.push(list(keep))
+            if event.finish is not None:
+                self._finish(r, event.finish)
 
-    def _take_tokens(self, s: _Slot, tokens: list[int]) -> None:
-        """Hand a slot's newly drawn tokens to its request; finish it on a stop token or its limit."""
-        keep, reason = [], None
-        for token in tokens:
-            s.drawn += 1
-            if token in self.engine.config.stop_ids:
-                reason = "stop"
-                break
-            keep.append(token)
-            if s.drawn >= s.limit:
-                reason = "length"
-                break
-        self._count("tokens_generated", len(keep) + (reason == "stop"))
-        if keep:
-            s.handle.push(keep)
-        if reason is not None:
-            self._finish(s, reason)
-
-    def _finish(self, s: _Slot, reason: str) -> None:
-        s.finished = True
-        if self._slots[s.slot] is s:
-            self._slots[s.slot] = None
-        s.handle.finish(reason, s.drawn)
+    def _finish(self, r: _Running, reason: str) -> None:
+        with self._cond:
+            self._running.pop(r.seq, None)
+        r.handle.finish(reason, r.drawn)
