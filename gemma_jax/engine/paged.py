@@ -233,11 +233,15 @@ class PagedEngine:
         return 2 * per * cfg.num_layers
 
     def _default_pages(self, fraction: float) -> int:
+        """`fraction` of the first device's free memory in pages (each device holds 1 / model of a
+        page when the kv heads split over "model"), at least one full-length sequence; on a CPU,
+        room for max_seqs + 1 full-length sequences."""
         device = self.mesh.devices.flat[0]
         stats = device.memory_stats() if device.platform != "cpu" else None
         if stats and stats.get("bytes_limit"):
             free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-            return max(int(free * fraction * self.mesh.size) // self.page_bytes(), self.max_pages + 1)
+            split = self.mesh.shape["model"] if self.config.num_kv_heads % self.mesh.shape["model"] == 0 else 1
+            return max(int(free * fraction * split) // self.page_bytes(), self.max_pages + 1)
         return (self.max_seqs + 1) * self.max_pages + 1
 
     def _cache_sharding(self):
