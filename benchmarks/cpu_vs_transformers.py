@@ -11,8 +11,11 @@ transformers gets `min_new_tokens`).
 
 Decode tok/s excludes prefill on both sides, measured the same way: the time to generate N new
 tokens minus the time to generate 1 (the prefill and its first token), for B x (N - 1) tokens.
-Ours: `Engine.prefill_prompts` + `insert`, then `generate` dispatches (`--steps` per dispatch)
-pipelined as the scheduler does; transformers: `model.generate` under `torch.inference_mode`
+Ours (`--engine paged`, the default): the serving engine `build_engine` builds, every prompt
+`add`ed, then `step` until all are done, as the scheduler does (`--steps` decode steps per
+dispatch, default the engine's; the prefix cache off, so repeats recompute their prompts);
+`--engine slot`: the slot engine's `prefill_prompts` + `insert`, then `generate` dispatches
+pipelined; transformers: `model.generate` under `torch.inference_mode`
 (`--hf-cache dynamic`, its default, and/or `static`). One untimed warm-up run of each shape first
 (our compiles), then the median of `--repeats`. The greedy tokens of both are compared too (float32
 on both sides, so they should agree for a long prefix).
@@ -38,7 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--steps", type=int, default=8, help="our decode steps per dispatch")
+    p.add_argument("--steps", type=int, default=None,
+                   help="our decode steps per dispatch (default: the engine's, 1 on a CPU; slot engine 8)")
+    p.add_argument("--engine", choices=("paged", "slot"), default="paged", help="our engine (default: what serve runs)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf-cache", default="dynamic", help="transformers cache implementation(s): dynamic,static")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
@@ -47,24 +52,53 @@ def parse_args(argv=None):
 
 # -- ours --------------------------------------------------------------------------------------------
 class Ours:
-    def __init__(self, steps: int, max_len: int):
+    def __init__(self, steps: int | None, max_len: int, kind: str = "paged"):
         import jax.numpy as jnp
 
         from gemma_jax.embedded import load_embedded
 
         config, self.params, _ = load_embedded(dtype=jnp.float32)
         self.config = config.replace(eos_id=-1, end_of_turn_id=-1)  # never stop early
-        self.steps, self.max_len, self.engines = steps, max_len, {}
+        self.steps, self.max_len, self.kind, self.engines = steps, max_len, kind, {}
 
     def engine(self, batch: int):
-        from gemma_jax.engine.engine import Engine
-
         if batch not in self.engines:
-            self.engines[batch] = Engine(self.config, self.params, slots=batch, max_len=self.max_len,
-                                         steps_per_call=self.steps)
+            if self.kind == "paged":
+                from gemma_jax.engine.build import build_engine
+
+                self.engines[batch] = build_engine(self.config, self.params, max_seqs=batch, adapter_slots=0,
+                                                   decode_steps=self.steps, prefix_caching=False)
+            else:
+                from gemma_jax.engine.engine import Engine
+
+                self.engines[batch] = Engine(self.config, self.params, slots=batch, max_len=self.max_len,
+                                             steps_per_call=self.steps or 8)
         return self.engines[batch]
 
+    def describe(self) -> str:
+        if self.kind == "slot":
+            return f"slot engine, {self.steps or 8} steps/dispatch"
+        e = next(iter(self.engines.values()), None)
+        return "paged engine" + (f", {e.decode_steps} decode steps/dispatch, token budget {e.budget}" if e else "")
+
     def generate(self, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
+        if self.kind == "paged":
+            return self._generate_paged(prompts, new)
+        return self._generate_slot(prompts, new)
+
+    def _generate_paged(self, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
+        """(seconds from the first add to the last token on the host, tokens per prompt)."""
+        from gemma_jax.sampling import SamplingParams
+
+        engine = self.engine(len(prompts))
+        greedy = SamplingParams(temperature=0.0)
+        t0 = time.perf_counter()
+        ids = [engine.add(p, new, greedy) for p in prompts]
+        got = engine.run()
+        elapsed = time.perf_counter() - t0
+        return elapsed, [got[i][:new] for i in ids]
+
+    def _generate_slot(self, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
         """(seconds from the first prefill to the last token on the host, tokens per prompt)."""
         import jax
 
@@ -154,7 +188,7 @@ def main(argv=None) -> None:
     caches = [c.strip() for c in args.hf_cache.split(",") if c.strip()]
     gguf_file = gguf_path()
     t = time.perf_counter()
-    ours = Ours(args.steps, max_len=max(2048, args.prompt_len + args.new_tokens))
+    ours = Ours(args.steps, max_len=max(2048, args.prompt_len + args.new_tokens), kind=args.engine)
     load_ours = time.perf_counter() - t
     t = time.perf_counter()
     theirs = Theirs(gguf_file, caches[0])
@@ -165,7 +199,7 @@ def main(argv=None) -> None:
     print(f"# embedded Gemma 3 270M ({gguf_file.name}, float32), greedy, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, median of {args.repeats}; {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}")
-    print(f"# jax {jax.__version__} ({args.steps} steps/dispatch); torch {torch.__version__} "
+    print(f"# jax {jax.__version__}; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
           f"load: ours {load_ours:.1f} s, transformers {load_theirs:.1f} s")
     rows = []
@@ -176,6 +210,7 @@ def main(argv=None) -> None:
             theirs.cache = cache
             their_rate, their_tokens = decode_rate(theirs, prompts, args.new_tokens, args.repeats)
             rows.append((batch, cache, ours_rate, their_rate, agreement(ours_tokens, their_tokens)))
+    print(f"# ours: {ours.describe()}")
     print("\n| batch | ours tok/s | transformers tok/s (cache) | ours / transformers | greedy tokens |")
     print("|---|---|---|---|---|")
     for batch, cache, mine, hf, agree in rows:

@@ -52,8 +52,10 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -104,6 +106,11 @@ class Report:
     top: list[tuple[int, hlo_text.Traffic]]  # (how many alike, one of them), largest total first
     compile_s: float
     extra: str = ""
+    pool_copies: list[str] = dataclasses.field(default_factory=list)  # paged: a whole [P, K, S, H] pool copied
+    kv_ideal: float = 0.0  # paged: bytes of the KV pages the batch's sequences read, per step
+    kv_looped: float = 0.0  # paged: bytes the attention loops gather (a page per token per column), per step
+    kv_copied: float = 0.0  # paged: bytes of the page copies' outputs (gathered pages materialised), per step
+    steps: int = 1  # decode steps the dispatch runs (`top` is per dispatch)
 
     @property
     def vocab_sorts(self) -> list[hlo_text.SortInfo]:
@@ -293,6 +300,197 @@ def prefill_report(setup: Setup, mode: str = "greedy", dump: str | None = None) 
     return report
 
 
+# -- the paged engine (engine/paged.py) -----------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PagedSetup:
+    """One `paged_step` shape: R rows, pages of S positions, page tables of M = ceil(L / S) pages."""
+
+    config: config_lib.GemmaConfig
+    dtype: jnp.dtype
+    max_seqs: int  # R (and T of a decode-only step)
+    page_size: int  # S
+    max_len: int  # L: a sequence's most positions
+    budget: int  # T of a mixed step
+    steps: int  # K: decode steps of the multi-step dispatch
+    context: int  # tokens already in every decoding row's cache
+    label: str = ""  # the shape's name in the report
+
+    @property
+    def max_pages(self) -> int:
+        return -(-self.max_len // self.page_size)
+
+    @property
+    def num_pages(self) -> int:
+        return (self.max_seqs + 1) * self.max_pages + 1  # PagedEngine's pool on a CPU
+
+    def page_bytes(self) -> float:
+        """One layer's K and V of one page."""
+        cfg = self.config
+        return 2 * cfg.num_kv_heads * self.page_size * cfg.head_dim * jnp.dtype(self.dtype).itemsize
+
+
+PAGED_VARIANTS = ("decode", "decode multi", "mixed")
+
+
+def paged_plan(setup: PagedSetup, variant: str) -> list[list[tuple[int, int]]]:
+    """Per decode step of the dispatch, each sequence's (first position, tokens): "decode" and
+    "decode multi" (K steps): R rows at `context`; "mixed": R - 1 of them and a fresh prompt's
+    first chunk, the rest of the budget."""
+    rows = setup.max_seqs
+    if variant == "mixed":
+        return [[(setup.context, 1)] * (rows - 1) + [(0, setup.budget - rows + 1)]]
+    return [[(setup.context + i, 1)] * rows for i in range(setup.steps if variant == "decode multi" else 1)]
+
+
+def page_columns(setup: PagedSetup, seqs: list[tuple[int, int]], window: int | None) -> tuple[int, int]:
+    """(columns the reference's loop runs, pages the sequences read) in one layer of one step
+    (`paged_attention.ragged_paged_attention`: columns lo .. hi over every token of the batch)."""
+    s = setup.page_size
+    first = lambda p: 0 if window is None else max(p - window + 1, 0)
+    lo = min(first(a) // s for a, _ in seqs)
+    hi = max((a + n - 1) // s + 1 for a, n in seqs)
+    return hi - lo, sum((a + n - 1) // s + 1 - first(a) // s for a, n in seqs)
+
+
+def _layer_window(cfg, layer: int) -> int | None:
+    return cfg.sliding_window if cfg.layer_types[layer] == "local" else None
+
+
+_ATTN_LOOP = re.compile(r'op_name="[^"]*/layer_(\d+)/attention/[^"]*/while"')
+_STEP_LOOP = re.compile(r'op_name="jit\(paged_step\)/while"')
+
+
+def paged_trips(columns: dict[int, int], step_runs: int):
+    """`hlo_text.parse`'s trip counts: a layer's attention loop its columns, the decode steps' loop
+    `step_runs`; any other loop computed on the device is refused, not guessed."""
+    def trips(ins: hlo_text.Instr) -> int:
+        m = _ATTN_LOOP.search(ins.attrs)
+        if m:
+            return columns[int(m.group(1))]
+        if _STEP_LOOP.search(ins.attrs):
+            return step_runs
+        raise ValueError(f"a device-bounded loop neither attention nor the step loop: {ins.name} {ins.attrs[:200]}")
+    return trips
+
+
+def abstract_step_inputs(setup: PagedSetup, t: int):
+    """`PagedEngine._padding_inputs`'s StepInputs of T tokens (the engine's shapes), as ShapeDtypeStructs."""
+    from gemma_jax.engine import paged  # noqa: PLC0415
+    from gemma_jax.engine.api import SamplingParams  # noqa: PLC0415
+
+    engine = types.SimpleNamespace(max_seqs=setup.max_seqs, max_pages=setup.max_pages, max_len=setup.max_len)
+    inputs = paged.PagedEngine._padding_inputs(engine, t, SamplingParams(temperature=0.0))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs)
+
+
+def compile_paged(setup: PagedSetup, t: int, max_steps: int, mode: str = "greedy"):
+    """The compiled `paged_step` of T tokens, jitted as `PagedEngine` jits it (the cache donated;
+    XLA attention). Nothing about the context is compiled in: the loops' trip counts are on the device."""
+    from gemma_jax import model as model_lib  # noqa: PLC0415
+    from gemma_jax.engine import paged  # noqa: PLC0415
+
+    params = params_lib.param_shapes(setup.config, setup.dtype)
+    cache = jax.eval_shape(lambda: model_lib.init_paged_cache(setup.config, setup.num_pages, setup.page_size,
+                                                              setup.dtype))
+    step = jax.jit(paged.paged_step, static_argnames=("config", "mode", "use_lora", "max_steps", "attn_impl"),
+                   donate_argnums=(2,))
+    return step.lower(params, None, cache, abstract_step_inputs(setup, t), config=setup.config, mode=mode,
+                      use_lora=False, max_steps=max_steps).compile()
+
+
+def paged_copies(mod: hlo_text.Module, setup: PagedSetup, t: int) -> tuple[list, list, list]:
+    """(span copies, page copies, pool copies): scheduled copies, slices, gathers and fusions that read
+    a page pool [P, K, S, H] and output, not as an in-place update, either a [T, K, span, H] slice of
+    it with span > 1 (size-1 dims dropped, as XLA drops them): span == S is a page per token copied
+    out of the pool (`hlo.py`'s block copies), any other span a span copy; or a whole pool (a copy)."""
+    cfg = setup.config
+    squeeze = lambda dims: tuple(d for d in dims if d != 1)
+    head, tail = squeeze((t, cfg.num_kv_heads)), squeeze((cfg.head_dim,))
+    pool = squeeze((setup.num_pages, cfg.num_kv_heads, setup.page_size, cfg.head_dim))
+    spans, pages, pools = [], [], []
+    for ins in mod.instructions():
+        if ins.opcode not in ("copy", "fusion", "slice", "dynamic-slice", "gather", "concatenate", "transpose"):
+            continue
+        if not any(squeeze(d) == pool for o in ins.operands for _, d in hlo_text.parse_arrays(mod.shape_of(o))):
+            continue
+        roots = hlo_text.fusion_root_ops(mod, ins) if ins.opcode == "fusion" else [ins] * len(ins.arrays)
+        for (_, dims), root in zip(ins.arrays, roots):
+            if root.opcode in hlo_text._IN_PLACE or len(dims) > 4:
+                continue
+            dims = squeeze(dims)
+            if dims == pool:
+                pools.append(ins)
+                break
+            if len(dims) == len(head) + len(tail) + 1 and dims[:len(head)] == head and dims[len(head) + 1:] == tail:
+                (pages if dims[len(head)] == setup.page_size else spans).append(ins)
+                break
+    return spans, pages, pools
+
+
+def paged_report(setup: PagedSetup, variant: str, dump: str | None = None) -> Report:
+    """One compiled paged step, read back: per decode step (the dispatch / K), against the ideal of
+    every weight byte once + every KV page the batch's sequences read, once (`paged_plan`)."""
+    cfg = setup.config
+    plan = paged_plan(setup, variant)
+    k = len(plan)
+    t = setup.budget if variant == "mixed" else setup.max_seqs
+    t0 = time.perf_counter()
+    compiled = compile_paged(setup, t, k)
+    dt = time.perf_counter() - t0
+    text = compiled.as_text()
+    name = f"{setup.label} {variant} T={t}".strip() + (f" K={k}" if k > 1 else "")
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        with open(os.path.join(dump, f"{cfg.num_layers}L_{name.replace(' ', '_')}.hlo.txt"), "w") as f:
+            f.write(text)
+    per_layer = [[page_columns(setup, seqs, _layer_window(cfg, i)) for i in range(cfg.num_layers)] for seqs in plan]
+    columns = {i: max(step[i][0] for step in per_layer) for i in range(cfg.num_layers)}  # the longest step's
+    needed = sum(need for step in per_layer for _, need in step) / k  # pages per step, all layers
+    looped = sum(t * cols for step in per_layer for cols, _ in step) / k  # pages the loops gather, all tokens
+    weights = tree_bytes(params_lib.param_shapes(cfg, setup.dtype))
+    ideal = weights + needed * setup.page_bytes()
+    mod = hlo_text.parse(text, unknown_trips=paged_trips(columns, k - 1))
+    traffic = hlo_text.traffic(mod)
+    model = sum(x.total for x in traffic) / k
+    # XLA counts each loop body once: the step before the loop and one step of it (K > 1), each with
+    # one column of every attention loop. Its figure per step, plus the other columns as modelled.
+    counted = 1 if k == 1 else 2
+    once = sum(x.total for x in hlo_text.traffic(hlo_text.parse(text)))
+    columned = sum(x.total for x in hlo_text.traffic(hlo_text.parse(text, unknown_trips=paged_trips(columns, 1))))
+    spans, pages, pools = paged_copies(mod, setup, t)
+    page_names = {c.name for c in pages}
+    copied = sum(x.total for x in traffic if x.name in page_names) / k
+    cost = _xla_cost(compiled)
+    describe = lambda cs: [f"{c.opcode} {c.name} -> {c.shape.split('{')[0]}" for c in cs]
+    report = Report(
+        name=name, conditionals=len(hlo_text.conditionals(mod)), sorts=hlo_text.sorts(mod, cfg.vocab_size),
+        span_copies=describe(spans), block_copies=describe(pages),
+        weight_copies=describe(c for c in hlo_text.weight_copies(mod, weight_sizes(cfg))
+                               if not any(d[:1] == (t,) for _, d in c.arrays)),  # [T, ...]: activations
+        dynamic_loops=sum(1 for i in mod.instructions() if i.opcode == "while" and i.trip_count is None),
+        xla_bytes=float(cost.get("bytes accessed", float("nan"))) / counted,
+        xla_flops=float(cost.get("flops", float("nan"))) / counted, xla_overcount=xla_overcount(mod) / counted,
+        model_bytes=model, fused_bytes=model - copied, loop_extra=(columned - once) / counted, ideal_bytes=ideal,
+        top=group_traffic(traffic)[:12], compile_s=dt, steps=k)
+    report.pool_copies = describe(pools)
+    report.kv_ideal, report.kv_looped = needed * setup.page_bytes(), looped * setup.page_bytes()
+    report.kv_copied = sum(mod.by_name[x.name].nbytes * x.runs for x in traffic if x.name in page_names) / k
+    cols = sorted(set(columns.values()))
+    report.extra = (f"columns {'/'.join(map(str, cols))} x {t} tokens: gathers "
+                    f"{report.kv_looped / report.kv_ideal:.1f}x the KV pages read")
+    return report
+
+
+def paged_reports(setups: list[PagedSetup], variants=PAGED_VARIANTS, dump: str | None = None,
+                  log=print) -> list[Report]:
+    out = []
+    for setup in setups:
+        for variant in variants:
+            out.append(paged_report(setup, variant, dump))
+            log(format_paged_row(out[-1]))
+    return out
+
+
 # -- printing -------------------------------------------------------------------------------------
 HEADER = (f"{'variant':34} {'cond':>4} {'vsort':>5} {'spans':>5} {'blocks':>6} {'XLA GB':>8} {'XLA/ideal':>9} "
           f"{'adj/ideal':>9} {'model GB':>8} {'model/ideal':>11} {'fused/ideal':>11} {'compile':>7}  notes")
@@ -329,6 +527,41 @@ def verdicts(reports: list[Report]) -> list[str]:
     return lines
 
 
+PAGED_HEADER = (f"{'variant':34} {'cond':>4} {'vsort':>5} {'spans':>5} {'pages':>5} {'pool':>4} {'XLA GB':>8} "
+                f"{'XLA/ideal':>9} {'adj/ideal':>9} {'model GB':>8} {'model/ideal':>11} {'fused/ideal':>11} "
+                f"{'compile':>7}  notes")
+
+
+def format_paged_row(r: Report) -> str:
+    return (f"{r.name:34} {r.conditionals:4d} {len(r.vocab_sorts):5d} {len(r.span_copies):5d} "
+            f"{len(r.block_copies):5d} {len(r.pool_copies):4d} {r.xla_bytes / 1e9:8.2f} "
+            f"{r.xla_bytes / r.ideal_bytes:9.2f} {r.adj_bytes / r.ideal_bytes:9.2f} {r.model_bytes / 1e9:8.2f} "
+            f"{r.model_bytes / r.ideal_bytes:11.2f} {r.fused_bytes / r.ideal_bytes:11.2f} {r.compile_s:6.1f}s  "
+            f"{r.extra}")
+
+
+def paged_verdicts(reports: list[Report]) -> list[str]:
+    """The slot decode's checks (`verdicts`) over paged steps, the byte target unchanged."""
+    lines = []
+
+    def check(ok: bool, what: str, detail: str) -> None:
+        lines.append(f"{'PASS' if ok else 'FAIL'}  {what}{'' if ok else ': ' + detail}")
+
+    for attr, what in (("conditionals", "conditional"), ("vocab_sorts", "sort over the vocabulary"),
+                       ("span_copies", "[T, K, span, H] KV copy"), ("pool_copies", "copy of a whole page pool"),
+                       ("weight_copies", "weight copied or permuted")):
+        bad = [f"{r.name}: {getattr(r, attr) if attr == 'conditionals' else len(getattr(r, attr))}"
+               for r in reports if getattr(r, attr)]
+        check(not bad, f"no {what} in any paged step", ", ".join(bad))
+    for r in reports:
+        adj = r.adj_bytes / r.ideal_bytes
+        check(adj <= TARGET_RATIO, f"{r.name}: XLA bytes (adj) within {TARGET_RATIO}x of weights + KV pages read",
+              f"{adj:.2f}x (raw XLA {r.xla_bytes / r.ideal_bytes:.2f}x, model {r.model_bytes / r.ideal_bytes:.2f}x, "
+              f"fused {r.fused_bytes / r.ideal_bytes:.2f}x; KV pages gathered {r.kv_looped / 1e9:.2f} GB, copied "
+              f"{r.kv_copied / 1e9:.2f} GB, read {r.kv_ideal / 1e9:.2f} GB per step)")
+    return lines
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="2 layers of the 7B shape (quick; what the test runs)")
@@ -344,6 +577,11 @@ def parse_args(argv=None):
     p.add_argument("--ranks", default="8,16", help="LoRA bank ranks to lower ('' for none)")
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--dump", default=None, help="write each compiled HLO text into this directory")
+    p.add_argument("--engine", default="all", choices=["slot", "paged", "all"],
+                   help="the slot engine's decode and prefill, the paged engine's step (270M and 7B shapes), or both")
+    p.add_argument("--page-size", type=int, default=16, help="paged: positions per page (S)")
+    p.add_argument("--budget", type=int, default=512, help="paged: a mixed step's tokens (the accelerator default)")
+    p.add_argument("--seqs-270m", type=int, default=8, help="paged: the 270M's max_seqs (the 7B's is --batch)")
     return p.parse_args(argv)
 
 
@@ -352,6 +590,58 @@ def main(argv=None) -> int:
     cfg = config_lib.gemma_7b()
     layers = args.layers or (2 if args.small else cfg.num_layers)
     cfg = cfg.replace(num_layers=layers)
+    if args.engine in ("slot", "all"):
+        slot_main(args, cfg)
+    if args.engine in ("paged", "all"):
+        paged_main(args, cfg)
+    return 0
+
+
+def paged_main(args, cfg7b) -> None:
+    small = config_lib.gemma3_270m()
+    dtype = jnp.dtype(args.dtype)
+    big = "7B" if cfg7b.num_layers == config_lib.gemma_7b().num_layers else f"7B/{cfg7b.num_layers}L"
+    setups = [PagedSetup(small, dtype, args.seqs_270m, args.page_size, small.limits.max_total_tokens, args.budget,
+                         args.steps, args.context, "270M"),
+              PagedSetup(cfg7b, dtype, args.batch, args.page_size, args.max_len, args.budget, args.steps, args.context,
+                         big)]
+    print(f"\n# paged engine: `paged_step` (XLA reference attention), greedy, {args.dtype}; jax {jax.__version__} "
+          f"on {jax.devices()[0].device_kind}. Variants: decode (T = R, 1 step), decode multi (T = R, a while "
+          f"loop of K = {args.steps} steps, per step), mixed (T = {args.budget}: R - 1 decode rows + a fresh "
+          f"prompt's first chunk). Decode rows at context {args.context}, pages of {args.page_size}.")
+    for st in setups:
+        c = st.config
+        print(f"# {st.label}: {c.num_layers} layers, D {c.embed_dim}, N {c.num_heads}, K {c.num_kv_heads}, H {c.head_dim}, "
+              f"V {c.vocab_size}, window {c.sliding_window} ({c.layer_types.count('local')} local layers): R "
+              f"{st.max_seqs}, L {st.max_len}, P {st.num_pages}; weights "
+              f"{tree_bytes(params_lib.param_shapes(c, dtype)) / 1e9:.2f} GB, a page {st.page_bytes() / 2**10:.0f} "
+              f"KiB per layer")
+    print(PAGED_HEADER)
+    reports = paged_reports(setups, dump=args.dump)
+    print("\n# KV per step: the pages the batch's sequences read (ideal); what the attention loops gather, a page"
+          " per token per column (tokens x columns); of that, what the compiled program copies out of the pools"
+          " before its dots read it (the page copies' outputs, from the HLO):")
+    for r in reports:
+        print(f"  {r.name:34} ideal {r.kv_ideal / 1e9:7.3f} GB  gathered {r.kv_looped / 1e9:7.3f} GB "
+              f"({r.kv_looped / r.kv_ideal:5.1f}x)  copied {r.kv_copied / 1e9:7.3f} GB  page copies "
+              f"{len(r.block_copies)}: {r.block_copies[:1]}")
+    print("\n# sorts / top-ks, span / pool / weight copies per variant:")
+    for r in reports:
+        print(f"  {r.name}: sorts {'; '.join(map(str, r.sorts)) or 'none'}; spans {r.span_copies[:2]}; "
+              f"pools {r.pool_copies[:2]}; weights {r.weight_copies[:2]}")
+    for r in reports:
+        k = r.steps
+        print(f"\n# where the bytes of {r.name} go (traffic model, GB per step; 'n x': n alike instructions):")
+        for n, t in r.top[:6]:
+            print(f"  {n * t.total / k / 1e9:8.3f} GB = {n:3d} x {t.total / k / 1e9:7.3f}  runs {t.runs:<4} "
+                  f"{t.what[:60]} (e.g. {t.name})")
+    print()
+    for line in paged_verdicts(reports):
+        print(line)
+
+
+def slot_main(args, cfg) -> None:
+    layers = cfg.num_layers
     setup = Setup(cfg, jnp.dtype(args.dtype), args.batch, args.max_len, args.steps, args.context, args.prompt)
     weights = tree_bytes(params_lib.param_shapes(cfg, setup.dtype))
     bf16 = Setup(cfg, jnp.dtype(jnp.bfloat16), *dataclasses.astuple(setup)[2:])
@@ -391,7 +681,6 @@ def main(argv=None) -> int:
     print()
     for line in verdicts(reports):
         print(line)
-    return 0
 
 
 if __name__ == "__main__":

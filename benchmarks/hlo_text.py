@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import Callable
 
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5,
@@ -100,7 +101,9 @@ def _split_instr(rest: str) -> tuple[str, str, str, str]:
 class Module:
     computations: dict[str, list[Instr]]
     entry: str
-    unknown_trips: int = 1  # runs assumed for a loop whose trip count XLA does not know (computed on device)
+    # Runs assumed for a loop whose trip count XLA does not know (computed on the device): one count for
+    # every such loop, or a function of the `while` instruction (loops of different lengths: nested ones).
+    unknown_trips: int | Callable[[Instr], int] = 1
 
     def __post_init__(self):
         self.by_name = {i.name: i for comp in self.computations.values() for i in comp}
@@ -116,7 +119,7 @@ class Module:
         self.scheduled[comp] = self.scheduled.get(comp, 0) + times
         for ins in self.computations[comp]:
             if ins.opcode == "while":
-                n = ins.trip_count or self.unknown_trips
+                n = ins.trip_count or (self.unknown_trips(ins) if callable(self.unknown_trips) else self.unknown_trips)
                 for c in ins.called("body"):
                     self._walk(c, times * n)
                 for c in ins.called("condition"):
@@ -146,9 +149,10 @@ class Module:
         return ins.shape if ins is not None else ""
 
 
-def parse(text: str, unknown_trips: int = 1) -> Module:
+def parse(text: str, unknown_trips: int | Callable[[Instr], int] = 1) -> Module:
     """Parse XLA's HLO module text (`compiled.as_text()` or `lowered.as_text(dialect="hlo")`);
-    `unknown_trips`: how many runs to count for a loop whose trip count is not known at compile time."""
+    `unknown_trips`: how many runs to count for a loop whose trip count is not known at compile time
+    (or a function of its `while` instruction)."""
     comps: dict[str, list[Instr]] = {}
     entry, current = None, None
     for line in text.splitlines():

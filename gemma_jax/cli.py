@@ -59,7 +59,7 @@ def load_model(checkpoint: str | None, dtype, quantize: str | None = None, *, me
 
 
 def _run_generate(args) -> int:
-    """Greedy text through the notebook API (`generate.stream`: engine + scheduler, one slot)."""
+    """Greedy text through the notebook API (`generate.stream`: engine + scheduler, one sequence)."""
     import jax.numpy as jnp
 
     from gemma_jax.engine.api import EngineError
@@ -70,7 +70,7 @@ def _run_generate(args) -> int:
         raise SystemExit("gemma-jax: --max-tokens must be at least 1")
     config, params, tokenizer, mesh = load_model(args.checkpoint, jnp.dtype(args.dtype), args.quantize,
                                                  mesh_shape=args.mesh)
-    options = {"slots": 1, "mesh": mesh, "cache_dtype": kv_cache_dtype(args.kv_cache)}
+    options = {"max_seqs": 1, "mesh": mesh, "cache_dtype": kv_cache_dtype(args.kv_cache)}
     model = Model(config, params, tokenizer, engine_options=options)
     try:
         for piece in stream(model, args.prompt, max_tokens=args.max_tokens, chat=not args.raw, temperature=0.0):

@@ -1,6 +1,6 @@
 """The `--mesh data=D,model=M` flag of `gemma-jax serve` and `gemma-jax generate`.
 
-The engine runs on a ("data", "model") mesh (`sharding.make_mesh`): decode slots split over "data",
+The engine runs on a ("data", "model") mesh (`sharding.make_mesh`): the paged step replicated over "data",
 heads / MLP hidden / vocabulary over "model" (`sharding.RULES`). The flag names that shape; without
 it the shape follows one rule, so that a CPU host keeps serving from one device and a TPU VM uses
 every chip:
