@@ -3,6 +3,7 @@
     python benchmarks/hlo.py                  # gemma_7b, batch 32, context 1024 (~2 min on 2 CPU cores)
     python benchmarks/hlo.py --small          # 2 layers of the same shape (what tests/test_hlo.py checks)
     python benchmarks/hlo.py --dump DIR       # also write every compiled HLO text into DIR
+    python benchmarks/hlo.py --engine paged   # only the paged engine's step (below), 270M and 7B shapes
 
 Everything is lowered from `jax.ShapeDtypeStruct` trees (parameters, decode state, LoRA bank) through
 the engine's public device functions (`engine.generate_steps`, `engine.prefill_step`, jitted here as
@@ -44,6 +45,22 @@ scatters, converting the whole KV cache to f32 and back every layer and step (vi
 `--dtype bfloat16`: the "convert" fusions at the top of the traffic list), which no GPU does and which
 would swamp every figure here. In float32 it compiles the program as written; ratios are bytes over
 bytes of the same dtype, so they carry over to bf16 (the ideal in bf16 is printed beside).
+
+The paged engine (`engine/paged.py`, `--engine paged`): `paged_step` lowered the same way (abstract
+parameters, pools and `PagedEngine._padding_inputs`'s StepInputs; jitted as `PagedEngine` jits it,
+the pools donated, XLA reference attention), greedy, at the 270M shape (R 8) and the 7B shape (R
+`--batch`): "decode" (T = R, one step), "decode multi" (T = R, the while loop of K = `--steps`
+steps, figures per step) and "mixed" (T = `--budget`: R - 1 decode rows and a fresh prompt's first
+chunk). The same checks, read for a flat batch of T tokens: span copies are [T, K, span, H] slices
+read out of a pool [P, K, S, H] (size-1 dims dropped, as XLA drops them: the 270M's K = 1); "page
+copies" (the block copies' counterpart) are span == S, a page per token copied out of the pool;
+"pool" a whole pool copied. Weight copies leave out [T, ...] arrays (activations: at T = 512,
+T x D of the 270M and T x F of the 7B have a weight's element count). The ideal is every weight byte
+once + every KV page the batch's sequences read, once (local layers from their window's first page).
+The reference's loop runs page columns lo .. hi of the whole batch, each gathering a page per token
+(`paged_attention.ragged_paged_attention`): the traffic model runs each layer's loop that many
+columns (the dispatch's longest step) and the step loop K - 1 times; XLA counts each loop body once
+(the step before the loop and one step of it), so its figures are divided by the steps it counts.
 """
 
 from __future__ import annotations

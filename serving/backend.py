@@ -13,9 +13,9 @@ What a Backend decides (and the app does not):
   calls 5.0 an integer);
 - adapters: `lora` (finetune id or name) -> the adapter key the engine knows (the finetune id).
 
-The limits are the engine's alone: `make_request` asks `scheduler.check(prompt_tokens, max_tokens)`
-(`Engine.check`), which refuses `max_tokens < 1` (ValueError) and prompts over the limits
-(`InputTooLong`) and says what `max_tokens=None` (the rest of the context window) comes to.
+The limits are the engine's alone, checked in one place: `scheduler.submit` (through
+`PagedEngine.check`) refuses `max_tokens < 1` (ValueError) and prompts over the limits
+(`InputTooLong`) and resolves `max_tokens=None` (the rest of the context window).
 
 Adapter loading itself belongs to the LoRA code: `load_adapter_fn(key, directory)` must validate the
 PEFT files, load them into the engine's adapter bank under `key` and raise `ValueError` if they are
@@ -153,12 +153,11 @@ class Backend:
         return list(self.tokenizer.encode(text, add_bos=True))
 
     def make_request(self, gen: GenerationInput) -> Request:
-        """Resolve the adapter, encode, check the engine's limits (`scheduler.check`).
-        Raises UnknownAdapter, BadRequest, ValueError (max_tokens < 1), InputTooLong."""
+        """Resolve the adapter and encode (the limits are `submit`'s to check). Raises
+        UnknownAdapter, BadRequest."""
         adapter = self.resolve_adapter(gen.lora) if gen.lora is not None else None
         ids = self.encode(gen)
-        max_tokens = self.scheduler.check(len(ids), gen.max_tokens)
-        return Request(prompt_ids=tuple(ids), max_tokens=max_tokens, sampling=gen.sampling, adapter=adapter)
+        return Request(prompt_ids=tuple(ids), max_tokens=gen.max_tokens, sampling=gen.sampling, adapter=adapter)
 
     def submit(self, request: Request) -> RequestHandle:
         return self.scheduler.submit(request)

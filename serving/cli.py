@@ -57,6 +57,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--decode-steps", type=int, default=_env_int("DECODE_STEPS"),
       help="most decode steps per dispatch when every sequence decodes and none waits "
            "[GEMMA_JAX_DECODE_STEPS] (default 1 on a CPU, 8 on an accelerator)")
+    a("--paged-attention", choices=("xla", "pallas_tpu", "pallas_gpu"), default=_env("PAGED_ATTENTION") or None,
+      help="the step's attention over KV pages: xla (the reference), or a Pallas kernel of "
+           "gemma_jax/paged_kernels.py (not yet measured on hardware) [GEMMA_JAX_PAGED_ATTENTION] (default xla)")
     a("--prefix-cache", action=argparse.BooleanOptionalAction, default=_env_bool("PREFIX_CACHE", True),
       help="reuse the KV pages of a prompt's leading tokens that an earlier request computed "
            "[GEMMA_JAX_PREFIX_CACHE=0 to disable] (default: on)")

@@ -160,7 +160,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                  cache_dtype=kv_cache_dtype(args), num_pages=getattr(args, "kv_pages", None),
                  page_size=getattr(args, "page_size", None), token_budget=getattr(args, "token_budget", None),
                  decode_steps=getattr(args, "decode_steps", None),
-                 prefix_caching=getattr(args, "prefix_cache", None))
+                 prefix_caching=getattr(args, "prefix_cache", None),
+                 attention_impl=getattr(args, "paged_attention", None))
     return {k: v for k, v in given.items() if v is not None}
 
 

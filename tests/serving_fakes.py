@@ -22,6 +22,8 @@ test that checks the production server process; this path exists only in tests/.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import queue
@@ -136,6 +138,9 @@ class FakeScheduler:
                             lim.max_input_tokens, lim.max_total_tokens, clip=max_tokens is None)
 
     def submit(self, request) -> FakeHandle:
+        """As Scheduler.submit: the limits checked here (max_tokens None resolved), then queued;
+        `requests` records each request as resolved."""
+        request = dataclasses.replace(request, max_tokens=self.check(len(request.prompt_ids), request.max_tokens))
         if self.full:
             raise QueueFull("fake queue is full")
         if request.adapter is not None and self.known_adapters is not None \

@@ -17,7 +17,7 @@ DEFAULT_MAX_TOKENS = 256  # a request's max_tokens when it names none (Workers A
 @dataclasses.dataclass(frozen=True)
 class Request:
     prompt_ids: tuple[int, ...]  # already tokenized, BOS included
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: what the context window leaves (at least 1)
     sampling: SamplingParams = SamplingParams()
     adapter: str | None = None  # key of a LoRA adapter loaded in the engine's bank, None = base
 

@@ -310,7 +310,8 @@ class Scheduler:
         return self.engine.check(prompt_tokens, max_tokens)
 
     def submit(self, request: Request) -> Handle:
-        """Queue a request: the one place a request is admitted or refused. Raises InputTooLong,
+        """Queue a request: the one place a request's limits, sampling, token ids and adapter are
+        checked (max_tokens None: what the context window leaves). Raises InputTooLong,
         UnknownAdapter, QueueFull, InvalidRequest, ValueError (max_tokens < 1) at once."""
         limit = self.check(len(request.prompt_ids), request.max_tokens)
         reason = self._invalid(request)
