@@ -1,6 +1,6 @@
 """Proof without a GPU (issue 9, item 8): the compiled decode and prefill of the 7B shape, read back.
 
-    python benchmarks/hlo.py                  # gemma_7b, batch 32, context 1024 (~2 min on 2 CPU cores)
+    python benchmarks/hlo.py                  # gemma_7b, batch 32, context 1024 (~3 min on 2 CPU cores)
     python benchmarks/hlo.py --small          # 2 layers of the same shape (what tests/test_hlo.py checks)
     python benchmarks/hlo.py --dump DIR       # also write every compiled HLO text into DIR
     python benchmarks/hlo.py --engine paged   # only the paged engine's step (below), 270M and 7B shapes
@@ -85,9 +85,12 @@ import hlo_text  # noqa: E402
 from gemma_jax import attention  # noqa: E402
 from gemma_jax import config as config_lib  # noqa: E402
 from gemma_jax import lora as lora_lib  # noqa: E402
+from gemma_jax import model as model_lib  # noqa: E402
 from gemma_jax import params as params_lib  # noqa: E402
 from gemma_jax import sampling  # noqa: E402
 from gemma_jax.engine import engine as engine_lib  # noqa: E402
+from gemma_jax.engine import paged as paged_lib  # noqa: E402
+from gemma_jax.engine.api import SamplingParams  # noqa: E402
 from gemma_jax.engine.state import init_decode_state  # noqa: E402
 
 TARGET_RATIO = 1.2
@@ -392,24 +395,18 @@ def paged_trips(columns: dict[int, int], step_runs: int):
 
 def abstract_step_inputs(setup: PagedSetup, t: int):
     """`PagedEngine._padding_inputs`'s StepInputs of T tokens (the engine's shapes), as ShapeDtypeStructs."""
-    from gemma_jax.engine import paged  # noqa: PLC0415
-    from gemma_jax.engine.api import SamplingParams  # noqa: PLC0415
-
     engine = types.SimpleNamespace(max_seqs=setup.max_seqs, max_pages=setup.max_pages, max_len=setup.max_len)
-    inputs = paged.PagedEngine._padding_inputs(engine, t, SamplingParams(temperature=0.0))
+    inputs = paged_lib.PagedEngine._padding_inputs(engine, t, SamplingParams(temperature=0.0))
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs)
 
 
 def compile_paged(setup: PagedSetup, t: int, max_steps: int, mode: str = "greedy"):
     """The compiled `paged_step` of T tokens, jitted as `PagedEngine` jits it (the cache donated;
     XLA attention). Nothing about the context is compiled in: the loops' trip counts are on the device."""
-    from gemma_jax import model as model_lib  # noqa: PLC0415
-    from gemma_jax.engine import paged  # noqa: PLC0415
-
     params = params_lib.param_shapes(setup.config, setup.dtype)
     cache = jax.eval_shape(lambda: model_lib.init_paged_cache(setup.config, setup.num_pages, setup.page_size,
                                                               setup.dtype))
-    step = jax.jit(paged.paged_step, static_argnames=("config", "mode", "use_lora", "max_steps", "attn_impl"),
+    step = jax.jit(paged_lib.paged_step, static_argnames=("config", "mode", "use_lora", "max_steps", "attn_impl"),
                    donate_argnums=(2,))
     return step.lower(params, None, cache, abstract_step_inputs(setup, t), config=setup.config, mode=mode,
                       use_lora=False, max_steps=max_steps).compile()
@@ -488,13 +485,11 @@ def paged_report(setup: PagedSetup, variant: str, dump: str | None = None) -> Re
         xla_bytes=float(cost.get("bytes accessed", float("nan"))) / counted,
         xla_flops=float(cost.get("flops", float("nan"))) / counted, xla_overcount=xla_overcount(mod) / counted,
         model_bytes=model, fused_bytes=model - copied, loop_extra=(columned - once) / counted, ideal_bytes=ideal,
-        top=group_traffic(traffic)[:12], compile_s=dt, steps=k)
-    report.pool_copies = describe(pools)
-    report.kv_ideal, report.kv_looped = needed * setup.page_bytes(), looped * setup.page_bytes()
-    report.kv_copied = sum(mod.by_name[x.name].nbytes * x.runs for x in traffic if x.name in page_names) / k
-    cols = sorted(set(columns.values()))
-    report.extra = (f"columns {'/'.join(map(str, cols))} x {t} tokens: gathers "
-                    f"{report.kv_looped / report.kv_ideal:.1f}x the KV pages read")
+        top=group_traffic(traffic)[:12], compile_s=dt, pool_copies=describe(pools),
+        kv_ideal=needed * setup.page_bytes(), kv_looped=looped * setup.page_bytes(),
+        kv_copied=sum(mod.by_name[x.name].nbytes * x.runs for x in traffic if x.name in page_names) / k, steps=k,
+        extra=f"columns {'/'.join(map(str, sorted(set(columns.values()))))} x {t} tokens: gathers "
+              f"{looped / needed:.1f}x the KV pages read")
     return report
 
 
@@ -564,11 +559,12 @@ def paged_verdicts(reports: list[Report]) -> list[str]:
     def check(ok: bool, what: str, detail: str) -> None:
         lines.append(f"{'PASS' if ok else 'FAIL'}  {what}{'' if ok else ': ' + detail}")
 
-    for attr, what in (("conditionals", "conditional"), ("vocab_sorts", "sort over the vocabulary"),
-                       ("span_copies", "[T, K, span, H] KV copy"), ("pool_copies", "copy of a whole page pool"),
-                       ("weight_copies", "weight copied or permuted")):
-        bad = [f"{r.name}: {getattr(r, attr) if attr == 'conditionals' else len(getattr(r, attr))}"
-               for r in reports if getattr(r, attr)]
+    counts = {"conditional": lambda r: r.conditionals, "sort over the vocabulary": lambda r: len(r.vocab_sorts),
+              "[T, K, span, H] KV copy": lambda r: len(r.span_copies),
+              "copy of a whole page pool": lambda r: len(r.pool_copies),
+              "weight copied or permuted": lambda r: len(r.weight_copies)}
+    for what, count in counts.items():
+        bad = [f"{r.name}: {count(r)}" for r in reports if count(r)]
         check(not bad, f"no {what} in any paged step", ", ".join(bad))
     for r in reports:
         adj = r.adj_bytes / r.ideal_bytes
@@ -628,8 +624,8 @@ def paged_main(args, cfg7b) -> None:
           f"prompt's first chunk). Decode rows at context {args.context}, pages of {args.page_size}.")
     for st in setups:
         c = st.config
-        print(f"# {st.label}: {c.num_layers} layers, D {c.embed_dim}, N {c.num_heads}, K {c.num_kv_heads}, H {c.head_dim}, "
-              f"V {c.vocab_size}, window {c.sliding_window} ({c.layer_types.count('local')} local layers): R "
+        print(f"# {st.label}: {c.num_layers} layers, D {c.embed_dim}, N {c.num_heads}, K {c.num_kv_heads}, "
+              f"H {c.head_dim}, V {c.vocab_size}, window {c.sliding_window} ({c.layer_types.count('local')} local layers): R "
               f"{st.max_seqs}, L {st.max_len}, P {st.num_pages}; weights "
               f"{tree_bytes(params_lib.param_shapes(c, dtype)) / 1e9:.2f} GB, a page {st.page_bytes() / 2**10:.0f} "
               f"KiB per layer")

@@ -119,7 +119,7 @@ class Module:
         self.scheduled[comp] = self.scheduled.get(comp, 0) + times
         for ins in self.computations[comp]:
             if ins.opcode == "while":
-                n = ins.trip_count or (self.unknown_trips(ins) if callable(self.unknown_trips) else self.unknown_trips)
+                n = ins.trip_count or self._unknown(ins)
                 for c in ins.called("body"):
                     self._walk(c, times * n)
                 for c in ins.called("condition"):
@@ -131,6 +131,9 @@ class Module:
             elif ins.opcode in ("call", "async-start"):
                 for c in ins.called("to_apply") + ins.called("calls"):
                     self._walk(c, times)
+
+    def _unknown(self, ins: Instr) -> int:
+        return self.unknown_trips(ins) if callable(self.unknown_trips) else self.unknown_trips
 
     def instructions(self, scheduled_only: bool = True):
         for comp, instrs in self.computations.items():
