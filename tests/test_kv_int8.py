@@ -291,9 +291,10 @@ def test_serve_kv_cache_flag_and_env_reach_the_engine_and_serve(monkeypatch):
                         "--lora-slots", "0", "--dtype", "float32"], monkeypatch)
     engine, tokenizer = build_engine(args)
     assert engine.cache_dtype == jnp.int8
-    assert engine.init_state().cache["layer_0"].k.dtype == jnp.int8
+    assert engine.cache["layer_0"].k.dtype == jnp.int8
     prompt = [tokenizer.bos_id] + tokenizer.encode("Why is the sky blue?", add_bos=False)
-    want = run_to_completion(engine, [prompt], max_tokens=6)[0]
+    seq = engine.add(prompt, 6)
+    want = engine.run()[seq]
     backend = make_backend(engine, tokenizer)
     backend.start()
     try:
@@ -312,12 +313,13 @@ def test_generate_kv_cache_flag_reaches_the_engine(monkeypatch, capsys):
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: (config, params, trained_tokenizer(), None))
     made = []
 
-    class Recording(Engine):
-        def __init__(self, *a, **k):
-            made.append(k.get("cache_dtype"))
-            super().__init__(*a, **k)
+    real_build = notebook.build_engine
 
-    monkeypatch.setattr(notebook, "Engine", Recording)
+    def recording(*a, **k):
+        made.append(k.get("cache_dtype"))
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(notebook, "build_engine", recording)
     assert cli.main(["generate", "hello world", "--raw", "--max-tokens", "3", "--kv-cache", "int8"]) == 0
     assert made == [jnp.int8] and capsys.readouterr().out.endswith("\n")
     assert cli.build_parser().parse_args(["generate", "hi"]).kv_cache is None  # default: the cache in --dtype
