@@ -402,12 +402,12 @@ def abstract_step_inputs(setup: PagedSetup, t: int):
 
 def compile_paged(setup: PagedSetup, t: int, max_steps: int, mode: str = "greedy"):
     """The compiled `paged_step` of T tokens, jitted as `PagedEngine` jits it (the cache donated;
-    XLA attention). Nothing about the context is compiled in: the loops' trip counts are on the device."""
+    XLA attention; `paged.step_compiler_options` for its mixed budget). Nothing about the context is compiled in: the loops' trip counts are on the device."""
     params = params_lib.param_shapes(setup.config, setup.dtype)
     cache = jax.eval_shape(lambda: model_lib.init_paged_cache(setup.config, setup.num_pages, setup.page_size,
                                                               setup.dtype))
     step = jax.jit(paged_lib.paged_step, static_argnames=("config", "mode", "use_lora", "max_steps", "attn_impl"),
-                   donate_argnums=(2,))
+                   donate_argnums=(2,), compiler_options=paged_lib.step_compiler_options(setup.config, setup.budget))
     return step.lower(params, None, cache, abstract_step_inputs(setup, t), config=setup.config, mode=mode,
                       use_lora=False, max_steps=max_steps).compile()
 

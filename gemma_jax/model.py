@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_jax import projections as proj
-from gemma_jax.attention import decode_attention, prefill_attention
+from gemma_jax.attention import decode_attention, default_products, prefill_attention
 from gemma_jax.config import GemmaConfig
 from gemma_jax.contraction import unembed
 from gemma_jax.layers import Einsum, RMSNorm, apply_rope, gelu_tanh, lora_delta
@@ -202,10 +202,13 @@ class Attention(nn.Module):
             else:
                 k_pages, v_pages = write_pages(cache.k, cache.v, key[:, 0], value[:, 0], paged.pages, paged.offsets)
                 new_cache = PagedLayer(k_pages, v_pages)
+            extra = {}
+            if self.impl == "xla":  # the reference's product form for this batch (`paged_products`)
+                extra["products"] = paged_products(cfg, b)
             encoded = paged_attention_fn(self.impl)(
                 q[:, 0], k_pages, v_pages, paged.tables, paged.seq_ids, positions[:, 0], window=window,
                 scale=cfg.query_scale, softcap=cfg.attn_logit_softcap, k_scale=new_cache.k_scale,
-                v_scale=new_cache.v_scale)[:, None]
+                v_scale=new_cache.v_scale, **extra)[:, None]
         elif cache is None:  # the tokens given attend each other (causal by index)
             encoded = prefill_attention(q, key, value, **kw)  # [B, T, N, H]
             new_cache = None
@@ -397,6 +400,14 @@ def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None
     dtype = params["embedder"]["input_embedding"].dtype
     return Transformer(config, dtype, attn_impl).apply({"params": params}, tokens, positions, cache, kv_len, lora,
                                                        logits_at, return_kv)
+
+
+def paged_products(config: GemmaConfig, tokens: int) -> str:
+    """The XLA paged attention's product form for a flat batch of `tokens` tokens of this model on
+    this backend (`attention.default_products`: "reduce" on a CPU for a large MHA batch, else "dot");
+    jit a step with `attention.compiler_options` of it (`engine/paged.py` does)."""
+    groups = config.num_heads // config.num_kv_heads
+    return default_products(tokens, config.num_kv_heads, groups, config.head_dim)
 
 
 def forward_paged(params, tokens: jax.Array, positions: jax.Array, cache: PagedCache, batch: PagedBatch, *,

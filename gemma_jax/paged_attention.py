@@ -31,6 +31,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gemma_jax.attention import _logits_reduce, _values_reduce
+
 _NEG = -1e30  # masked logits (finite, so an all-masked block leaves the running max unchanged)
 
 
@@ -56,8 +58,12 @@ def paged_attention_fn(impl: str = "xla"):
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Array,
                            seq_ids: jax.Array, positions: jax.Array, *, window: int | None = None,
                            scale: float, softcap: float | None = None, k_scale: jax.Array | None = None,
-                           v_scale: jax.Array | None = None) -> jax.Array:
-    """Each token's attention over its own sequence's pages (module docstring). Returns [T, N, H] in q's dtype."""
+                           v_scale: jax.Array | None = None, products: str = "dot") -> jax.Array:
+    """Each token's attention over its own sequence's pages (module docstring). Returns [T, N, H] in q's dtype.
+
+    products: the form of each page column's two products, as in `attention.decode_attention`:
+    "dot" (einsums), or "reduce" (sums of products; with `attention.compiler_options("reduce")`
+    XLA:CPU fuses each gathered page into them instead of copying it out: `benchmarks/hlo.py`)."""
     tables, seq_ids, positions = (jnp.asarray(x, jnp.int32) for x in (tables, seq_ids, positions))
     t, n, h = q.shape
     _, kv, s, _ = k_pages.shape
@@ -77,7 +83,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         if k_scale is not None:  # int8 pages: each value times its token's scale
             kb = kb * k_scale[page][..., None]
             vb = vb * v_scale[page][..., None]
-        logits = jnp.einsum("tkgh,tksh->tkgs", qg, kb)
+        logits = _logits_reduce(qg, kb) if products == "reduce" else jnp.einsum("tkgh,tksh->tkgs", qg, kb)
         if softcap is not None:
             logits = jnp.tanh(logits / softcap) * softcap
         pos = col * s + jnp.arange(s)  # [S] positions of this page column
@@ -87,7 +93,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         p = jnp.where(ok[:, None, None, :], jnp.exp(logits - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
         l = l * correction + p.sum(-1)
-        acc = acc * correction[..., None] + jnp.einsum("tkgs,tksh->tkgh", p, vb)
+        values = _values_reduce(p, vb) if products == "reduce" else jnp.einsum("tkgs,tksh->tkgh", p, vb)
+        acc = acc * correction[..., None] + values
         return m_new, l, acc
 
     init = (jnp.full((t, kv, g), _NEG, jnp.float32), jnp.zeros((t, kv, g), jnp.float32),

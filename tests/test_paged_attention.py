@@ -59,12 +59,14 @@ def batch(rng, heads, kv_heads, h=8, pages=24, m=5):
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("window,softcap", [(None, None), (3, None), (6, None), (None, 5.0)])
-def test_ragged_paged_attention_equals_numpy(heads, kv_heads, window, softcap):
+@pytest.mark.parametrize("products", ["dot", "reduce"])
+def test_ragged_paged_attention_equals_numpy(heads, kv_heads, window, softcap, products):
     rng = np.random.default_rng(heads * 10 + kv_heads)
     q, k_pages, v_pages, tables, seq_ids, positions = batch(rng, heads, kv_heads)
     scale = 8 ** -0.5
-    got = jax.jit(ragged_paged_attention, static_argnames=("window", "scale", "softcap"))(
-        q, k_pages, v_pages, tables, seq_ids, positions, window=window, scale=scale, softcap=softcap)
+    got = jax.jit(ragged_paged_attention, static_argnames=("window", "scale", "softcap", "products"))(
+        q, k_pages, v_pages, tables, seq_ids, positions, window=window, scale=scale, softcap=softcap,
+        products=products)
     want = reference(q, k_pages, v_pages, tables, seq_ids, positions, window, scale, softcap)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
     assert not np.asarray(got)[positions < 0].any()  # padding: zeros

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gemma_jax import attention
 from gemma_jax import lora as lora_lib
 from gemma_jax import model as model_lib
 from gemma_jax import params as params_lib
@@ -140,6 +141,13 @@ def paged_step(params, bank, cache: model_lib.PagedCache, x: StepInputs, *, conf
              history, history_len, out)
     _, cache, *_, finish, _, _, out = jax.lax.while_loop(more, body, carry)
     return cache, out, finish
+
+
+def step_compiler_options(config: GemmaConfig, tokens: int) -> dict:
+    """What to jit `paged_step` with for batches of up to `tokens` tokens (`model.paged_products`,
+    `attention.compiler_options`): on a CPU, for an MHA model, XLA:CPU's YNNPACK fusions for dots
+    only, so that each gathered KV page is read in place by the reduce-form products."""
+    return attention.compiler_options(model_lib.paged_products(config, tokens))
 
 
 @dataclasses.dataclass
@@ -267,8 +275,10 @@ class PagedEngine:
 
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self._cache_shardings = self._cache_sharding()
+        options = step_compiler_options(cfg, self.budget) if impl == "xla" else {}
         self._step_jit = jax.jit(step, static_argnames=("mode", "use_lora", "max_steps"), donate_argnums=(2,),
-                                 out_shardings=(self._cache_shardings, replicated, replicated))
+                                 out_shardings=(self._cache_shardings, replicated, replicated),
+                                 compiler_options=options)
         self._init_jit = jax.jit(init, out_shardings=self._cache_shardings)
 
     def reset(self) -> list[int]:
