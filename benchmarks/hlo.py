@@ -400,10 +400,12 @@ def abstract_step_inputs(setup: PagedSetup, t: int):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs)
 
 
-def compile_paged(setup: PagedSetup, t: int, max_steps: int, mode: str = "greedy"):
+def compile_paged(setup: PagedSetup, t: int, max_steps: int, mode: str = "greedy", quantize: str | None = None):
     """The compiled `paged_step` of T tokens, jitted as `PagedEngine` jits it (the cache donated;
-    XLA attention; `paged.step_compiler_options` for its mixed budget). Nothing about the context is compiled in: the loops' trip counts are on the device."""
-    params = params_lib.param_shapes(setup.config, setup.dtype)
+    XLA attention; `paged.step_compiler_options` for its mixed budget), on float weights or on the
+    `quantize` method's tree. Nothing about the context is compiled in: the loops' trip counts are
+    on the device."""
+    params = params_lib.param_shapes(setup.config, setup.dtype, quantized=quantize or False)
     cache = jax.eval_shape(lambda: model_lib.init_paged_cache(setup.config, setup.num_pages, setup.page_size,
                                                               setup.dtype))
     step = jax.jit(paged_lib.paged_step, static_argnames=("config", "mode", "use_lora", "max_steps", "attn_impl"),

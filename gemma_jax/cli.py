@@ -1,6 +1,6 @@
 """The `gemma-jax` command: one argparse subcommand per job.
 
-    gemma-jax generate "prompt" [--max-tokens N] [--raw] [--checkpoint DIR|FILE.gguf] [--quantize int8]
+    gemma-jax generate "prompt" [--max-tokens N] [--raw] [--checkpoint DIR|FILE.gguf] [--quantize int8|w8a8]
                        [--kv-cache int8] [--mesh data=D,model=M]
     gemma-jax convert ...      (weights in other formats -> our native checkpoint)
     gemma-jax serve ...        (the Workers AI compatible HTTP server)
@@ -33,8 +33,10 @@ def _add_generate(subparsers) -> None:
                    help="a native checkpoint directory (gemma-jax convert) or a .gguf file; default: embedded model")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and activation dtype (default float32)")
-    p.add_argument("--quantize", choices=("int8",),
-                   help="int8: quantize the weights at load (int8 weight-only, per-channel scales; --dtype computes)")
+    p.add_argument("--quantize", choices=("int8", "w8a8"),
+                   help="quantize the weights at load, per-channel int8 scales: int8 weight-only (--dtype computes; "
+                        "for accelerators), or w8a8, int8 activations too (XLA:CPU's int8 dots: faster than "
+                        "float32 on a CPU, less exact; see BENCHMARKS.md)")
     p.add_argument("--kv-cache", choices=("int8",),
                    help="int8: an int8 KV cache with one float32 scale per (kv head, position), decoded by "
                         "XLA's attention loop (default: the cache in --dtype)")

@@ -23,8 +23,8 @@ included (why: `projections.py`, where each projection's axes are declared). The
 transposes once, at load time.
 
 An int8 tree (`quantize.quantize_params`) has the same paths, with each projection weight and the
-embedding a `quantize.QArray` (int8 `w` + per-output-channel `scale`); `quantized=True` gives its
-shapes, axes and shardings.
+embedding a `quantize.QArray` (int8 `w` + per-output-channel `scale`); `quantized=True` (or the
+method's name, `quantize.METHODS`) gives its shapes, axes and shardings.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from gemma_jax import quantize as quantize_lib
 from gemma_jax import sharding
 from gemma_jax.config import GemmaConfig
 from gemma_jax.model import CACHE_AXES, SCALE_AXES, LayerCache, Transformer, init_cache
-from gemma_jax.quantize import is_quantized  # noqa: F401 - re-exported: params.is_quantized(tree)
+from gemma_jax.quantize import is_quantized, quantization  # noqa: F401 - re-exported: params.is_quantized(tree)
 
 
 def get_path(tree, path):
@@ -93,25 +93,31 @@ def _abstract_boxed(config: GemmaConfig, dtype):
     return jax.eval_shape(functools.partial(_boxed_init, config, dtype), jax.random.key(0))
 
 
-def param_shapes(config: GemmaConfig, dtype=jnp.float32, quantized: bool = False):
-    """Tree of jax.ShapeDtypeStruct, computed without allocating anything. quantized: the tree
-    `quantize.quantize_params` makes (int8 weights, scales in `dtype`, as `quantize.QArray`s)."""
+def _method(quantized: bool | str) -> str | None:
+    """A `quantized` argument (False, True: "int8", or a `quantize.METHODS` name) -> the method."""
+    return ("int8" if quantized is True else quantized) or None
+
+
+def param_shapes(config: GemmaConfig, dtype=jnp.float32, quantized: bool | str = False):
+    """Tree of jax.ShapeDtypeStruct, computed without allocating anything. quantized (True: "int8",
+    or a method): the tree `quantize.quantize_params` makes (int8 weights, scales in `dtype`, as
+    `quantize.QArray`s)."""
     shapes = jax.tree.map(lambda b: b.value, _abstract_boxed(config, jnp.dtype(dtype)), is_leaf=_is_box)
-    return quantize_lib.quantized_shapes(shapes, config) if quantized else shapes
+    return quantize_lib.quantized_shapes(shapes, config, _method(quantized)) if quantized else shapes
 
 
-def param_axes(config: GemmaConfig, quantized: bool = False):
+def param_axes(config: GemmaConfig, quantized: bool | str = False):
     """Tree of logical-axis tuples, one per weight (quantized: a QArray of the weight's axes and
     its scale's, the scale sharded like the weight's output axes)."""
     axes = jax.tree.map(lambda b: tuple(b.names), _abstract_boxed(config, jnp.dtype(jnp.float32)), is_leaf=_is_box)
-    return quantize_lib.quantized_axes(axes, config) if quantized else axes
+    return quantize_lib.quantized_axes(axes, config, _method(quantized)) if quantized else axes
 
 
 def count_params(config: GemmaConfig) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(config)))
 
 
-def param_shardings(config: GemmaConfig, mesh: Mesh, quantized: bool = False):
+def param_shardings(config: GemmaConfig, mesh: Mesh, quantized: bool | str = False):
     """NamedShardings of the parameter tree (quantized: of the `quantize_params` tree)."""
     return sharding.tree_shardings(param_axes(config, quantized), param_shapes(config, quantized=quantized), mesh)
 
@@ -142,20 +148,24 @@ def placer(config: GemmaConfig, mesh: Mesh | None = None, dtype=None, quantize: 
     if quantize is not None and quantize not in quantize_lib.METHODS:
         raise ValueError(f"unknown quantization {quantize!r}: expected one of {quantize_lib.METHODS}")
     floats = flatten(param_shardings(config, mesh)) if mesh is not None else {}
-    quantized = flatten(param_shardings(config, mesh, quantized=True)) if mesh is not None else {}
+
+    @functools.cache
+    def quantized(method: str) -> dict:  # path -> the QArray of shardings of a `method` weight
+        return flatten(param_shardings(config, mesh, quantized=method)) if mesh is not None else {}
+
     contracted = quantize_lib.contracted_axes(config) if quantize is not None else {}
     quantizers: dict = {}  # one jit per (contracted axes, output sharding): compiled once per shape
 
     def quantizer(axes, out):
         if (axes, out) not in quantizers:
-            quantizers[axes, out] = jax.jit(functools.partial(quantize_lib.quantize_array, contracted=axes, dtype=dtype),
-                                            out_shardings=out)
+            quantizers[axes, out] = jax.jit(functools.partial(quantize_lib.quantize_array, contracted=axes, dtype=dtype,
+                                                              method=quantize), out_shardings=out)
         return quantizers[axes, out]
 
     def place(path: tuple[str, ...], x):
         path = tuple(path)
         if quantize_lib.is_qarray(x):
-            return jax.device_put(x, quantized.get(path))
+            return jax.device_put(x, quantized(quantize_lib.method_of(x)).get(path))
         if isinstance(x, jax.Array):
             x = x if dtype is None else x.astype(dtype)
         else:
@@ -163,7 +173,7 @@ def placer(config: GemmaConfig, mesh: Mesh | None = None, dtype=None, quantize: 
         x = jax.device_put(x, floats.get(path))  # one float tensor, already on its shards
         if path not in contracted:
             return x
-        return quantizer(contracted[path], quantized.get(path))(x)
+        return quantizer(contracted[path], quantized(quantize).get(path))(x)
 
     return place
 

@@ -1,12 +1,17 @@
-"""int8 weight-only quantization: per-output-channel scales, dequantized inside the matmul.
+"""int8 weights with per-output-channel scales, in two methods (`METHODS`) that store the same arrays:
 
-    quantize_params(params, config, dtype=None) -> params   (the same tree, big weights as QArray)
+    quantize_params(params, config, dtype=None, method="int8") -> params   (big weights as QArray)
+
+"int8", weight-only: each product dequantizes inside the matmul (for accelerators). "w8a8": each
+product also quantizes its activation to int8, one scale per row, and multiplies integers with int32
+sums (for CPUs, where that is the only int8 product XLA runs without a float copy of the weight).
 
 Which weights: every projection of every layer (`projections.PROJECTIONS`) and the embedding. Norm
 scales stay float. Each quantized weight becomes a `QArray` in the same tree position:
 
     w      int8, the float weight's shape
     scale  the weight's shape with its contracted (input) axes set to 1, in the compute dtype
+    act    static: None (int8) or "int8" (w8a8), how its products treat the activation
 
 Symmetric, one scale per output channel: scale = max |w| over the input axes / 127 and
 w = clip(round(w / scale), -127, 127), so |w - w_int8 * scale| <= scale / 2. A projection's input
@@ -14,14 +19,20 @@ axes are its `ins` (declared in `projections.py`, always the leading axes); the 
 contracts D both ways it is used, so its channel is the vocabulary row: one scale per token serves
 the lookup (row v times scale[v]) and the tied unembedding (logit v times scale[v]).
 
-Dequantized inside the matmul (`qeinsum`): the einsum runs on the int8 weight cast to the
-activation dtype (int8 is exact in bf16) and its output is multiplied by the scale. The scale is
-constant along the contracted axes, so it factors out of the sum: no dequantized float copy of a
-weight is kept, and decoding reads 1 byte per weight instead of 2 or 4.
+int8 (`qeinsum`): the einsum runs on the int8 weight cast to the activation dtype (int8 is exact in
+bf16) and its output is multiplied by the scale, which is constant along the contracted axes: no
+dequantized copy of a weight is kept, and a TPU or GPU reads 1 byte per weight instead of 2 or 4. On
+XLA:CPU the int8 -> float convert is not fused into the matmul: each weight is converted into a
+temporary float buffer every step, several times slower than float (BENCHMARKS.md).
 
-On XLA:CPU the int8 -> float convert is not fused into the matmul: each weight is converted into a
-temporary float buffer every step, so int8 decodes several times slower than float on a CPU (see
-BENCHMARKS.md). It is meant for accelerators, where decoding is bound by reading the weights.
+w8a8 (`int8_einsum`): each row of the activation (its kept axes) is quantized like a weight row,
+x ~ x_int8 * s_row, and y = (x_int8 . w_int8, summed in int32) * s_row * scale. XLA:CPU hands an
+s8 x s8 -> s32 dot to YNNPACK's int8 kernels, which read the weight as stored (no copy;
+`tests/test_w8a8.py` checks the compiled step), but only when both sides have at least two rows
+(YNNPACK takes no matrix-vector product): a lone row is padded with a zero row (`MIN_ROWS`, on a CPU
+only), else XLA's own dot converts the whole weight first. Every row is quantized alone, so a row's
+result does not depend on its batch neighbours. The price is the activations' rounding: on the
+embedded 270M it moves the model further from float32 than int8 weights alone do (BENCHMARKS.md).
 
 The compute dtype is the scales' dtype, chosen when quantizing (default: the float weights' dtype).
 `QArray.dtype` answers it, so code that asks the embedding for the model's dtype (`model.forward`,
@@ -32,17 +43,21 @@ projection outputs in that dtype, as for a float model.
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from gemma_jax import projections as proj
 from gemma_jax.contraction import weight_einsum
 from gemma_jax.config import GemmaConfig
 
-METHODS = ("int8",)
+METHODS = ("int8", "w8a8")
+ACTIVATIONS = {"int8": None, "w8a8": "int8"}  # method -> how its products quantize the activation
+MIN_ROWS = 2  # an int8 product's rows on a CPU, padded up to (module docstring)
 EMBEDDING = ("embedder", "input_embedding")
 _EMBEDDING_CONTRACTED = (1,)  # [V, D]: D is contracted both in the lookup's use and in the unembedding
 
@@ -55,6 +70,7 @@ class QArray:
 
     w: jax.Array  # int8, the float weight's shape
     scale: jax.Array  # the weight's shape with the contracted axes 1; the compute dtype
+    act: str | None = flax.struct.field(pytree_node=False, default=None)  # None, or "int8" (w8a8)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -84,10 +100,26 @@ def is_quantized(params) -> bool:
     return is_qarray(params["embedder"]["input_embedding"])
 
 
+def quantization(params) -> str | None:
+    """The method (`METHODS`) `params` were quantized with, None for a float tree."""
+    emb = params["embedder"]["input_embedding"]
+    return method_of(emb) if is_qarray(emb) else None
+
+
+def method_of(q: QArray) -> str:
+    return next(m for m, act in ACTIVATIONS.items() if act == q.act)
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization {method!r}: expected one of {METHODS}")
+
+
 # --- one array -----------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("contracted", "dtype"))
-def quantize_array(w: jax.Array, contracted: tuple[int, ...], dtype=None) -> QArray:
-    """w (float) -> QArray: symmetric int8, one scale per index of the axes not in `contracted`.
+@functools.partial(jax.jit, static_argnames=("contracted", "dtype", "method"))
+def quantize_array(w: jax.Array, contracted: tuple[int, ...], dtype=None, method: str = "int8") -> QArray:
+    """w (float) -> QArray: symmetric int8, one scale per index of the axes not in `contracted`;
+    `method` (`METHODS`) says how its products run (`qeinsum`).
 
     The rounding uses the scale as stored (in `dtype`), so dequantization is exactly w_int8 * scale."""
     dtype = jnp.dtype(dtype if dtype is not None else w.dtype)
@@ -95,7 +127,7 @@ def quantize_array(w: jax.Array, contracted: tuple[int, ...], dtype=None) -> QAr
     scale = (jnp.max(jnp.abs(w32), axis=contracted, keepdims=True) / 127.0).astype(dtype)
     s32 = scale.astype(jnp.float32)
     q = jnp.round(w32 / jnp.where(s32 > 0, s32, 1.0))
-    return QArray(w=jnp.clip(q, -127, 127).astype(jnp.int8), scale=scale)
+    return QArray(w=jnp.clip(q, -127, 127).astype(jnp.int8), scale=scale, act=ACTIVATIONS[method])
 
 
 def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
@@ -106,7 +138,10 @@ def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
 def qeinsum(eqn: str, x: jax.Array, q: QArray, **kwargs) -> jax.Array:
     """einsum(eqn, x, dequantize(q)) without building the dequantized weight: the int8 weight (cast
     to x's dtype) goes into the einsum, and the output is multiplied by the scale, which is constant
-    along every contracted axis. eqn: "xletters,wletters->out" with q the second operand."""
+    along every contracted axis. eqn: "xletters,wletters->out" with q the second operand. A w8a8
+    weight (`q.act == "int8"`) multiplies int8 activations instead (`int8_einsum`)."""
+    if q.act == "int8":
+        return int8_einsum(eqn, x, q, **kwargs)
     inputs, out = eqn.split("->")
     w_letters = inputs.split(",")[1]
     y = weight_einsum(eqn, x, q.w.astype(x.dtype), **kwargs)
@@ -114,6 +149,44 @@ def qeinsum(eqn: str, x: jax.Array, q: QArray, **kwargs) -> jax.Array:
     kept = "".join(letter for letter in w_letters if letter in out)
     scale = jnp.squeeze(q.scale, axis=contracted).astype(y.dtype)  # [the output channels]
     return jnp.einsum(f"{out},{kept}->{out}", y, scale)
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [M, ...] -> (int8 [M, ...], float32 scale [M]): symmetric, one scale per row (the weights'
+    rule over every axis but the first), so |x - x_int8 * scale| <= scale / 2 in each row."""
+    q = quantize_array(x, tuple(range(1, x.ndim)), jnp.float32)
+    return q.w, q.scale.reshape(x.shape[0])
+
+
+def int8_einsum(eqn: str, x: jax.Array, q: QArray, preferred_element_type=None) -> jax.Array:
+    """einsum(eqn, x, dequantize(q)) as an integer product: each row of x (its kept letters) is
+    quantized to int8 with its own scale (`quantize_rows`), multiplied by the int8 weight with int32
+    sums (one `dot_general`, contracted in the weight's storage order), and the sums are scaled by
+    the row's and the output channel's scales. eqn must be a weight product (every shared letter
+    contracted, every other kept). On a CPU at least `MIN_ROWS` rows go into the product (zero rows
+    pad a single one), so that XLA:CPU hands it to YNNPACK's int8 kernels, which read the weight as
+    stored (module docstring). Returns preferred_element_type (default x's dtype)."""
+    inputs, out = eqn.split("->")
+    x_letters, w_letters = inputs.split(",")
+    shared = [c for c in w_letters if c in x_letters]
+    x_kept = [c for c in x_letters if c not in shared]
+    w_kept = [c for c in w_letters if c not in shared]
+    if sorted(out) != sorted(x_kept + w_kept) or any(c in out for c in shared):
+        raise ValueError(f"int8_einsum takes a weight product, not {eqn!r}")
+    rows = jnp.transpose(x, [x_letters.index(c) for c in x_kept + shared])
+    kept_shape, contracted_shape = rows.shape[:len(x_kept)], rows.shape[len(x_kept):]
+    m = math.prod(kept_shape)
+    rows = rows.reshape(m, *contracted_shape).astype(jnp.float32)
+    pad = max(0, MIN_ROWS - m) if jax.default_backend() == "cpu" else 0
+    xq, xs = quantize_rows(jnp.pad(rows, [(0, pad)] + [(0, 0)] * len(contracted_shape)))
+    dims = ((tuple(range(1, 1 + len(shared))), tuple(w_letters.index(c) for c in shared)), ((), ()))
+    sums = lax.dot_general(xq, q.w, dims, preferred_element_type=jnp.int32)[:m]  # [M, *w_kept]
+    scale = jnp.squeeze(q.scale, axis=dims[0][1]).astype(jnp.float32)  # [*w_kept]
+    y = sums.astype(jnp.float32) * xs[:m].reshape((m,) + (1,) * len(w_kept)) * scale
+    y = y.reshape(*kept_shape, *y.shape[1:])
+    natural = "".join(x_kept + w_kept)
+    y = y if natural == out else jnp.transpose(y, [natural.index(c) for c in out])
+    return y.astype(preferred_element_type or x.dtype)
 
 
 def lookup(q: QArray, ids: jax.Array) -> jax.Array:
@@ -160,29 +233,34 @@ def quantize_params(params, config: GemmaConfig | None = None, dtype=None, metho
     Norm scales keep their dtype (cast to `dtype` when it is given). Weights that are already
     QArrays are kept as they are. Runs on whatever devices the params are on; the result takes
     1/4 (float32) or 1/2 (bfloat16) of the projection and embedding bytes."""
-    if method not in METHODS:
-        raise ValueError(f"unknown quantization {method!r}: expected one of {METHODS}")
-    out = _map_quantized(params, config,
-                         lambda w, c: w if is_qarray(w) else quantize_array(w, c, None if dtype is None else jnp.dtype(dtype)))
+    _check_method(method)
+    out = _map_quantized(params, config, lambda w, c: w if is_qarray(w) else quantize_array(
+        w, c, None if dtype is None else jnp.dtype(dtype), method))
     if dtype is not None:  # the float leaves left (norms) take the compute dtype too
         out = jax.tree.map(lambda x: x if is_qarray(x) else x.astype(dtype), out, is_leaf=is_qarray)
     return out
 
 
-def quantized_shapes(shapes, config: GemmaConfig):
-    """A tree of ShapeDtypeStruct (`params.param_shapes`) -> the quantized tree's: each quantized
+def quantized_shapes(shapes, config: GemmaConfig, method: str = "int8"):
+    """A tree of ShapeDtypeStruct (`params.param_shapes`) -> the `method` tree's: each quantized
     weight a QArray of ShapeDtypeStructs (int8 weight, scale in the weight's float dtype)."""
+    _check_method(method)
+
     def quantized(s, contracted):
         scale = tuple(1 if i in contracted else n for i, n in enumerate(s.shape))
-        return QArray(w=jax.ShapeDtypeStruct(s.shape, jnp.int8), scale=jax.ShapeDtypeStruct(scale, s.dtype))
+        return QArray(w=jax.ShapeDtypeStruct(s.shape, jnp.int8), scale=jax.ShapeDtypeStruct(scale, s.dtype),
+                      act=ACTIVATIONS[method])
     return _map_quantized(shapes, config, quantized)
 
 
-def quantized_axes(axes, config: GemmaConfig):
-    """A tree of logical-axis tuples (`params.param_axes`) -> the quantized tree's: the scale keeps
+def quantized_axes(axes, config: GemmaConfig, method: str = "int8"):
+    """A tree of logical-axis tuples (`params.param_axes`) -> the `method` tree's: the scale keeps
     the weight's output axes (so it shards like them) and has None for the contracted ones."""
+    _check_method(method)
+
     def quantized(a, contracted):
-        return QArray(w=a, scale=tuple(None if i in contracted else name for i, name in enumerate(a)))
+        return QArray(w=a, scale=tuple(None if i in contracted else name for i, name in enumerate(a)),
+                      act=ACTIVATIONS[method])
     return _map_quantized(axes, config, quantized)
 
 
@@ -195,9 +273,11 @@ def as_dicts(tree):
     return tree
 
 
-def from_dicts(tree, config: GemmaConfig):
-    """Inverse of `as_dicts` at the quantized paths of `config`."""
-    return _map_quantized(tree, config, lambda d, _: d if is_qarray(d) else QArray(w=d["w"], scale=d["scale"]))
+def from_dicts(tree, config: GemmaConfig, method: str = "int8"):
+    """Inverse of `as_dicts` at the quantized paths of `config` (the `method` the tree was made with)."""
+    _check_method(method)
+    return _map_quantized(tree, config, lambda d, _: d if is_qarray(d) else QArray(
+        w=d["w"], scale=d["scale"], act=ACTIVATIONS[method]))
 
 
 def tree_bytes(tree) -> int:

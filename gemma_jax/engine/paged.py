@@ -228,7 +228,7 @@ class PagedEngine:
 
     # -- construction ------------------------------------------------------------------------------
     def _place(self, params):
-        shardings = params_lib.param_shardings(self.config, self.mesh, quantized=params_lib.is_quantized(params))
+        shardings = params_lib.param_shardings(self.config, self.mesh, quantized=params_lib.quantization(params) or False)
         if jax.tree.structure(shardings) != jax.tree.structure(params):
             return params  # a tree the core does not know: the caller placed it
         return jax.device_put(params, shardings)

@@ -34,8 +34,9 @@ def read_config(checkpoint: str | None = None):
 
 def load_parts(checkpoint: str | None = None, dtype="float32", quantize: str | None = None, *, mesh=None):
     """(config, params, tokenizer) from a native checkpoint directory, a .gguf file, or (None) the
-    embedded Gemma 3 270M. ValueError if a checkpoint has no tokenizer. quantize: None, or "int8"
-    (weights quantized with their scales in `dtype`, the compute dtype). mesh: each array placed by
+    embedded Gemma 3 270M. ValueError if a checkpoint has no tokenizer. quantize: None, or a method
+    (`quantize.METHODS`: "int8", "w8a8"; weights quantized with their scales in `dtype`, the compute
+    dtype). mesh: each array placed by
     `params.param_shardings` on it as it loads (None: the first device)."""
     import jax.numpy as jnp
 

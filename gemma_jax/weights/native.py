@@ -1,7 +1,8 @@
 """Our native checkpoint format: a directory that restores straight onto a device mesh.
 
     <dir>/config.json       {"format_version": 1, "config": config_to_dict(config)} and, for an int8
-                            tree, "quantization": "int8": nothing is guessed on load (not an HF
+                            tree, "quantization": its method ("int8" or "w8a8", `quantize.METHODS`):
+                            nothing is guessed on load (not an HF
                             config.json: no "model_type")
     <dir>/params/           an orbax checkpoint of the parameter tree (see `params.py`); a quantized
                             weight (`quantize.QArray`) is stored as its two arrays, "w" and "scale"
@@ -72,14 +73,14 @@ def save_checkpoint(directory: str | os.PathLike, config: GemmaConfig, params,
     """Write `params` (any placement: host, one device or sharded) as a native checkpoint.
 
     Arrays are saved in the dtype they have; a quantized tree (`quantize.quantize_params`) is saved
-    as such, and config.json records "quantization": "int8". Raises FileExistsError if `directory` exists and not
+    as such, and config.json records "quantization": its method ("int8", "w8a8"). Raises FileExistsError if `directory` exists and not
     `overwrite`; with `overwrite` the old checkpoint is replaced only once the new one is complete.
     Returns the absolute path written.
     """
     target = os.path.abspath(os.fspath(directory))
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} exists (pass overwrite=True to replace it)")
-    quantization = "int8" if P.is_quantized(params) else None
+    quantization = P.quantization(params)
     _check_tree(config, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), Q.as_dicts(params)),
                 quantization)
     parent = os.path.dirname(target)
@@ -120,7 +121,7 @@ def read_config(directory: str | os.PathLike) -> GemmaConfig:
 
 
 def read_quantization(directory: str | os.PathLike) -> str | None:
-    """A checkpoint's quantization: "int8" for a quantized tree, None for a float one."""
+    """A checkpoint's quantization: its method (`quantize.METHODS`) for a quantized tree, None for a float one."""
     return _read_meta(directory)[1]
 
 
@@ -157,12 +158,12 @@ def load_checkpoint(directory: str | os.PathLike, dtype=None, mesh: Mesh | None 
     saved = _saved_shapes(params_dir)
     _check_tree(config, saved, quantization)
     if quantization:
-        saved = Q.from_dicts(saved, config)
+        saved = Q.from_dicts(saved, config, quantization)
     if mesh is None:
         device = SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, saved)
     else:
-        shardings = P.param_shardings(config, mesh, quantized=bool(quantization))
+        shardings = P.param_shardings(config, mesh, quantized=quantization or False)
 
     def target(s, sh):
         keep = dtype is None or s.dtype == jnp.int8  # int8 weights are never cast
@@ -193,7 +194,7 @@ def _saved_shapes(params_dir: str):
 def _check_tree(config: GemmaConfig, tree, quantization: str | None = None) -> None:
     """Raise ValueError unless `tree` (QArrays as dicts) has exactly the names and shapes `config`
     declares (quantized: the int8 tree's, with its "w" and "scale")."""
-    expected = Q.as_dicts(P.param_shapes(config, quantized=bool(quantization)))
+    expected = Q.as_dicts(P.param_shapes(config, quantized=quantization or False))
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
     problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
