@@ -1,13 +1,15 @@
-"""int8 quality on the real embedded Gemma 3 270M: int8 weights vs float32 (and bf16 for scale), and
-an int8 KV cache vs a float32 one.
+"""int8 quality on the real embedded Gemma 3 270M: int8 and w8a8 weights vs float32 (and bf16 for
+scale), and an int8 KV cache vs a float32 one.
 
-    python benchmarks/quantize_quality.py                    # 8 prompts for logits, 4 x 128 greedy tokens,
+    python benchmarks/quantize_quality.py                    # 8 prompts for logits, 5 x 205 greedy tokens,
                                                              # then the KV cache over 4 x 256 tokens
+    python benchmarks/quantize_quality.py --methods w8a8 --weights-only   # one method, no KV section
     python benchmarks/quantize_quality.py --new-tokens 16 --kv-new-tokens 16   # a quick check that it runs
     python benchmarks/quantize_quality.py --kv-only          # only the KV cache section
 
 The float32 weights are the embedded checkpoint (`embedded.load_embedded`, the GGUF's Q4_K_M
-dequantized); int8 is `quantize.quantize_params` of them (float32 scales, float32 compute). bf16 is the
+dequantized); int8 and w8a8 are `quantize.quantize_params` of them (`--methods`; float32 scales, float32
+compute; w8a8 also rounds each product's activation rows to int8). bf16 is the
 same weights cast to bfloat16, computing in bfloat16: a yardstick for how far int8 moves the model.
 
 Measured, each variant against float32:
@@ -57,15 +59,19 @@ GREEDY_PROMPTS = [
     "A hash table stores key-value pairs. To look up a key, it",
     "The main causes of the French Revolution were",
     "To make a vegetarian lasagna, start by",
+    "Dear hiring manager, I am writing to apply for",
 ]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=205, help="greedy tokens per prompt (5 x 205: 1,025 steps)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 yardstick")
+    p.add_argument("--methods", default="int8,w8a8", help="quantization methods to measure (quantize.METHODS; "
+                   "int8 weight-only decodes ~10x slower than float32 on a CPU)")
     p.add_argument("--kv-new-tokens", type=int, default=256, help="decode steps per prompt for the KV cache section")
     p.add_argument("--kv-only", action="store_true", help="only the int8 KV cache section")
+    p.add_argument("--weights-only", action="store_true", help="skip the int8 KV cache section")
     return p.parse_args(argv)
 
 
@@ -81,7 +87,8 @@ def main(argv=None) -> int:
           f"vocab {config.vocab_size}")
     if not args.kv_only:
         weights_quality(args, config, params, tokenizer)
-    kv_quality(args, config, params, tokenizer)
+    if not args.weights_only:
+        kv_quality(args, config, params, tokenizer)
     return 0
 
 
@@ -92,13 +99,15 @@ def weights_quality(args, config, params, tokenizer) -> None:
     from gemma_jax import quantize as Q
     from gemma_jax.model import forward, init_cache
 
-    variants = {"float32": params, "int8": Q.quantize_params(params, config)}
+    variants = {"float32": params}
+    variants |= {m: Q.quantize_params(params, config, method=m) for m in args.methods.split(",") if m}
     if not args.no_bf16:
         variants["bf16"] = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     int8_bf16 = Q.quantize_params(params, config, jnp.bfloat16)
     print("\nweight bytes:")
     sizes = {"float32": Q.tree_bytes(params), "bf16": Q.tree_bytes(params) // 2,
-             "int8 (f32 scales)": Q.tree_bytes(variants["int8"]), "int8 (bf16 scales)": Q.tree_bytes(int8_bf16)}
+             "int8 (f32 scales)": Q.tree_bytes(Q.quantize_params(params, config)),
+             "int8 (bf16 scales)": Q.tree_bytes(int8_bf16)}
     for name, n in sizes.items():
         print(f"  {name:20s} {n / 1e6:9.1f} MB  ({n / sizes['float32']:.3f} of float32)")
 
