@@ -3,7 +3,8 @@
     python benchmarks/cpu_vs_llamacpp.py             # batch 1 and 8, 128-token prompts, 128 new, median of 3
     python benchmarks/cpu_vs_llamacpp.py --quick     # a check that it runs (16-token prompts, 8 new, 1 repeat)
 
-Needs llama-cpp-python (an optional benchmark dependency): without it the script says so and exits 2.
+Needs llama-cpp-python (an optional benchmark dependency, `pip install -e .[bench-llamacpp]`, which
+builds llama.cpp from source): without it the script says so and exits 2.
 
 Weights. Ours (`--formats`): "float32", the embedded checkpoint (`embedded.load_embedded`: the GGUF's
 Q4_K_M dequantized to float32), and "w8a8", that tree through `quantize.quantize_params(...,
