@@ -7,8 +7,9 @@ Needs llama-cpp-python (an optional benchmark dependency, `pip install -e .[benc
 builds llama.cpp from source): without it the script says so and exits 2.
 
 Weights. Ours (`--formats`): "float32", the embedded checkpoint (`embedded.load_embedded`: the GGUF's
-Q4_K_M dequantized to float32), and "w8a8", that tree through `quantize.quantize_params(...,
-method="w8a8")`. llama.cpp (`--llama-files`): "q4_k_m", the GGUF as shipped
+Q4_K_M dequantized to float32), "w8a8-embedding" (`serve`'s CPU default: that tree with only the
+embedding quantized, `quantize.quantize_params(..., method="w8a8-embedding")`) and "w8a8" (every
+weight). llama.cpp (`--llama-files`): "q4_k_m", the GGUF as shipped
 (`embedded_gguf.gguf_path()`), and "f32", the same file requantized to F32 by llama.cpp's
 `llama_model_quantize` (LLAMA_FTYPE_ALL_F32, allow_requantize), written once to
 `<gemma-jax cache>/bench/` and reused: the float32 weights ours runs, so the greedy tokens of the two
@@ -56,7 +57,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-FORMATS = ("float32", "w8a8")
+FORMATS = ("float32", "w8a8-embedding", "w8a8")
 LLAMA_FILES = {"q4_k_m": "Q4_K_M", "f32": "F32"}
 N_BATCH = 512
 GOALS = {"batch1_f32": 1.0, "batch1_q4_k_m": 0.8, "batch8": 1.5}
@@ -64,7 +65,7 @@ GOALS = {"batch1_f32": 1.0, "batch1_q4_k_m": 0.8, "batch8": 1.5}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--formats", default=",".join(FORMATS), help="ours: float32,w8a8")
+    p.add_argument("--formats", default=",".join(FORMATS), help="ours: " + ",".join(FORMATS))
     p.add_argument("--llama-files", default=",".join(LLAMA_FILES), help="llama.cpp: q4_k_m,f32")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prompt-len", type=int, default=None, help="default 128 (--quick: 16)")
@@ -108,8 +109,8 @@ def our_sides(formats: list[str], steps: int | None, max_len: int) -> dict:
     for fmt in formats:
         side = copy.copy(base)
         side.engines = {}
-        if fmt == "w8a8":
-            side.params = quantize_params(base.params, base.config, method="w8a8")
+        if fmt != "float32":
+            side.params = quantize_params(base.params, base.config, method=fmt)
         sides[fmt] = side
     return sides
 

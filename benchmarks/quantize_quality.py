@@ -1,5 +1,5 @@
-"""int8 quality on the real embedded Gemma 3 270M: int8 and w8a8 weights vs float32 (and bf16 for
-scale), and an int8 KV cache vs a float32 one.
+"""int8 quality on the real embedded Gemma 3 270M: int8, w8a8 and w8a8-embedding weights vs float32
+(and bf16 for scale), and an int8 KV cache vs a float32 one.
 
     python benchmarks/quantize_quality.py                    # 8 prompts for logits, 5 x 205 greedy tokens,
                                                              # then the KV cache over 4 x 256 tokens
@@ -8,8 +8,9 @@ scale), and an int8 KV cache vs a float32 one.
     python benchmarks/quantize_quality.py --kv-only          # only the KV cache section
 
 The float32 weights are the embedded checkpoint (`embedded.load_embedded`, the GGUF's Q4_K_M
-dequantized); int8 and w8a8 are `quantize.quantize_params` of them (`--methods`; float32 scales, float32
-compute; w8a8 also rounds each product's activation rows to int8). bf16 is the
+dequantized); int8, w8a8 and w8a8-embedding are `quantize.quantize_params` of them (`--methods`; float32
+scales, float32 compute; w8a8 also rounds each product's activation rows to int8; w8a8-embedding is
+w8a8 for the tied embedding alone, `serve`'s CPU default). bf16 is the
 same weights cast to bfloat16, computing in bfloat16: a yardstick for how far int8 moves the model.
 
 Measured, each variant against float32:
@@ -67,7 +68,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--new-tokens", type=int, default=205, help="greedy tokens per prompt (5 x 205: 1,025 steps)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 yardstick")
-    p.add_argument("--methods", default="int8,w8a8", help="quantization methods to measure (quantize.METHODS; "
+    p.add_argument("--methods", default="int8,w8a8,w8a8-embedding", help="quantization methods to measure (quantize.METHODS; "
                    "int8 weight-only decodes ~10x slower than float32 on a CPU)")
     p.add_argument("--kv-new-tokens", type=int, default=256, help="decode steps per prompt for the KV cache section")
     p.add_argument("--kv-only", action="store_true", help="only the int8 KV cache section")
@@ -107,7 +108,8 @@ def weights_quality(args, config, params, tokenizer) -> None:
     print("\nweight bytes:")
     sizes = {"float32": Q.tree_bytes(params), "bf16": Q.tree_bytes(params) // 2,
              "int8 (f32 scales)": Q.tree_bytes(Q.quantize_params(params, config)),
-             "int8 (bf16 scales)": Q.tree_bytes(int8_bf16)}
+             "int8 (bf16 scales)": Q.tree_bytes(int8_bf16),
+             "w8a8-embedding": Q.tree_bytes(Q.quantize_params(params, config, method="w8a8-embedding"))}
     for name, n in sizes.items():
         print(f"  {name:20s} {n / 1e6:9.1f} MB  ({n / sizes['float32']:.3f} of float32)")
 
@@ -125,7 +127,7 @@ def weights_quality(args, config, params, tokenizer) -> None:
             cos += list((got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1)))
             agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
             n += len(ref)
-        print(f"  {name:8s} cosine vs float32: mean {np.mean(cos):.6f}  min {np.min(cos):.6f}  "
+        print(f"  {name:14s} cosine vs float32: mean {np.mean(cos):.6f}  min {np.min(cos):.6f}  "
               f"({n} positions); next-token top-1 agreement {agree}/{n}")
 
     # -- greedy continuations ------------------------------------------------------------------------
@@ -169,7 +171,7 @@ def weights_quality(args, config, params, tokenizer) -> None:
     print(f"\ngreedy continuations ({len(prompts)} prompts x {new} tokens, stop ids ignored; "
           "ms/token on this shared CPU, batch 1, prefill included):")
     ref, per_token = timed(params, prompts)
-    print(f"  float32  {per_token * 1e3:.0f} ms/token")
+    print(f"  float32        {per_token * 1e3:.0f} ms/token")
     for name, p in variants.items():
         if name == "float32":
             continue
@@ -179,7 +181,7 @@ def weights_quality(args, config, params, tokenizer) -> None:
         same = sum(sum(a == b for a, b in zip(g, r)) for g, r in zip(got, ref))
         tf = sum(sum(a == b for a, b in zip(f, r)) for f, r in zip(forced, ref))
         total = len(prompts) * new
-        print(f"  {name:8s} first divergence at {firsts} (of {new}); identical before it: "
+        print(f"  {name:14s} first divergence at {firsts} (of {new}); identical before it: "
               f"{sum(firsts)}/{total} = {sum(firsts) / total:.3f}; same token at the same position anywhere: "
               f"{same}/{total}; teacher-forced top-1 agreement {tf}/{total} = {tf / total:.3f} "
               f"({per_token * 1e3:.0f} ms/token)")

@@ -1,6 +1,6 @@
 """The `gemma-jax` command: one argparse subcommand per job.
 
-    gemma-jax generate "prompt" [--max-tokens N] [--raw] [--checkpoint DIR|FILE.gguf] [--quantize int8|w8a8]
+    gemma-jax generate "prompt" [--max-tokens N] [--raw] [--checkpoint DIR|FILE.gguf] [--quantize METHOD]
                        [--kv-cache int8] [--mesh data=D,model=M]
     gemma-jax convert ...      (weights in other formats -> our native checkpoint)
     gemma-jax serve ...        (the Workers AI compatible HTTP server)
@@ -17,6 +17,14 @@ import sys
 from typing import Callable, Sequence
 
 from gemma_jax.mesh_flag import parse_mesh
+from gemma_jax.weights.load import QUANTIZE_CHOICES
+
+QUANTIZE_HELP = (
+    "quantize the weights at load, int8 with per-channel scales: int8, weight-only (--dtype computes; for "
+    "accelerators); w8a8, each product on int8 activations too (XLA:CPU's int8 dots: the fastest on a CPU, "
+    "least exact); w8a8-embedding, w8a8 for the tied embedding alone, the layers float; none. Default auto: "
+    "w8a8-embedding for the embedded model in float32 on a CPU (its quality and speed: BENCHMARKS.md), "
+    "else none")
 
 
 # --- generate ------------------------------------------------------------------------------------
@@ -33,10 +41,7 @@ def _add_generate(subparsers) -> None:
                    help="a native checkpoint directory (gemma-jax convert) or a .gguf file; default: embedded model")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and activation dtype (default float32)")
-    p.add_argument("--quantize", choices=("int8", "w8a8"),
-                   help="quantize the weights at load, per-channel int8 scales: int8 weight-only (--dtype computes; "
-                        "for accelerators), or w8a8, int8 activations too (XLA:CPU's int8 dots: faster than "
-                        "float32 on a CPU, less exact; see BENCHMARKS.md)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
     p.add_argument("--kv-cache", choices=("int8",),
                    help="int8: an int8 KV cache with one float32 scale per (kv head, position), decoded by "
                         "XLA's attention loop (default: the cache in --dtype)")
@@ -67,10 +72,12 @@ def _run_generate(args) -> int:
     from gemma_jax.engine.api import EngineError
     from gemma_jax.model import kv_cache_dtype
     from gemma_jax.notebook import Model, stream
+    from gemma_jax.weights.load import resolve_quantize
 
     if args.max_tokens < 1:
         raise SystemExit("gemma-jax: --max-tokens must be at least 1")
-    config, params, tokenizer, mesh = load_model(args.checkpoint, jnp.dtype(args.dtype), args.quantize,
+    quantize = resolve_quantize(args.quantize, embedded=args.checkpoint is None, dtype=args.dtype)
+    config, params, tokenizer, mesh = load_model(args.checkpoint, jnp.dtype(args.dtype), quantize,
                                                  mesh_shape=args.mesh)
     options = {"max_seqs": 1, "mesh": mesh, "cache_dtype": kv_cache_dtype(args.kv_cache)}
     model = Model(config, params, tokenizer, engine_options=options)

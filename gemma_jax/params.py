@@ -22,9 +22,10 @@ its input axes first (q [D, N, H], kv [D, 2, K, H], gating [D, 2, F], where Deep
 included (why: `projections.py`, where each projection's axes are declared). The Kaggle loader
 transposes once, at load time.
 
-An int8 tree (`quantize.quantize_params`) has the same paths, with each projection weight and the
-embedding a `quantize.QArray` (int8 `w` + per-output-channel `scale`); `quantized=True` (or the
-method's name, `quantize.METHODS`) gives its shapes, axes and shardings.
+An int8 tree (`quantize.quantize_params`) has the same paths, with each weight its method quantizes
+(`quantize.quantized_paths`: every projection and the embedding, or the embedding alone) a
+`quantize.QArray` (int8 `w` + per-output-channel `scale`); `quantized=True` (or the method's name,
+`quantize.METHODS`) gives its shapes, axes and shardings.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def placer(config: GemmaConfig, mesh: Mesh | None = None, dtype=None, quantize: 
     def quantized(method: str) -> dict:  # path -> the QArray of shardings of a `method` weight
         return flatten(param_shardings(config, mesh, quantized=method)) if mesh is not None else {}
 
-    contracted = quantize_lib.contracted_axes(config) if quantize is not None else {}
+    contracted = quantize_lib.quantized_paths(config, quantize) if quantize is not None else {}
     quantizers: dict = {}  # one jit per (contracted axes, output sharding): compiled once per shape
 
     def quantizer(axes, out):

@@ -1,13 +1,17 @@
-"""int8 weights with per-output-channel scales, in two methods (`METHODS`) that store the same arrays:
+"""int8 weights with per-output-channel scales, in three methods (`METHODS`):
 
     quantize_params(params, config, dtype=None, method="int8") -> params   (big weights as QArray)
 
 "int8", weight-only: each product dequantizes inside the matmul (for accelerators). "w8a8": each
 product also quantizes its activation to int8, one scale per row, and multiplies integers with int32
 sums (for CPUs, where that is the only int8 product XLA runs without a float copy of the weight).
+"w8a8-embedding": w8a8 for the tied embedding alone, the layers kept float (the CPU default for the
+embedded 270M: its biggest weight, read once per token as the unembedding, at a quarter of the
+bytes, while the layers' products keep float activations, whose int8 rounding is what costs w8a8
+its quality on that model; BENCHMARKS.md).
 
-Which weights: every projection of every layer (`projections.PROJECTIONS`) and the embedding. Norm
-scales stay float. Each quantized weight becomes a `QArray` in the same tree position:
+Which weights (`quantized_paths`): every projection of every layer (`projections.PROJECTIONS`) and
+the embedding, or the embedding alone ("w8a8-embedding"). Norm scales stay float. Each quantized weight becomes a `QArray` in the same tree position:
 
     w      int8, the float weight's shape
     scale  the weight's shape with its contracted (input) axes set to 1, in the compute dtype
@@ -55,8 +59,9 @@ from gemma_jax import projections as proj
 from gemma_jax.contraction import weight_einsum
 from gemma_jax.config import GemmaConfig
 
-METHODS = ("int8", "w8a8")
-ACTIVATIONS = {"int8": None, "w8a8": "int8"}  # method -> how its products quantize the activation
+METHODS = ("int8", "w8a8", "w8a8-embedding")
+ACTIVATIONS = {"int8": None, "w8a8": "int8", "w8a8-embedding": "int8"}  # method -> how its products treat x
+EMBEDDING_ONLY = ("w8a8-embedding",)  # the methods that quantize the embedding and no layer weight
 MIN_ROWS = 2  # an int8 product's rows on a CPU, padded up to (module docstring)
 EMBEDDING = ("embedder", "input_embedding")
 _EMBEDDING_CONTRACTED = (1,)  # [V, D]: D is contracted both in the lookup's use and in the unembedding
@@ -95,18 +100,30 @@ def contracted_axes(config: GemmaConfig | int) -> dict[tuple[str, ...], tuple[in
     return out
 
 
+def quantized_paths(config: GemmaConfig | int, method: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The part of `contracted_axes` that `method` quantizes: every weight, or the embedding alone."""
+    _check_method(method)
+    return {EMBEDDING: _EMBEDDING_CONTRACTED} if method in EMBEDDING_ONLY else contracted_axes(config)
+
+
 def is_quantized(params) -> bool:
-    """Whether `params` holds quantized weights (the embedding is quantized with the rest)."""
+    """Whether `params` holds quantized weights (every method quantizes the embedding)."""
     return is_qarray(params["embedder"]["input_embedding"])
 
 
 def quantization(params) -> str | None:
     """The method (`METHODS`) `params` were quantized with, None for a float tree."""
     emb = params["embedder"]["input_embedding"]
-    return method_of(emb) if is_qarray(emb) else None
+    if not is_qarray(emb):
+        return None
+    first = params.get("layer_0", {}).get("attn", {}).get("q_einsum", {}).get("w")
+    if first is not None and not is_qarray(first):
+        return next(m for m in EMBEDDING_ONLY if ACTIVATIONS[m] == emb.act)
+    return method_of(emb)
 
 
 def method_of(q: QArray) -> str:
+    """The all-weights method whose products treat the activation as `q`'s do ("int8" or "w8a8")."""
     return next(m for m, act in ACTIVATIONS.items() if act == q.act)
 
 
@@ -208,12 +225,12 @@ def stored_param(module: nn.Module, name: str, init, shape: tuple[int, ...], dty
 
 
 # --- whole trees ---------------------------------------------------------------------------------
-def _map_quantized(tree, config: GemmaConfig | None, fn):
-    """A copy of the nested-dict `tree` with fn(leaf, contracted) at every quantized path (config
-    None: the layers are the tree's own "layer_i" entries)."""
+def _map_quantized(tree, config: GemmaConfig | None, fn, method: str):
+    """A copy of the nested-dict `tree` with fn(leaf, contracted) at every path `method` quantizes
+    (config None: the layers are the tree's own "layer_i" entries)."""
     out = _copy_dicts(tree)
     layers = sum(k.startswith("layer_") for k in tree) if config is None else config
-    for path, contracted in contracted_axes(layers).items():
+    for path, contracted in quantized_paths(layers, method).items():
         parent = out
         for key in path[:-1]:
             parent = parent[key]
@@ -226,16 +243,16 @@ def _copy_dicts(tree):
 
 
 def quantize_params(params, config: GemmaConfig | None = None, dtype=None, method: str = "int8"):
-    """Quantize the projections and the embedding of a float tree (see the module docstring).
+    """Quantize the weights `method` quantizes (`quantized_paths`) of a float tree (module docstring).
 
     config: the model's (None: the layers are the tree's own "layer_i" entries).
     dtype: the compute dtype, stored as the scales' dtype (default: each weight's own float dtype).
     Norm scales keep their dtype (cast to `dtype` when it is given). Weights that are already
     QArrays are kept as they are. Runs on whatever devices the params are on; the result takes
-    1/4 (float32) or 1/2 (bfloat16) of the projection and embedding bytes."""
+    1/4 (float32) or 1/2 (bfloat16) of the quantized weights' bytes."""
     _check_method(method)
     out = _map_quantized(params, config, lambda w, c: w if is_qarray(w) else quantize_array(
-        w, c, None if dtype is None else jnp.dtype(dtype), method))
+        w, c, None if dtype is None else jnp.dtype(dtype), method), method)
     if dtype is not None:  # the float leaves left (norms) take the compute dtype too
         out = jax.tree.map(lambda x: x if is_qarray(x) else x.astype(dtype), out, is_leaf=is_qarray)
     return out
@@ -250,7 +267,7 @@ def quantized_shapes(shapes, config: GemmaConfig, method: str = "int8"):
         scale = tuple(1 if i in contracted else n for i, n in enumerate(s.shape))
         return QArray(w=jax.ShapeDtypeStruct(s.shape, jnp.int8), scale=jax.ShapeDtypeStruct(scale, s.dtype),
                       act=ACTIVATIONS[method])
-    return _map_quantized(shapes, config, quantized)
+    return _map_quantized(shapes, config, quantized, method)
 
 
 def quantized_axes(axes, config: GemmaConfig, method: str = "int8"):
@@ -261,7 +278,7 @@ def quantized_axes(axes, config: GemmaConfig, method: str = "int8"):
     def quantized(a, contracted):
         return QArray(w=a, scale=tuple(None if i in contracted else name for i, name in enumerate(a)),
                       act=ACTIVATIONS[method])
-    return _map_quantized(axes, config, quantized)
+    return _map_quantized(axes, config, quantized, method)
 
 
 def as_dicts(tree):
@@ -277,7 +294,7 @@ def from_dicts(tree, config: GemmaConfig, method: str = "int8"):
     """Inverse of `as_dicts` at the quantized paths of `config` (the `method` the tree was made with)."""
     _check_method(method)
     return _map_quantized(tree, config, lambda d, _: d if is_qarray(d) else QArray(
-        w=d["w"], scale=d["scale"], act=ACTIVATIONS[method]))
+        w=d["w"], scale=d["scale"], act=ACTIVATIONS[method]), method)
 
 
 def tree_bytes(tree) -> int:

@@ -16,7 +16,9 @@ import os
 import sys
 from collections.abc import Callable
 
+from gemma_jax.cli import QUANTIZE_HELP
 from gemma_jax.mesh_flag import parse_mesh
+from gemma_jax.weights.load import QUANTIZE_CHOICES
 from serving.backend import DEFAULT_MODEL, Backend
 
 _FALSE = ("0", "false", "no", "off", "")
@@ -93,10 +95,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
            "replicated over D; "
            "D*M must equal the device count [GEMMA_JAX_MESH] (default: one device on CPU; on TPU/GPU "
            "every device, M = the largest divisor of the device count dividing the head count)")
-    a("--quantize", choices=("int8", "w8a8"), default=_env("QUANTIZE") or None,
-      help="quantize the weights at load, int8 with per-channel scales: int8 weight-only, computing in "
-           "--dtype (for accelerators); w8a8, each product on int8 activations too (XLA:CPU's int8 dots: "
-           "faster than float32 on a CPU, less exact) [GEMMA_JAX_QUANTIZE] (default: the weights as loaded)")
+    a("--quantize", choices=QUANTIZE_CHOICES, default=_env("QUANTIZE") or "auto",
+      help=QUANTIZE_HELP + " [GEMMA_JAX_QUANTIZE]")
     a("--kv-cache", choices=("int8",), default=_env("KV_CACHE") or None,
       help="int8: store the KV pages as int8 with one float32 scale per (page, kv head, position), "
            "written as each token's keys/values are computed. Half a bfloat16 cache's bytes, a quarter "

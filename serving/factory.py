@@ -64,10 +64,11 @@ def load_model(args: argparse.Namespace, mesh: Mesh | None = None):
     `param_shardings` placement on `mesh` as it loads (None: the first device): a native checkpoint
     restores into it, GGUF tensors are placed (and quantized) one by one, random weights are born
     sharded, so no device ever holds the whole model."""
-    from gemma_jax.weights.load import load_parts
+    from gemma_jax.weights.load import load_parts, resolve_quantize
 
     dtype = serve_dtype(args)
-    quantize = getattr(args, "quantize", None)
+    embedded = args.checkpoint is None and not args.random_weights
+    quantize = resolve_quantize(getattr(args, "quantize", None), embedded=embedded, dtype=dtype)
     if args.random_weights:
         from gemma_jax import params as P
 

@@ -22,9 +22,11 @@ import pytest
 from gemma_jax import cli, embedded
 from gemma_jax.mesh_flag import build_mesh
 from gemma_jax.model import forward
+from gemma_jax.quantize import quantize_params
 from gemma_jax.tokenizer import Tokenizer, encode_chat
 from gemma_jax.weights import native
 from gemma_jax.weights.gguf import load_gguf
+from gemma_jax.weights.load import CPU_DEFAULT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,14 +125,20 @@ def _cli_command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "gemma_jax.cli"]
 
 
-def test_cli_generate_prints_the_greedy_continuation(cache, first_load):
-    """Default mode (the prompt as one chat-template user turn), through the console script."""
+@pytest.mark.parametrize("flags", [[], ["--quantize", "none"]], ids=["default", "float32"])
+def test_cli_generate_prints_the_greedy_continuation(cache, first_load, flags):
+    """Default mode (the prompt as one chat-template user turn), through the console script; by
+    default on a CPU the weights are `--quantize auto`'s (`load.CPU_DEFAULT`), so the reference
+    loop runs on `quantize_params` of the float tree with that method."""
     config, params, tokenizer = first_load
     prompt = "Name three colours."
     env = dict(os.environ, GEMMA_JAX_CACHE=str(cache), PYTHONPATH=str(REPO))
-    run = subprocess.run([*_cli_command(), "generate", prompt, "--max-tokens", "12"], env=env,
+    env.pop("GEMMA_JAX_QUANTIZE", None)
+    run = subprocess.run([*_cli_command(), "generate", prompt, "--max-tokens", "12", *flags], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
+    if not flags:
+        params = quantize_params(params, config, method=CPU_DEFAULT)
     expected = _reference_greedy(config, params, encode_chat(tokenizer, [{"role": "user", "content": prompt}]), 12)
     assert expected, "the reference produced no text"
     assert run.stdout == tokenizer.decode(expected) + "\n"

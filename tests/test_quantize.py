@@ -311,7 +311,8 @@ def test_serve_quantize_flag_quantizes_at_load(monkeypatch):
     args = parser.parse_args(["--random-weights", "tiny_gemma3", "--quantize", "int8"])
     config, params, _ = factory.load_model(args)
     assert P.is_quantized(params) and params["embedder"]["input_embedding"].w.dtype == jnp.int8
-    assert parser.parse_args([]).quantize is None
+    assert parser.parse_args([]).quantize == "auto"  # random weights: the weights as loaded (test_w8a8_embedding)
+    assert not P.is_quantized(factory.load_model(parser.parse_args(["--random-weights", "tiny_gemma3"]))[1])
     monkeypatch.setenv("GEMMA_JAX_QUANTIZE", "int8")
     assert serve_cli.add_serve_arguments(argparse.ArgumentParser()).parse_args([]).quantize == "int8"
     with pytest.raises(SystemExit):

@@ -1,14 +1,14 @@
 """`gemma-jax convert`: HF safetensors, Kaggle/DeepMind Flax or GGUF weights -> our native checkpoint.
 
     gemma-jax convert --from {hf,kaggle,gguf} SRC OUT [--dtype bfloat16|float32] [--variant 2b|7b]
-                      [--quantize int8|w8a8]
+                      [--quantize int8|w8a8|w8a8-embedding]
 
 Converting once means every later start is one orbax restore straight into the device sharding
 (`weights/native.py`), whatever the weights came as. The tokenizer travels with the weights:
 `tokenizer.model` from the HF directory, from beside the Kaggle checkpoint, or rebuilt from a GGUF's
 own vocabulary. `--quantize int8` writes the int8 weight-only tree (`gemma_jax/quantize.py`; the
 scales in --dtype, the compute dtype), `--quantize w8a8` the same arrays whose products run on int8
-activations too; config.json records which. The output always carries a NOTICE (Gemma's weights are under the Gemma Terms of
+activations too, `--quantize w8a8-embedding` w8a8 for the embedding alone; config.json records which. The output always carries a NOTICE (Gemma's weights are under the Gemma Terms of
 Use, which a redistribution must pass on, and a converted copy is a modified file).
 
 This module imports no JAX at import time, so `gemma-jax --help` stays instant.
@@ -21,7 +21,7 @@ import os
 import sys
 
 FORMATS = ("hf", "kaggle", "gguf")
-QUANTIZE = ("int8", "w8a8")  # gemma_jax.quantize.METHODS, without importing JAX here
+QUANTIZE = ("int8", "w8a8", "w8a8-embedding")  # gemma_jax.quantize.METHODS, without importing JAX here
 
 GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 
@@ -33,7 +33,14 @@ def notice_for(source_format: str, src: str, quantize: str | None = None) -> str
             f"{os.path.basename(os.path.normpath(src))} (tensors re-laid out for named-dimension einsums"
             f"{', vocabulary padding removed' if source_format == 'kaggle' else ''}"
             f"{', dequantized, norm weights without the +1' if source_format == 'gguf' else ''}"
-            f"{', projections and embedding quantized to int8 with per-channel scales' if quantize else ''}).\n")
+            f"{_quantized_note(quantize)}).\n")
+
+
+def _quantized_note(quantize: str | None) -> str:
+    if not quantize:
+        return ""
+    which = "embedding" if quantize == "w8a8-embedding" else "projections and embedding"
+    return f", {which} quantized to int8 with per-channel scales"
 
 
 def load_source(source_format: str, src: str, dtype, variant: str | None = None):
@@ -121,7 +128,7 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=QUANTIZE,
                    help="save int8 weights (per-output-channel scales in --dtype, the compute dtype; "
                         "projections and embedding take 1 byte per weight): int8 weight-only, or w8a8, "
-                        "its products on int8 activations too (for CPUs)")
+                        "its products on int8 activations too (for CPUs), or w8a8-embedding, w8a8 for the embedding alone")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (once the new one is complete)")
     p.add_argument("--notice", metavar="FILE", help="write this file as NOTICE instead of the default Gemma notice")
     p.set_defaults(func=run_convert)

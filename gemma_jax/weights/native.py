@@ -1,7 +1,7 @@
 """Our native checkpoint format: a directory that restores straight onto a device mesh.
 
     <dir>/config.json       {"format_version": 1, "config": config_to_dict(config)} and, for an int8
-                            tree, "quantization": its method ("int8" or "w8a8", `quantize.METHODS`):
+                            tree, "quantization": its method (`quantize.METHODS`):
                             nothing is guessed on load (not an HF
                             config.json: no "model_type")
     <dir>/params/           an orbax checkpoint of the parameter tree (see `params.py`); a quantized
@@ -73,7 +73,7 @@ def save_checkpoint(directory: str | os.PathLike, config: GemmaConfig, params,
     """Write `params` (any placement: host, one device or sharded) as a native checkpoint.
 
     Arrays are saved in the dtype they have; a quantized tree (`quantize.quantize_params`) is saved
-    as such, and config.json records "quantization": its method ("int8", "w8a8"). Raises FileExistsError if `directory` exists and not
+    as such, and config.json records "quantization": its method (`quantize.METHODS`). Raises FileExistsError if `directory` exists and not
     `overwrite`; with `overwrite` the old checkpoint is replaced only once the new one is complete.
     Returns the absolute path written.
     """
