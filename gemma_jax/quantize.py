@@ -11,7 +11,8 @@ bytes, while the layers' products keep float activations, whose int8 rounding is
 its quality on that model; BENCHMARKS.md).
 
 Which weights (`quantized_paths`): every projection of every layer (`projections.PROJECTIONS`) and
-the embedding, or the embedding alone ("w8a8-embedding"). Norm scales stay float. Each quantized weight becomes a `QArray` in the same tree position:
+the embedding, or the embedding alone ("w8a8-embedding"). Norm scales stay float. Each quantized
+weight becomes a `QArray` in the same tree position:
 
     w      int8, the float weight's shape
     scale  the weight's shape with its contracted (input) axes set to 1, in the compute dtype

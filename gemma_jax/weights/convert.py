@@ -8,8 +8,9 @@ Converting once means every later start is one orbax restore straight into the d
 `tokenizer.model` from the HF directory, from beside the Kaggle checkpoint, or rebuilt from a GGUF's
 own vocabulary. `--quantize int8` writes the int8 weight-only tree (`gemma_jax/quantize.py`; the
 scales in --dtype, the compute dtype), `--quantize w8a8` the same arrays whose products run on int8
-activations too, `--quantize w8a8-embedding` w8a8 for the embedding alone; config.json records which. The output always carries a NOTICE (Gemma's weights are under the Gemma Terms of
-Use, which a redistribution must pass on, and a converted copy is a modified file).
+activations too, `--quantize w8a8-embedding` w8a8 for the embedding alone; config.json records
+which. The output always carries a NOTICE (Gemma's weights are under the Gemma Terms of Use, which
+a redistribution must pass on, and a converted copy is a modified file).
 
 This module imports no JAX at import time, so `gemma-jax --help` stays instant.
 """
@@ -128,7 +129,8 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=QUANTIZE,
                    help="save int8 weights (per-output-channel scales in --dtype, the compute dtype; "
                         "projections and embedding take 1 byte per weight): int8 weight-only, or w8a8, "
-                        "its products on int8 activations too (for CPUs), or w8a8-embedding, w8a8 for the embedding alone")
+                        "its products on int8 activations too (for CPUs), or w8a8-embedding, w8a8 for the "
+                        "embedding alone")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (once the new one is complete)")
     p.add_argument("--notice", metavar="FILE", help="write this file as NOTICE instead of the default Gemma notice")
     p.set_defaults(func=run_convert)
