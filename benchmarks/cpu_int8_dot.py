@@ -70,7 +70,7 @@ def f32_dot(x, w, s, nt):
     return lax.dot_general(x, w, _dims(nt))
 
 
-def weight_only(x, w, s, nt):  # (a): today's qeinsum; also (d) on an int4 weight
+def weight_only(x, w, s, nt):  # (a): qeinsum's weight-only form; also (d) on an int4 weight
     return lax.dot_general(x, w.astype(jnp.float32), _dims(nt)) * s
 
 

@@ -173,8 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the figures and outputs as JSON here")
     p.add_argument("--compare-with", help="an earlier run's JSON: count the outputs equal to its outputs")
     p.add_argument("--no-prefix-cache", action="store_true", help="the workload server without the prefix cache")
-    p.add_argument("--quantize", default="auto", help="serve's --quantize (default auto, serve's own default; the "
-                   "2026-12-07 runs in BENCHMARKS.md predate it and served float32, what `none` gives)")
+    p.add_argument("--quantize", default="auto", help="serve's --quantize (default auto, serve's own default; none: float32)")
     p.add_argument("--server-log", default=os.path.join(tempfile.gettempdir(), "gemma-jax-serving-load.log"))
     args = p.parse_args(argv)
 

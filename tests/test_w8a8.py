@@ -96,11 +96,12 @@ def test_w8a8_forward_is_not_the_weight_only_model():
     assert cos.min() > 0.99 and np.abs(a - b).max() > 1e-4 * np.abs(b).max()
 
 
-def test_paged_engine_on_w8a8_equals_the_naive_loop_row_by_row():
+@pytest.mark.parametrize("method", ["w8a8", "w8a8-embedding"])
+def test_paged_engine_on_w8a8_equals_the_naive_loop_row_by_row(method):
     """Each row is quantized alone, so a sequence's tokens do not depend on its batch neighbours
-    (nor on the padding row a lone decode row gets on a CPU)."""
+    (nor on the padding row a lone decode row gets on a CPU); also with the embedding alone int8."""
     config, params = _tiny()
-    qp = Q.quantize_params(params, config, method="w8a8")
+    qp = Q.quantize_params(params, config, method=method)
     probe = naive_greedy(config.replace(eos_id=-1, end_of_turn_id=-1), qp, prompts_for([5]), 8)[0]
     config = config.replace(end_of_turn_id=probe[5])
     prompts = prompts_for([5, 12, 20, 31], seed=3)

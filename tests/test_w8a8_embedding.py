@@ -5,7 +5,7 @@
   and a checkpoint carry the method;
 - the model: the lookup returns the dequantized rows and the logits are the int8 unembedding of the
   float model's last hidden state (numpy by hand: rows rounded to int8, integer sums, both scales);
-  the paged engine's greedy tokens for prompts served together equal the naive loop's;
+  (the paged engine against the naive loop on this tree: test_w8a8.py, parametrized by method);
 - the compiled decode step (the 270M's shapes, 2 layers): one YNNPACK int8 dot, the unembedding,
   reading the table as stored; no weight-sized copy anywhere;
 - `--quantize auto` (serve's and generate's default) resolves to it for the embedded model in
@@ -20,11 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_reference import PAGED_KW, TEST_LIMITS, naive_greedy, prompts_for
+from engine_reference import TEST_LIMITS
 from gemma_jax import config as C
 from gemma_jax import params as P
 from gemma_jax import quantize as Q
-from gemma_jax.engine.build import build_engine
 from gemma_jax.model import Transformer, forward
 from gemma_jax.sharding import make_mesh
 from gemma_jax.weights import native
@@ -90,18 +89,6 @@ def test_logits_are_the_int8_unembedding_of_the_float_hidden_state():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     exact = h @ (w8 * ws[:, None]).T
     assert np.abs(want - exact).max() > 1e-5 * np.abs(exact).max()  # the activation rows were rounded
-
-
-def test_paged_engine_equals_the_naive_loop_row_by_row():
-    config, params = _tiny()
-    qp = Q.quantize_params(params, config, method=METHOD)
-    probe = naive_greedy(config.replace(eos_id=-1, end_of_turn_id=-1), qp, prompts_for([5]), 8)[0]
-    config = config.replace(end_of_turn_id=probe[5])
-    prompts = prompts_for([5, 12, 20, 31], seed=4)
-    engine = build_engine(config, qp, **{**PAGED_KW, "adapter_slots": 0})
-    seqs = [engine.add(p, 14) for p in prompts]
-    got = engine.run()
-    assert [got[s] for s in seqs] == naive_greedy(config, qp, prompts, 14)
 
 
 def test_tree_shardings_and_checkpoint_carry_the_method(tmp_path):
