@@ -18,8 +18,10 @@ should agree for a long prefix.
 Work. Per batch B (`--batches`), B prompts of `--prompt-len` tokens (BOS + ids drawn with `--seed`
 from [3, vocab)), the same on both sides; greedy; every row generates exactly `--new-tokens` (our
 stop ids disabled; llama.cpp's EOS ignored: the next token is the argmax, whatever it is).
-Ours: the paged engine `build_engine` builds (max_seqs B, prefix cache off, so repeats recompute
-their prompts), every prompt `add`ed then `run` (`cpu_vs_transformers.Ours`). llama.cpp: a
+Ours: the paged engine `build_engine` builds (max_seqs max(B, `--max-seqs`), by default 8 as
+`gemma-jax serve` runs it, so a batch of 1 runs as a lone request on a server does; prefix cache
+off, so repeats recompute their prompts), every prompt `add`ed then `run`
+(`cpu_vs_transformers.Ours`). llama.cpp: a
 `llama_cpp.Llama` (n_batch 512, `--threads` for both thread counts) whose context serves batch 1,
 and for B > 1 a second context on the same model (n_seq_max B, n_ctx B x (prompt + new)); both
 driven through the low-level API: the prompts go into the KV cache in `llama_batch`es of up to
@@ -74,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="small defaults, to check that it runs")
     p.add_argument("--seed", type=int, default=0, help="the prompts' random ids")
     p.add_argument("--steps", type=int, default=None, help="our decode steps per dispatch (default: the engine's)")
+    p.add_argument("--max-seqs", type=int, default=8, help="our engine's rows, at least the batch (default 8: serve's)")
+    p.add_argument("--decode-buckets", default=None,
+                   help="our engine's decode_buckets, comma-separated (default: the engine's: 1 and max_seqs on a CPU)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="llama.cpp n_threads and n_threads_batch (default: the CPUs this process may use)")
     p.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention (default off, as Llama's)")
@@ -99,12 +104,13 @@ def _choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 
 # -- ours --------------------------------------------------------------------------------------------
-def our_sides(formats: list[str], steps: int | None, max_len: int) -> dict:
+def our_sides(formats: list[str], steps: int | None, max_len: int, max_seqs: int | None = None,
+              decode_buckets: tuple[int, ...] | None = None) -> dict:
     """format -> a `cpu_vs_transformers.Ours` over those weights (one float32 load shared)."""
     from benchmarks.cpu_vs_transformers import Ours
     from gemma_jax.quantize import quantize_params
 
-    base = Ours(steps, max_len)
+    base = Ours(steps, max_len, max_seqs=max_seqs, decode_buckets=decode_buckets)
     sides = {}
     for fmt in formats:
         side = copy.copy(base)
@@ -279,7 +285,8 @@ def main(argv=None) -> None:
     max_len = args.prompt_len + args.new_tokens
     gguf_file = gguf_path()
     t = time.perf_counter()
-    ours = our_sides(args.formats, args.steps, max_len)
+    buckets = tuple(int(b) for b in args.decode_buckets.split(",")) if args.decode_buckets else None
+    ours = our_sides(args.formats, args.steps, max_len, args.max_seqs, buckets)
     load_ours = time.perf_counter() - t
     t = time.perf_counter()
     files = {"q4_k_m": gguf_file, "f32": f32_gguf(gguf_file) if "f32" in args.llama_files else None}

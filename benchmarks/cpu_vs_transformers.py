@@ -52,7 +52,9 @@ def parse_args(argv=None):
 
 # -- ours --------------------------------------------------------------------------------------------
 class Ours:
-    def __init__(self, steps: int | None, max_len: int, kind: str = "paged"):
+    def __init__(self, steps: int | None, max_len: int, kind: str = "paged", max_seqs: int | None = None,
+                 decode_buckets: tuple[int, ...] | None = None):
+        """max_seqs: the paged engine's rows (None: each batch's size); decode_buckets: its option."""
         import jax.numpy as jnp
 
         from gemma_jax.embedded import load_embedded
@@ -60,14 +62,16 @@ class Ours:
         config, self.params, _ = load_embedded(dtype=jnp.float32)
         self.config = config.replace(eos_id=-1, end_of_turn_id=-1)  # never stop early
         self.steps, self.max_len, self.kind, self.engines = steps, max_len, kind, {}
+        self.max_seqs, self.decode_buckets = max_seqs, decode_buckets
 
     def engine(self, batch: int):
         if batch not in self.engines:
             if self.kind == "paged":
                 from gemma_jax.engine.build import build_engine
 
-                self.engines[batch] = build_engine(self.config, self.params, max_seqs=batch, adapter_slots=0,
-                                                   decode_steps=self.steps, prefix_caching=False)
+                self.engines[batch] = build_engine(self.config, self.params, max_seqs=max(batch, self.max_seqs or 0),
+                                                   adapter_slots=0, decode_steps=self.steps, prefix_caching=False,
+                                                   decode_buckets=self.decode_buckets)
             else:
                 from gemma_jax.engine.engine import Engine
 
@@ -79,7 +83,8 @@ class Ours:
         if self.kind == "slot":
             return f"slot engine, {self.steps or 8} steps/dispatch"
         e = next(iter(self.engines.values()), None)
-        return "paged engine" + (f", {e.decode_steps} decode steps/dispatch, token budget {e.budget}" if e else "")
+        return "paged engine" + (f", {e.decode_steps} decode steps/dispatch, token budget {e.budget}, max_seqs "
+                                 f"{e.max_seqs}, decode buckets {','.join(map(str, e.decode_buckets))}" if e else "")
 
     def generate(self, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
         if self.kind == "paged":

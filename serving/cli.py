@@ -59,6 +59,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--decode-steps", type=int, default=_env_int("DECODE_STEPS"),
       help="most decode steps per dispatch when every sequence decodes and none waits "
            "[GEMMA_JAX_DECODE_STEPS] (default 1 on a CPU, 8 on an accelerator)")
+    a("--decode-buckets", type=_int_list, default=_int_list(_env("DECODE_BUCKETS") or ""),
+      help="comma-separated row counts a decode-only step is compiled for; a step runs the smallest "
+           "that holds its sequences, --max-batch always one [GEMMA_JAX_DECODE_BUCKETS] (default: "
+           "1,MAX_BATCH on a CPU, where a step's cost grows with its rows; MAX_BATCH on an accelerator)")
     a("--paged-attention", choices=("xla", "pallas_tpu", "pallas_gpu"), default=_env("PAGED_ATTENTION") or None,
       help="the step's attention over KV pages: xla (the reference), or a Pallas kernel of "
            "gemma_jax/paged_kernels.py (not yet measured on hardware) [GEMMA_JAX_PAGED_ATTENTION] (default xla)")
@@ -117,6 +121,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--process-id", type=int, default=_env_int("PROCESS_ID", os.environ.get("TPU_WORKER_ID")),
       help="multi-host: this process's index, 0 = the HTTP leader [GEMMA_JAX_PROCESS_ID, else TPU_WORKER_ID]")
     return parser
+
+
+def _int_list(text: str) -> tuple[int, ...] | None:
+    """"1,2,8" -> (1, 2, 8); "" -> None (the engine's default)."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip()) or None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {text!r}") from None
 
 
 def _env_int(name: str, fallback: str | None = None) -> int | None:

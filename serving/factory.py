@@ -150,8 +150,9 @@ def build_engine(args: argparse.Namespace) -> tuple[PagedEngine, Tokenizer]:
     log.info("mesh: data=%d, model=%d (%s)", mesh.shape["data"], mesh.shape["model"], mesh.devices.flat[0].platform)
     config, params, tokenizer = load_model(args, mesh)
     engine = build.build_engine(config, params, mesh=mesh, **engine_options(args))
-    log.info("engine: %d sequences, %d KV pages of %d positions, token budget %d, %d decode steps per dispatch",
-             engine.max_seqs, engine.num_pages - 1, engine.page_size, engine.budget, engine.decode_steps)
+    log.info("engine: %d sequences, %d KV pages of %d positions, token budget %d, %d decode steps per dispatch, "
+             "decode buckets %s", engine.max_seqs, engine.num_pages - 1, engine.page_size, engine.budget,
+             engine.decode_steps, ",".join(map(str, engine.decode_buckets)))
     return engine, tokenizer
 
 
@@ -161,6 +162,7 @@ def engine_options(args: argparse.Namespace) -> dict:
                  cache_dtype=kv_cache_dtype(args), num_pages=getattr(args, "kv_pages", None),
                  page_size=getattr(args, "page_size", None), token_budget=getattr(args, "token_budget", None),
                  decode_steps=getattr(args, "decode_steps", None),
+                 decode_buckets=getattr(args, "decode_buckets", None),
                  prefix_caching=getattr(args, "prefix_cache", None),
                  attention_impl=getattr(args, "paged_attention", None))
     return {k: v for k, v in given.items() if v is not None}

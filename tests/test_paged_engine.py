@@ -23,7 +23,7 @@ from engine_reference import ENGINE_KW, naive_greedy, prompts_for, run_to_comple
 from gemma_jax.engine.api import InputTooLong
 from gemma_jax.engine.engine import Engine
 from gemma_jax.engine.paged import PagedEngine
-from gemma_jax.sampling import MODES, SamplingParams
+from gemma_jax.sampling import MODES, SamplingParams, mode_for
 
 GREEDY = SamplingParams(temperature=0.0)
 KW = dict(num_pages=48, page_size=4, token_budget=16, max_seqs=4, decode_steps=1)
@@ -40,7 +40,7 @@ def test_greedy_equals_a_full_recompute_with_chunked_prefill():
     prompts = prompts_for([5, 30, 17, 29], seed=6)
     engine = PagedEngine(config, params, **KW)
     assert run_all(engine, prompts, 12) == naive_greedy(config, params, prompts, 12)
-    assert engine.compile_counts()["step"] <= 2  # greedy only: the mixed and the decode-only budget
+    assert engine.compile_counts()["step"] <= 1 + len(engine.decode_buckets)  # greedy: mixed, each decode bucket
     assert engine.pool.available() == KW["num_pages"] - 1  # every page back (cached or free)
 
 
@@ -84,19 +84,27 @@ def test_prefix_cache_gives_the_same_tokens_and_skips_the_shared_head():
     assert stats["prefix_hits"] == 12 and stats["prefix_misses"] >= 2
 
 
-def test_seeded_sampling_draws_what_the_slot_engine_draws():
+@pytest.mark.parametrize("alone", [False, True], ids=["together", "alone"])
+def test_seeded_sampling_draws_what_the_slot_engine_draws(alone):
+    """Together the rows decode in the max_seqs bucket (an executable per mode); each alone, in the
+    one-row bucket, whose executable picks the mode at run time (`lax.switch`)."""
     config, params = tiny_params("tiny_gemma3")
     prompts = prompts_for([7, 19, 12], seed=4)
     sampling = [SamplingParams(temperature=0.9, top_k=20, seed=11, repetition_penalty=1.3),
                 SamplingParams(temperature=1.2, top_p=0.8, seed=12, frequency_penalty=0.5, presence_penalty=0.3),
                 SamplingParams(temperature=0.0, repetition_penalty=1.5)]
+    assert sorted(mode_for([s]) for s in sampling) == sorted(MODES)
     want = run_to_completion(Engine(config, params, **ENGINE_KW), prompts, max_tokens=10, sampling=sampling)
     for steps in (1, 4):  # one step per dispatch, and several
         engine = PagedEngine(config, params, **{**KW, "decode_steps": steps})
-        ids = [engine.add(p, max_tokens=10, sampling=s) for p, s in zip(prompts, sampling)]
-        got = engine.run()
-        assert [got[i] for i in ids] == want
-        assert engine.compile_counts()["step"] <= 2 * len(MODES)
+        groups = [[i] for i in range(3)] if alone else [[0, 1, 2]]
+        got = []
+        for group in groups:
+            ids = [engine.add(prompts[i], max_tokens=10, sampling=sampling[i]) for i in group]
+            out = engine.run()
+            got += [out[i] for i in ids]
+        assert got == want
+        assert engine.compile_counts()["step"] <= (2 + 1 if alone else 2 * len(MODES))  # mixed: 2 modes
 
 
 def test_decoding_continues_while_a_long_prompt_enters_in_chunks():
@@ -147,17 +155,44 @@ def test_int8_pages_stay_close_to_float():
     assert next(iter(engine.cache.values())).k.dtype == np.int8
 
 
-def test_warmup_compiles_everything_serving_uses():
+@pytest.mark.parametrize("shape,steps", [
+    # a CPU's default: decode buckets 1 (the sampling mode chosen at run time) and 4: (1 + 3 + 2 mixed) x 2 LoRA
+    (dict(), 12),
+    # an accelerator's: one bucket, one executable per mode: (3 + 2 mixed) x 2 LoRA
+    (dict(decode_buckets=(4,), sampling_switch=False), 10)], ids=["cpu", "accelerator"])
+def test_warmup_compiles_everything_serving_uses(shape, steps):
     config, params = tiny_params("tiny_gemma3")
-    engine = PagedEngine(config, params, adapter_slots=2, adapter_rank=4, **{**KW, "decode_steps": 4})
+    engine = PagedEngine(config, params, adapter_slots=2, adapter_rank=4, **{**KW, "decode_steps": 4}, **shape)
     seen = []
     engine.warmup(progress=lambda done, total: seen.append((done, total)))
-    assert seen[0] == (1, 11) and seen[-1] == (11, 11) and engine.compile_counts()["step"] == 10
-    assert sum(engine.compile_counts().values()) == 11  # and the pools' initialization: <= 12 in all
+    assert seen[0] == (1, steps + 1) and seen[-1] == (steps + 1, steps + 1)
+    assert engine.compile_counts()["step"] == steps
+    assert sum(engine.compile_counts().values()) == steps + 1  # and the pools' initialization
     prompts = prompts_for([5, 30, 9], seed=7)
     for sampling in (GREEDY, SamplingParams(temperature=0.8, seed=1), SamplingParams(top_p=0.5, seed=2)):
-        run_all(engine, prompts, 6, sampling)
-    assert engine.compile_counts()["step"] == 10
+        run_all(engine, prompts, 6, sampling)  # 3 sequences, then fewer as they finish: every bucket
+        run_all(engine, prompts[:1], 6, sampling)  # one alone
+    assert engine.compile_counts()["step"] == steps
+
+
+def test_a_lone_sequence_decodes_in_the_one_row_bucket():
+    config, params, _ = tiny_engine("tiny_gemma3")
+    prompts = prompts_for([5, 13, 9], seed=2)
+    engine = PagedEngine(config, params, **KW)
+    assert engine.decode_buckets == (1, 4)  # a CPU's default
+    rows = []
+    dispatch = engine._dispatch
+    engine._dispatch = lambda inputs, **static: (rows.append((inputs.tokens.shape[0], int(inputs.live.sum()))),
+                                                 dispatch(inputs, **static))[1]
+    ids = [engine.add(p, max_tokens=m, sampling=GREEDY) for p, m in zip(prompts, (3, 14, 8))]
+    got = engine.run()
+    want = [naive_greedy(config, params, [p], m)[0] for p, m in zip(prompts, (3, 14, 8))]
+    assert [got[i] for i in ids] == want
+    decode = [(t, live) for t, live in rows if t != KW["token_budget"]]
+    assert all(t == (1 if live == 1 else 4) for t, live in decode)  # the smallest bucket that holds them
+    assert (1, 1) in decode and any(live > 1 for _, live in decode)
+    with pytest.raises(ValueError, match="decode_buckets"):
+        PagedEngine(config, params, **KW, decode_buckets=(0,))
 
 
 @pytest.mark.parametrize("bad", [dict(prompt=[], max_tokens=4), dict(prompt=[2, 999999], max_tokens=4),
@@ -207,3 +242,17 @@ def test_per_token_lora_and_the_prefix_cache_keep_adapters_apart():
     seq = engine.add(prompt, 6, GREEDY, ids["a"])
     assert engine.run()[seq] == naive_greedy(config, merge_lora(params, c), [prompt], 6)[0]
     assert engine.stats()["prefix_hits"] == 0  # nothing of "a" was matched under "c"
+
+
+def test_serve_flag_decode_buckets_reaches_the_engine(monkeypatch):
+    import argparse
+
+    from serving import cli, factory
+
+    parse = lambda argv: cli.add_serve_arguments(argparse.ArgumentParser()).parse_args(argv)
+    assert factory.engine_options(parse(["--decode-buckets", "1,2,8"]))["decode_buckets"] == (1, 2, 8)
+    assert "decode_buckets" not in factory.engine_options(parse([]))  # the engine's default
+    monkeypatch.setenv("GEMMA_JAX_DECODE_BUCKETS", "2")
+    assert factory.engine_options(parse([]))["decode_buckets"] == (2,)
+    with pytest.raises(SystemExit):
+        parse(["--decode-buckets", "one"])

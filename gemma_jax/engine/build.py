@@ -23,7 +23,8 @@ def build_engine(config: GemmaConfig, params, *, mesh: Mesh | None = None, **opt
     """A `PagedEngine` over `params` on `mesh` (None: the first device), DEFAULTS overridden by
     `options`; TypeError names an option `PagedEngine` does not take."""
     unknown = set(options) - set(DEFAULTS) - {"adapter_rank_buckets", "adapter_dtype", "attention_impl",
-                                              "memory_fraction", "seed"}
+                                              "memory_fraction", "seed", "decode_buckets",
+                                              "sampling_switch"}
     if unknown:
         raise TypeError(f"unknown engine options: {sorted(unknown)}")
     return PagedEngine(config, params, mesh=mesh, **{**DEFAULTS, **options})

@@ -16,11 +16,19 @@ ending early once every row finished: no conditional, no recompile): each step f
 the token it drew, at the next position, on the pages the host allocated ahead; a finished row
 stops writing and drawing (-1).
 
-Shapes never change: T is one of two token budgets, `max_seqs` (decode-only: up to
-`decode_steps` steps per dispatch) or `token_budget` (mixed: decode tokens first, then prompt
-chunks), R is `max_seqs`; so the engine compiles one executable per (budget, sampling mode, LoRA
-on/off): (3 + 2) x 2 = 10 at most (a mixed step samples in two modes), all of them in `warmup`,
-plus the pools' initialization.
+Shapes never change: a mixed step (decode tokens first, then prompt chunks) has T =
+`token_budget` and R = `max_seqs`; a decode-only step (up to `decode_steps` steps per dispatch) has
+T = R = the smallest of `decode_buckets` that holds its sequences, which the host packs into rows
+0 .. n-1. On a CPU the buckets are 1 and `max_seqs`: a step's cost grows with its rows there (and a
+lone row's products run as matrix-vector products), so one request alone on a `max_seqs` 8 server
+decodes as fast as on an engine sized for one (BENCHMARKS.md); an accelerator's step barely grows
+with its rows, and it keeps one bucket, `max_seqs`.
+A decode-only step of a bucket below `max_seqs` picks its sampling mode at run time
+(`sampling_switch`: a `lax.switch` over `sampling.MODES`, which runs only the chosen one) rather
+than compiling one executable per mode; the `max_seqs` bucket keeps one per mode (there the
+switch measured slower: BENCHMARKS.md). So the engine compiles one executable per (T, sampling
+mode, LoRA on/off), all of them in `warmup`, plus the pools' initialization: (3 + 2) x 2 = 10 at
+most with one bucket (a mixed step samples in two modes), (3 + 1 + 2) x 2 = 12 on a CPU.
 
 Host side (`PagedEngine`): the page tables, the free list, reference counts and the prefix cache
 (`pages.PagePool`). Each step plans decode tokens first (oldest sequence first), then prompt chunks
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 from typing import Callable, Sequence
 
@@ -68,6 +77,7 @@ REASONS = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
 _MODE_EXAMPLES = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
                   SamplingParams(temperature=1.0, top_p=0.5))
 _GREEDY = SamplingParams(temperature=0.0)
+ANY_MODE = "any"  # `paged_step`'s static mode that samples in MODES[inputs.mode], chosen at run time
 
 
 @flax.struct.dataclass
@@ -86,12 +96,14 @@ class StepInputs:
     prompt_len: jax.Array  # [R] int32: the first prompt_len are the prompt
     limit: jax.Array  # [R] int32: most tokens the row's request draws
     steps: jax.Array  # [] int32: decode steps to run (> 1 only for a decode-only batch, T = R)
+    mode: jax.Array  # [] int32: index in MODES of the rows' sampling mode (read under mode ANY_MODE)
 
 
 def paged_step(params, bank, cache: model_lib.PagedCache, x: StepInputs, *, config: GemmaConfig, mode: str,
                use_lora: bool, max_steps: int = 1, attn_impl: str = "xla"):
-    """The step (module docstring). Returns (cache, drawn [max_steps, R] int32 (-1: nothing drawn),
-    finish [R] int32: FINISH_NONE, FINISH_STOP or FINISH_LENGTH)."""
+    """The step (module docstring). mode: one of MODES, or ANY_MODE (a `lax.switch` over them on
+    x.mode). Returns (cache, drawn [max_steps, R] int32 (-1: nothing drawn), finish [R] int32:
+    FINISH_NONE, FINISH_STOP or FINISH_LENGTH)."""
     vocab, r = config.vocab_size, x.live.shape[0]
     stop = jnp.asarray(config.stop_ids, jnp.int32)
     lora = (bank, x.adapter_ids) if use_lora else None
@@ -100,12 +112,18 @@ def paged_step(params, bank, cache: model_lib.PagedCache, x: StepInputs, *, conf
     def one(cache, tokens, positions, batch, live, history, history_len):
         logits, cache = model_lib.forward_paged(params, tokens, positions, cache, batch, config=config, lora=lora,
                                                 logits_rows=x.logits_rows, attn_impl=attn_impl)
-        seen = prompt_seen(history, history_len, vocab)  # [R, V] prompt + generated
-        index = jnp.arange(history.shape[1])[None, :]
-        generated = (index >= x.prompt_len[:, None]) & (index < history_len[:, None])
-        counts = jnp.zeros((r, vocab), jnp.int32).at[rows_r[:, None], jnp.where(generated, history, vocab)].add(
-            1, mode="drop")
-        drawn = sample(logits, x.rows, seen, counts, history_len - x.prompt_len, mode=mode)
+        def draw(mode, logits):  # [R, V] -> [R]
+            seen = prompt_seen(history, history_len, vocab)  # [R, V] prompt + generated
+            index = jnp.arange(history.shape[1])[None, :]
+            generated = (index >= x.prompt_len[:, None]) & (index < history_len[:, None])
+            counts = jnp.zeros((r, vocab), jnp.int32).at[rows_r[:, None], jnp.where(generated, history, vocab)].add(
+                1, mode="drop")
+            return sample(logits, x.rows, seen, counts, history_len - x.prompt_len, mode=mode)
+
+        if mode == ANY_MODE:  # the penalties' state is built inside each branch, as in a compiled mode
+            drawn = jax.lax.switch(x.mode, [functools.partial(draw, m) for m in MODES], logits)
+        else:
+            drawn = draw(mode, logits)
         drawn = jnp.where(live, drawn, -1)
         n = history_len - x.prompt_len + 1  # tokens drawn, this one included
         finish = jnp.where(~live, FINISH_NONE, jnp.where(jnp.isin(drawn, stop), FINISH_STOP,
@@ -179,6 +197,16 @@ def _default_budget() -> int:
     return 64 if jax.default_backend() == "cpu" else 512
 
 
+def _default_decode_buckets(max_seqs: int) -> tuple[int, ...]:
+    """Decode-only row counts: 1 and max_seqs on a CPU, max_seqs elsewhere (module docstring)."""
+    return tuple(sorted({1, max_seqs})) if jax.default_backend() == "cpu" else (max_seqs,)
+
+
+def _default_sampling_switch() -> bool:
+    """Whether decode-only steps pick their sampling mode at run time: on a CPU (module docstring)."""
+    return jax.default_backend() == "cpu"
+
+
 def _default_decode_steps() -> int:
     """Decode steps per dispatch: a CPU's step dwarfs the host's work; an accelerator's does not."""
     return 1 if jax.default_backend() == "cpu" else 8
@@ -193,15 +221,25 @@ class PagedEngine:
                  mesh: Mesh | None = None, cache_dtype=None, adapter_slots: int = 0,
                  adapter_rank: int = lora_lib.DEFAULT_MAX_RANK, adapter_rank_buckets: Sequence[int] | None = None,
                  adapter_dtype=None, prefix_caching: bool = True, attention_impl: str = "xla",
-                 memory_fraction: float = 0.5, seed: int | None = None):
+                 memory_fraction: float = 0.5, seed: int | None = None,
+                 decode_buckets: Sequence[int] | None = None, sampling_switch: bool | None = None):
         """max_seqs: sequences running at once (R); page_size: positions per page; num_pages: the
         pool (None: `memory_fraction` of an accelerator's free memory, or on a CPU room for max_seqs
         full-length sequences and one more); token_budget: a mixed step's tokens (None: 64 on a CPU,
         512 elsewhere); decode_steps: most decode steps per decode-only dispatch (None: 1 on a CPU,
-        8 elsewhere); cache_dtype: the pools' dtype (default the params' compute dtype) or int8."""
+        8 elsewhere); cache_dtype: the pools' dtype (default the params' compute dtype) or int8;
+        decode_buckets: a decode-only step's row counts (None: 1 and max_seqs on a CPU, max_seqs
+        elsewhere; max_seqs is always one); sampling_switch: the decode-only executables of buckets
+        below max_seqs choose the sampling mode at run time, one per bucket instead of one per
+        bucket and mode (None: on a CPU)."""
         limits = config.limits
         self.config = config
         self.max_seqs, self.page_size = int(max_seqs), int(page_size)
+        buckets = _default_decode_buckets(self.max_seqs) if decode_buckets is None else decode_buckets
+        if any(int(b) < 1 or int(b) > self.max_seqs for b in buckets):
+            raise ValueError(f"decode_buckets must lie in [1, max_seqs={self.max_seqs}], not {list(buckets)}")
+        self.decode_buckets = tuple(sorted({int(b) for b in buckets} | {self.max_seqs}))
+        self.sampling_switch = _default_sampling_switch() if sampling_switch is None else bool(sampling_switch)
         self.budget = max(int(token_budget or _default_budget()), self.max_seqs)
         self.decode_steps = max(int(decode_steps or _default_decode_steps()), 1)
         self.mesh = mesh if mesh is not None else make_mesh(1, 1, devices=jax.devices()[:1])
@@ -400,7 +438,8 @@ class PagedEngine:
         if not plan:
             raise RuntimeError("no sequence can run: the pool cannot hold even one")
         decode_only = all(want == 1 and len(s.tokens) - s.computed == 1 for s, want in plan)
-        t, r, m = (self.max_seqs if decode_only else self.budget), self.max_seqs, self.max_pages
+        r = self._rows(len(plan)) if decode_only else self.max_seqs
+        t, m = (r if decode_only else self.budget), self.max_pages
         tokens, positions = np.zeros(t, np.int32), np.full(t, -1, np.int32)
         pages, offsets = np.full(t, NULL_PAGE, np.int32), np.zeros(t, np.int32)
         seq_ids, adapter_ids = np.zeros(t, np.int32), np.zeros(t, np.int32)
@@ -429,7 +468,9 @@ class PagedEngine:
         use_lora = self.bank is not None and any(s.adapter for s, _ in plan)
         inputs = StepInputs(tokens, positions, adapter_ids, model_lib.PagedBatch(pages, offsets, tables, seq_ids),
                             logits_rows, live, rows_from_params(sampling), history, history_len, prompt_len, limit,
-                            np.asarray(steps if decode_only else 1, np.int32))
+                            np.asarray(steps if decode_only else 1, np.int32), np.asarray(MODES.index(mode), np.int32))
+        if decode_only and self._switches(t):
+            mode = ANY_MODE
         drawn, finish = self._dispatch(inputs, mode=mode, use_lora=use_lora,
                                        max_steps=self.decode_steps if decode_only else 1)
         self._stats["steps"] += 1
@@ -452,6 +493,14 @@ class PagedEngine:
             if seq.id in self._seqs:
                 self._register(seq)
         return events
+
+    def _switches(self, t: int) -> bool:
+        """Whether the decode-only executable of bucket t picks its sampling mode at run time."""
+        return self.sampling_switch and t < self.max_seqs
+
+    def _rows(self, n: int) -> int:
+        """A decode-only step's rows for n sequences: the smallest bucket that holds them."""
+        return next(b for b in self.decode_buckets if b >= n)
 
     @staticmethod
     def _mode(mode: str, decode_only: bool) -> str:
@@ -486,33 +535,37 @@ class PagedEngine:
 
     # -- compiles ----------------------------------------------------------------------------------
     def warmup(self, progress: Callable[[int, int], None] | None = None) -> None:
-        """Compile every executable serving can reach: the decode-only budget in each sampling mode,
-        the mixed budget in two (`_mode`), each with LoRA on and off when there is a bank, by running an all-padding step (it writes
-        only the trash page). progress(compiled, total) before the first and after each compile:
+        """Compile every executable serving can reach: each decode-only bucket (in each sampling mode,
+        or in one where it switches: `_switches`), the mixed budget in two modes (`_mode`), each
+        with LoRA on and off when there is a bank, by running an all-padding step (it writes only
+        the trash page). progress(compiled, total) before the first and after each compile:
         executables compiled, the pools' initialization included, of what a fresh engine compiles
         by the end of its warmup."""
         examples = {mode_for([s]): s for s in _MODE_EXAMPLES}
         if set(examples) != set(MODES):
             raise AssertionError(f"warmup examples cover {sorted(examples)}, not every mode of {MODES}")
-        variants = {(self.budget, 1, self._mode(m, False)) for m in MODES}
-        variants |= {(self.max_seqs, self.decode_steps, m) for m in MODES}
+        examples[ANY_MODE] = _GREEDY
+        variants = {(self.budget, self.max_seqs, 1, self._mode(m, False)) for m in MODES}
+        variants |= {(b, b, self.decode_steps, m) for b in self.decode_buckets
+                     for m in ((ANY_MODE,) if self._switches(b) else MODES)}
         loras = (False, True) if self.bank is not None else (False,)
-        plan = [(t, k, m, u) for t, k, m in sorted(variants) for u in loras]
+        plan = [(t, r, k, m, u) for t, r, k, m in sorted(variants) for u in loras]
         before, others = self._traces["step"], sum(self._traces.values()) - self._traces["step"]
         report = (lambda: progress(others + self._traces["step"] - before, others + len(plan))) if progress else (
             lambda: None)
         report()
-        for t, k, mode, use_lora in plan:
-            self._dispatch(self._padding_inputs(t, examples[mode]), mode=mode, use_lora=use_lora, max_steps=k)
+        for t, r, k, mode, use_lora in plan:
+            self._dispatch(self._padding_inputs(t, examples[mode], r), mode=mode, use_lora=use_lora, max_steps=k)
             report()
 
-    def _padding_inputs(self, t: int, sampling: SamplingParams) -> StepInputs:
-        r = self.max_seqs
+    def _padding_inputs(self, t: int, sampling: SamplingParams, r: int | None = None) -> StepInputs:
+        """An all-padding step of T = t tokens and r sampling rows (default max_seqs)."""
+        r = self.max_seqs if r is None else r
         z = lambda *shape: np.zeros(shape, np.int32)
         batch = model_lib.PagedBatch(z(t), z(t), z(r, self.max_pages), z(t))
         return StepInputs(z(t), np.full(t, -1, np.int32), z(t), batch, z(r), np.zeros(r, bool),
                           rows_from_params([dataclasses.replace(sampling, seed=0)] * r), z(r, self.max_len), z(r),
-                          z(r), np.ones(r, np.int32), np.asarray(1, np.int32))
+                          z(r), np.ones(r, np.int32), np.asarray(1, np.int32), np.asarray(0, np.int32))
 
     def compile_counts(self) -> dict[str, int]:
         """Traces per device function so far (each is one compile)."""
