@@ -90,6 +90,7 @@ def parse_args(argv=None):
     args.formats = _choices(args.formats, FORMATS, "--formats")
     args.llama_files = _choices(args.llama_files, tuple(LLAMA_FILES), "--llama-files")
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.decode_buckets = tuple(int(b) for b in args.decode_buckets.split(",")) if args.decode_buckets else None
     if args.prompt_len < 2 or args.new_tokens < 2:
         p.error("--prompt-len and --new-tokens must be at least 2 (decode tok/s subtracts a 1-token run)")
     return args
@@ -285,8 +286,7 @@ def main(argv=None) -> None:
     max_len = args.prompt_len + args.new_tokens
     gguf_file = gguf_path()
     t = time.perf_counter()
-    buckets = tuple(int(b) for b in args.decode_buckets.split(",")) if args.decode_buckets else None
-    ours = our_sides(args.formats, args.steps, max_len, args.max_seqs, buckets)
+    ours = our_sides(args.formats, args.steps, max_len, args.max_seqs, args.decode_buckets)
     load_ours = time.perf_counter() - t
     t = time.perf_counter()
     files = {"q4_k_m": gguf_file, "f32": f32_gguf(gguf_file) if "f32" in args.llama_files else None}
