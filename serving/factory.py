@@ -108,10 +108,18 @@ def _random_config(name: str) -> config_lib.GemmaConfig:
 def build_backend(args: argparse.Namespace) -> Backend:
     """Load, then compile every executable (`PagedEngine.warmup`: 10 step variants, unless --no-warmup) so
     that the server is ready only once the first request runs as fast as the tenth; compiled executables come from
-    JAX's persistent cache (`gemma_jax.compilation_cache`) when an earlier start wrote them."""
+    JAX's persistent cache (`gemma_jax.compilation_cache`) when an earlier start wrote them. On a CPU a
+    cold cache is filled by a child process first (`serving.precompile`), so that serializing each
+    executable into the cache never holds this process's GIL while it answers /health."""
     from gemma_jax import compilation_cache
 
     cache = compilation_cache.enable()
+    if args.warmup and not multihost_requested(args):
+        from serving import precompile
+
+        startup.PROGRESS.stage("precompiling")
+        if precompile.precompile(args, cache, lambda done, total: startup.PROGRESS.compiled(done, total, "precompiling")):
+            log.info("precompiled every step variant in a child process (persistent cache: %s)", cache)
     startup.PROGRESS.stage("loading weights")
     engine, tokenizer = build_engine(args)
     if multihost_requested(args):

@@ -2,7 +2,8 @@
 
 From the first second the worker listens, its WSGI app is a `Starting` app: `GET /health` answers
 503 `{"status": "warming", "stage": ..., "compiled": n, "total": N, "elapsed_s": s}` (executables
-compiled so far by `Engine.warmup` and how many it compiles in all, null before it starts), and
+compiled so far by `Engine.warmup` and how many it compiles in all, null before it starts; stage
+"precompiling": the same counts from a child process filling a cold cache, `serving.precompile`), and
 every other route answers 503 with Workers AI's 3040 envelope and `Retry-After`, while a thread
 loads the model, compiles it and builds the Flask app. Then every request goes to that app
 (`/health` answers 200). `PROGRESS` is what the loading thread reports and `/health` reads.
@@ -39,10 +40,11 @@ class Progress:
         with self._lock:
             self._stage = name
 
-    def compiled(self, done: int, total: int) -> None:
-        """`Engine.warmup`'s progress callback."""
+    def compiled(self, done: int, total: int, stage: str = "compiling") -> None:
+        """`Engine.warmup`'s progress callback (stage "precompiling": a child process's warmup,
+        `serving.precompile`)."""
         with self._lock:
-            self._stage, self._compiled, self._total = "compiling", int(done), int(total)
+            self._stage, self._compiled, self._total = stage, int(done), int(total)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -1,0 +1,117 @@
+"""A cold start's compiles in a child process, so that the worker's GIL stays free to answer.
+
+JAX writes each executable it compiles to the persistent cache (`gemma_jax.compilation_cache`), and
+jaxlib serializes the executable while holding the GIL: 0.1-0.6 s per step variant of the tiny
+model on a 2-core CPU, during which no HTTP thread of the worker runs (`/health` answered after
+up to 0.6 s; reading an executable back from the cache does not hold it). So on a CPU, before the
+worker builds its engine, `precompile` runs the same build and `warmup` in a spawned child, which
+fills the cache; the worker's own warmup then only traces and reads. Progress reaches `/health` as
+the stage "precompiling" (the child's compiled / total), then "compiling" as before.
+
+The child is skipped when a marker says an earlier child finished for the same start: the same
+flags (but the listening address and data directory), jax and jaxlib versions, platform, XLA_FLAGS
+and gemma_jax / serving sources (`marker_key`). The marker is only a hint: if the cache lost an
+executable since, the worker compiles it itself, as it did before this module. It is not used for
+multi-host engines (the followers must make each call with the leader) or accelerators (the child
+would take the device the worker is about to use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("serving.precompile")
+
+# Flags that do not change what the engine compiles: the HTTP side (a token is never hashed into a
+# file name). A flag missing here only costs a child run when it changes.
+_UNCOMPILED = ("host", "port", "data_dir", "threads", "graceful_timeout", "log_level", "func", "api_token",
+               "max_body_bytes", "max_upload_bytes", "max_queue", "model_name", "no_stream_padding",
+               "protect_metrics", "request_timeout")
+MARKER_DIR = "gemma-jax-precompiled"
+
+
+def marker_key(args: argparse.Namespace) -> str:
+    """A hex digest of what decides the executables a start compiles (module docstring)."""
+    import jax
+    import jaxlib
+
+    import gemma_jax
+
+    h = hashlib.sha256()
+    flags = sorted((k, repr(v)) for k, v in vars(args).items() if k not in _UNCOMPILED)
+    h.update(repr((flags, jax.__version__, jaxlib.__version__, jax.default_backend(), jax.device_count(),
+                   os.environ.get("XLA_FLAGS", ""), sys.version_info[:2])).encode())
+    for package in (Path(gemma_jax.__file__).parent, Path(__file__).parent):
+        for path in sorted(package.rglob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def precompile(args: argparse.Namespace, cache_dir: Path | None, report: Callable[[int, int], None]) -> bool:
+    """Run `build_engine(args)` and its warmup in a spawned child that writes `cache_dir` (JAX's
+    persistent cache), unless the marker says it was done (module docstring). report(compiled,
+    total) as the child compiles. Returns whether a child ran and finished; a child that fails
+    is logged and the caller compiles in-process as usual."""
+    import jax
+
+    if cache_dir is None or not args.warmup or getattr(args, "coordinator", None) or jax.default_backend() != "cpu":
+        return False
+    marker = Path(cache_dir) / MARKER_DIR / marker_key(args)
+    if marker.exists():
+        return False
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(args, str(cache_dir), theirs, os.getpid()), daemon=True,
+                        name="gemma-jax-precompile")
+    child.start()
+    theirs.close()
+    done = False
+    try:
+        while True:
+            try:
+                message = ours.recv()
+            except EOFError:
+                break
+            if message == "done":
+                done = True
+            else:
+                report(*message)
+    finally:
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+    if not done or child.exitcode != 0:
+        log.warning("precompiling in a child process failed (exit code %s); compiling here instead", child.exitcode)
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return True
+
+
+def _child(args: argparse.Namespace, cache_dir: str, conn, parent: int) -> None:
+    """The spawned child: the worker's build and warmup, into the same persistent cache."""
+    from serving.server import configure_logging
+
+    configure_logging("warning")  # the worker says what the start does; the child only what goes wrong
+    from gemma_jax import compilation_cache
+    from serving.factory import build_engine
+
+    compilation_cache.enable(cache_dir)
+    engine, _ = build_engine(args)
+
+    def progress(done: int, total: int) -> None:
+        if os.getppid() != parent:  # the worker is gone: stop compiling for nobody
+            os._exit(1)
+        conn.send((done, total))
+
+    engine.warmup(progress=progress)
+    conn.send("done")
+    conn.close()
