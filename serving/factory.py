@@ -118,7 +118,8 @@ def build_backend(args: argparse.Namespace) -> Backend:
         from serving import precompile
 
         startup.PROGRESS.stage("precompiling")
-        if precompile.precompile(args, cache, lambda done, total: startup.PROGRESS.compiled(done, total, "precompiling")):
+        report = functools.partial(startup.PROGRESS.compiled, stage="precompiling")
+        if precompile.precompile(args, cache, report):
             log.info("precompiled every step variant in a child process (persistent cache: %s)", cache)
     startup.PROGRESS.stage("loading weights")
     engine, tokenizer = build_engine(args)
