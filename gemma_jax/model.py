@@ -350,6 +350,7 @@ class Transformer(nn.Module):
     config: GemmaConfig
     param_dtype: jnp.dtype = jnp.float32
     attn_impl: str = "xla"
+    hidden_only: bool = False  # return the final-normed hidden states [.., D], not logits (`logits_from_hidden`)
 
     @nn.compact
     def __call__(self, tokens, positions, cache: Cache | PagedCache | None = None,
@@ -371,10 +372,24 @@ class Transformer(nn.Module):
         if rows is not None:  # only these rows need logits (a flat batch's sampling tokens)
             x = x[rows]  # [R, T, D]
         x = RMSNorm("embed", cfg.norm_eps, dt, name="final_norm")(x)
-        logits = embedder.decode(x)
-        if cfg.final_logit_softcap:
-            logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
-        return logits, new_cache
+        if self.hidden_only:
+            return x, new_cache
+        return _softcap(embedder.decode(x), cfg), new_cache
+
+
+def _softcap(logits: jax.Array, config: GemmaConfig) -> jax.Array:
+    if config.final_logit_softcap:
+        return jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
+    return logits
+
+
+def logits_from_hidden(params, x: jax.Array, *, config: GemmaConfig) -> jax.Array:
+    """The output projection of final-normed hidden states x [..., D] (what `forward_paged(...,
+    unembed=False)` returns): logits [..., V] float32, soft-capped as `Transformer` does."""
+    dtype = params["embedder"]["input_embedding"].dtype
+    rows = x.reshape(-1, 1, x.shape[-1])  # the [B, T, D] that `Embedder.decode` takes
+    logits = Embedder(config, dtype).apply({"params": params["embedder"]}, rows, method="decode")
+    return _softcap(logits, config).reshape(*x.shape[:-1], logits.shape[-1])
 
 
 def forward(params, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, *,
@@ -411,7 +426,8 @@ def paged_products(config: GemmaConfig, tokens: int) -> str:
 
 
 def forward_paged(params, tokens: jax.Array, positions: jax.Array, cache: PagedCache, batch: PagedBatch, *,
-                  config: GemmaConfig, lora=None, logits_rows: jax.Array | None = None, attn_impl: str = "xla"):
+                  config: GemmaConfig, lora=None, logits_rows: jax.Array | None = None, attn_impl: str = "xla",
+                  unembed: bool = True):
     """One step over a flat, ragged token batch and a paged KV cache (issue 17's step, the model part).
 
     tokens, positions: [T] int32: decode tokens and prompt chunks of any sequences, in any order,
@@ -420,9 +436,11 @@ def forward_paged(params, tokens: jax.Array, positions: jax.Array, cache: PagedC
     its own (`paged_attention.ragged_paged_attention`). lora: None or (bank, adapter_ids [T]) per
     token. logits_rows: None (logits for every token) or [R] int token indices (the last token of
     each sequence that samples). attn_impl (static): `paged_attention.paged_attention_fn`'s impl.
+    unembed (static): False returns the final-normed hidden states [R or T, D] instead of logits
+    (for a caller that may not need them: `logits_from_hidden`).
     Returns (logits [R or T, V] float32, new cache).
     """
     dtype = params["embedder"]["input_embedding"].dtype
-    logits, new_cache = Transformer(config, dtype, attn_impl).apply(
+    logits, new_cache = Transformer(config, dtype, attn_impl, hidden_only=not unembed).apply(
         {"params": params}, tokens[:, None], positions[:, None], cache, batch, lora, None, False, logits_rows)
     return logits[:, 0], new_cache

@@ -110,8 +110,9 @@ def paged_step(params, bank, cache: model_lib.PagedCache, x: StepInputs, *, conf
     rows_r = jnp.arange(r)
 
     def one(cache, tokens, positions, batch, live, history, history_len):
-        logits, cache = model_lib.forward_paged(params, tokens, positions, cache, batch, config=config, lora=lora,
-                                                logits_rows=x.logits_rows, attn_impl=attn_impl)
+        hidden, cache = model_lib.forward_paged(params, tokens, positions, cache, batch, config=config, lora=lora,
+                                                logits_rows=x.logits_rows, attn_impl=attn_impl, unembed=False)
+
         def draw(mode, logits):  # [R, V] -> [R]
             seen = prompt_seen(history, history_len, vocab)  # [R, V] prompt + generated
             index = jnp.arange(history.shape[1])[None, :]
@@ -120,10 +121,16 @@ def paged_step(params, bank, cache: model_lib.PagedCache, x: StepInputs, *, conf
                 1, mode="drop")
             return sample(logits, x.rows, seen, counts, history_len - x.prompt_len, mode=mode)
 
-        if mode == ANY_MODE:  # the penalties' state is built inside each branch, as in a compiled mode
-            drawn = jax.lax.switch(x.mode, [functools.partial(draw, m) for m in MODES], logits)
+        def sampled(hidden):  # [R, D] -> [R]
+            logits = model_lib.logits_from_hidden(params, hidden, config=config)
+            if mode == ANY_MODE:  # the penalties' state is built inside each branch, as in a compiled mode
+                return jax.lax.switch(x.mode, [functools.partial(draw, m) for m in MODES], logits)
+            return draw(mode, logits)
+
+        if tokens.shape[0] > r:  # a mixed step: a prompt chunk that is not its prompt's last samples nothing
+            drawn = jax.lax.cond(jnp.any(live), sampled, lambda h: jnp.full((r,), -1, jnp.int32), hidden)
         else:
-            drawn = draw(mode, logits)
+            drawn = sampled(hidden)
         drawn = jnp.where(live, drawn, -1)
         n = history_len - x.prompt_len + 1  # tokens drawn, this one included
         finish = jnp.where(~live, FINISH_NONE, jnp.where(jnp.isin(drawn, stop), FINISH_STOP,
