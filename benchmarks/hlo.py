@@ -400,18 +400,21 @@ def abstract_step_inputs(setup: PagedSetup, t: int):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs)
 
 
-def compile_paged(setup: PagedSetup, t: int, max_steps: int, mode: str = "greedy", quantize: str | None = None):
+def compile_paged(setup: PagedSetup, t: int, max_steps: int, mode: str = "greedy", quantize: str | None = None,
+                  mixed_switch: bool = False):
     """The compiled `paged_step` of T tokens, jitted as `PagedEngine` jits it (the cache donated;
     XLA attention; `paged.step_compiler_options` for its mixed budget), on float weights or on the
-    `quantize` method's tree. Nothing about the context is compiled in: the loops' trip counts are
+    `quantize` method's tree; mixed_switch: `paged_step`'s (a CPU engine's: True; an
+    accelerator's: False). Nothing about the context is compiled in: the loops' trip counts are
     on the device."""
     params = params_lib.param_shapes(setup.config, setup.dtype, quantized=quantize or False)
     cache = jax.eval_shape(lambda: model_lib.init_paged_cache(setup.config, setup.num_pages, setup.page_size,
                                                               setup.dtype))
-    step = jax.jit(paged_lib.paged_step, static_argnames=("config", "mode", "use_lora", "max_steps", "attn_impl"),
+    step = jax.jit(paged_lib.paged_step, static_argnames=("config", "mode", "use_lora", "max_steps", "attn_impl",
+                                                         "mixed_switch"),
                    donate_argnums=(2,), compiler_options=paged_lib.step_compiler_options(setup.config, setup.budget))
     return step.lower(params, None, cache, abstract_step_inputs(setup, t), config=setup.config, mode=mode,
-                      use_lora=False, max_steps=max_steps).compile()
+                      use_lora=False, max_steps=max_steps, mixed_switch=mixed_switch).compile()
 
 
 def paged_copies(mod: hlo_text.Module, setup: PagedSetup, t: int) -> tuple[list, list, list]:

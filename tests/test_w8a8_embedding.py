@@ -122,7 +122,8 @@ def test_tree_shardings_and_checkpoint_carry_the_method(tmp_path):
 def test_decode_step_reads_the_int8_table_as_stored():
     """The 270M's shapes at 2 layers, paged decode of 1 and 8 rows: the unembedding is the one
     int8 YNNPACK dot, no instruction makes a copy the size of the table, and the float layers'
-    weights are read as they are (no weight-sized instruction at all)."""
+    weights are read as they are (no weight-sized instruction at all); a mixed step's two (one row
+    alone, or all) likewise."""
     full = C.gemma3_270m()
     config = full.replace(num_layers=2, attention_types=full.attention_types[4:6])
     weights = {int(np.prod(w.shape)) for w in jax.tree.leaves(P.param_shapes(config, quantized=METHOD),
@@ -134,6 +135,11 @@ def test_decode_step_reads_the_int8_table_as_stored():
         assert hlo_text.weight_copies(mod, weights) == []
         int8_dots = [i for i in mod.instructions() if '"__ynn_fusion"' in i.attrs and i.arrays[0][0] == "s32"]
         assert len(int8_dots) == 1, rows
+    # a mixed step (16 tokens, 8 rows) unembeds the lone sampling row, or all 8, as stored too
+    mod = hlo_text.parse(hlo.compile_paged(setup, 16, 1, quantize=METHOD, mixed_switch=True).as_text())
+    assert hlo_text.weight_copies(mod, weights) == []
+    int8_dots = [i for i in mod.instructions() if '"__ynn_fusion"' in i.attrs and i.arrays[0][0] == "s32"]
+    assert sorted(i.arrays[0][1][0] for i in int8_dots) == [2, 8]  # one row padded to YNNPACK's two, all eight
 
 
 def test_auto_is_w8a8_embedding_for_the_embedded_model_in_float32_on_a_cpu():

@@ -9,12 +9,14 @@ Device side: `paged_step(params, bank, cache, inputs) -> (cache, drawn [steps, R
 sequences, padded), where each token's K/V goes in the page pools and what it reads
 (`model.PagedBatch`), and R sampling rows: the token each row samples from, its sampling
 parameters, its history (prompt + generated: the penalties' state and the draw's index) and its
-limit. The device says why a row finished (`FINISH_STOP` on a stop token, `FINISH_LENGTH` at its
-limit); the host takes that as given. A decode-only batch (T = R, row r's token at index r) may run
-`inputs.steps` decode steps in one dispatch (a `while_loop` bounded by the device-side step count,
-ending early once every row finished: no conditional, no recompile): each step feeds each live row
-the token it drew, at the next position, on the pages the host allocated ahead; a finished row
-stops writing and drawing (-1).
+limit. On a CPU a mixed step projects onto the vocabulary and samples only the rows it must: none
+when no row samples (a prompt chunk that is not its prompt's last), one alone when one does, else
+all R (a `lax.switch` on the live count). The device says why a row finished (`FINISH_STOP` on a
+stop token, `FINISH_LENGTH` at its limit); the host takes that as given. A decode-only batch (T = R,
+row r's token at index r) may run `inputs.steps` decode steps in one dispatch (a `while_loop`
+bounded by the device-side step count, ending early once every row finished: no conditional, no
+recompile): each step feeds each live row the token it drew, at the next position, on the pages the
+host allocated ahead; a finished row stops writing and drawing (-1).
 
 Shapes never change: a mixed step (decode tokens first, then prompt chunks) has T =
 `token_budget` and R = `max_seqs`; a decode-only step (up to `decode_steps` steps per dispatch) has
@@ -100,9 +102,11 @@ class StepInputs:
 
 
 def paged_step(params, bank, cache: model_lib.PagedCache, x: StepInputs, *, config: GemmaConfig, mode: str,
-               use_lora: bool, max_steps: int = 1, attn_impl: str = "xla"):
+               use_lora: bool, max_steps: int = 1, attn_impl: str = "xla", mixed_switch: bool = False):
     """The step (module docstring). mode: one of MODES, or ANY_MODE (a `lax.switch` over them on
-    x.mode). Returns (cache, drawn [max_steps, R] int32 (-1: nothing drawn), finish [R] int32:
+    x.mode). mixed_switch: a mixed step (T > R) unembeds and samples no row, its one live row, or
+    all R, by a `lax.switch` on the live count (else always all R: no conditional, for backends
+    where one costs a host round trip). Returns (cache, drawn [max_steps, R] int32 (-1: nothing drawn), finish [R] int32:
     FINISH_NONE, FINISH_STOP or FINISH_LENGTH)."""
     vocab, r = config.vocab_size, x.live.shape[0]
     stop = jnp.asarray(config.stop_ids, jnp.int32)
@@ -113,24 +117,32 @@ def paged_step(params, bank, cache: model_lib.PagedCache, x: StepInputs, *, conf
         hidden, cache = model_lib.forward_paged(params, tokens, positions, cache, batch, config=config, lora=lora,
                                                 logits_rows=x.logits_rows, attn_impl=attn_impl, unembed=False)
 
-        def draw(mode, logits):  # [R, V] -> [R]
-            seen = prompt_seen(history, history_len, vocab)  # [R, V] prompt + generated
-            index = jnp.arange(history.shape[1])[None, :]
-            generated = (index >= x.prompt_len[:, None]) & (index < history_len[:, None])
-            counts = jnp.zeros((r, vocab), jnp.int32).at[rows_r[:, None], jnp.where(generated, history, vocab)].add(
-                1, mode="drop")
-            return sample(logits, x.rows, seen, counts, history_len - x.prompt_len, mode=mode)
+        def draw(mode, sel, logits):  # rows sel [n] (None: all R), their logits [n, V] -> [n]
+            pick = (lambda a: a) if sel is None else (lambda a: a[sel])
+            hist, hist_len, prompt_len = pick(history), pick(history_len), pick(x.prompt_len)
+            seen = prompt_seen(hist, hist_len, vocab)  # [n, V] prompt + generated
+            index = jnp.arange(hist.shape[1])[None, :]
+            generated = (index >= prompt_len[:, None]) & (index < hist_len[:, None])
+            n = hist.shape[0]
+            tokens_seen = jnp.where(generated, hist, vocab)  # [n, L], vocab: not a generated token
+            counts = jnp.zeros((n, vocab), jnp.int32).at[jnp.arange(n)[:, None], tokens_seen].add(1, mode="drop")
+            return sample(logits, jax.tree.map(pick, x.rows), seen, counts, hist_len - prompt_len, mode=mode)
 
-        def sampled(hidden):  # [R, D] -> [R]
-            logits = model_lib.logits_from_hidden(params, hidden, config=config)
+        def sampled(sel, hidden):  # the rows sel [n] (None: all R) of hidden [R, D] -> drawn [R] (-1 elsewhere)
+            logits = model_lib.logits_from_hidden(params, hidden if sel is None else hidden[sel], config=config)
             if mode == ANY_MODE:  # the penalties' state is built inside each branch, as in a compiled mode
-                return jax.lax.switch(x.mode, [functools.partial(draw, m) for m in MODES], logits)
-            return draw(mode, logits)
+                drawn = jax.lax.switch(x.mode, [functools.partial(draw, m, sel) for m in MODES], logits)
+            else:
+                drawn = draw(mode, sel, logits)
+            return drawn if sel is None else jnp.full((r,), -1, jnp.int32).at[sel].set(drawn)
 
-        if tokens.shape[0] > r:  # a mixed step: a prompt chunk that is not its prompt's last samples nothing
-            drawn = jax.lax.cond(jnp.any(live), sampled, lambda h: jnp.full((r,), -1, jnp.int32), hidden)
+        if mixed_switch and tokens.shape[0] > r:  # a mixed step: most sample no row (a prompt chunk not its prompt's last) or one
+            lone = lambda h: sampled(jnp.argmax(live)[None], h)  # noqa: E731 - the one live row alone
+            nothing = lambda h: jnp.full((r,), -1, jnp.int32)  # noqa: E731
+            drawn = jax.lax.switch(jnp.minimum(jnp.sum(live), 2), [nothing, lone, functools.partial(sampled, None)],
+                                   hidden)
         else:
-            drawn = sampled(hidden)
+            drawn = sampled(None, hidden)
         drawn = jnp.where(live, drawn, -1)
         n = history_len - x.prompt_len + 1  # tokens drawn, this one included
         finish = jnp.where(~live, FINISH_NONE, jnp.where(jnp.isin(drawn, stop), FINISH_STOP,
@@ -236,9 +248,10 @@ class PagedEngine:
         512 elsewhere); decode_steps: most decode steps per decode-only dispatch (None: 1 on a CPU,
         8 elsewhere); cache_dtype: the pools' dtype (default the params' compute dtype) or int8;
         decode_buckets: a decode-only step's row counts (None: 1 and max_seqs on a CPU, max_seqs
-        elsewhere; max_seqs is always one); sampling_switch: the decode-only executables of buckets
-        below max_seqs choose the sampling mode at run time, one per bucket instead of one per
-        bucket and mode (None: on a CPU)."""
+        elsewhere; max_seqs is always one); sampling_switch: run-time branches in the step (None:
+        on a CPU, where a conditional runs in place): the decode-only executables of buckets below
+        max_seqs choose the sampling mode at run time, one per bucket instead of one per bucket and
+        mode, and a mixed step samples only the rows that draw (`paged_step`'s mixed_switch)."""
         limits = config.limits
         self.config = config
         self.max_seqs, self.page_size = int(max_seqs), int(page_size)
@@ -312,7 +325,7 @@ class PagedEngine:
         def step(params, bank, cache, inputs, *, mode, use_lora, max_steps):
             traces["step"] += 1
             return paged_step(params, bank, cache, inputs, config=cfg, mode=mode, use_lora=use_lora,
-                              max_steps=max_steps, attn_impl=impl)
+                              max_steps=max_steps, attn_impl=impl, mixed_switch=self.sampling_switch)
 
         def init():
             traces["init"] += 1
