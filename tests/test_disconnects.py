@@ -93,7 +93,13 @@ def test_100_streams_dropped_after_their_first_event(server):
 
 def test_non_streaming_clients_that_drop_are_freed(server):
     text, _ = reference(PROMPT, MAX_TOKENS)
-    served_text(server)
+    # SLOTS greedy requests at once first: the server compiles on first use, and a compile of the
+    # SLOTS-row greedy step inside the window below would hold the slots for seconds, not a drop
+    warm = [threading.Thread(target=served_text, args=(server,)) for _ in range(SLOTS)]
+    for t in warm:
+        t.start()
+    for t in warm:
+        t.join(300)
     before = cancelled(server)
     server.fault("generate 0.05")  # a slow device: 400 tokens take > 2.5 s, far longer than we wait
     try:
