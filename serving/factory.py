@@ -117,9 +117,8 @@ def build_backend(args: argparse.Namespace) -> Backend:
     if args.warmup and not multihost_requested(args):
         from serving import precompile
 
-        startup.PROGRESS.stage("precompiling")
         report = functools.partial(startup.PROGRESS.compiled, stage="precompiling")
-        if precompile.precompile(args, cache, report):
+        if precompile.precompile(args, cache, report, started=lambda: startup.PROGRESS.stage("precompiling")):
             log.info("precompiled every step variant in a child process (persistent cache: %s)", cache)
     startup.PROGRESS.stage("loading weights")
     engine, tokenizer = build_engine(args)

@@ -55,11 +55,12 @@ def marker_key(args: argparse.Namespace) -> str:
     return h.hexdigest()[:32]
 
 
-def precompile(args: argparse.Namespace, cache_dir: Path | None, report: Callable[[int, int], None]) -> bool:
+def precompile(args: argparse.Namespace, cache_dir: Path | None, report: Callable[[int, int], None],
+               started: Callable[[], None] = lambda: None) -> bool:
     """Run `build_engine(args)` and its warmup in a spawned child that writes `cache_dir` (JAX's
-    persistent cache), unless the marker says it was done (module docstring). report(compiled,
-    total) as the child compiles. Returns whether a child ran and finished; a child that fails
-    is logged and the caller compiles in-process as usual."""
+    persistent cache), unless the marker says it was done (module docstring). started() once a
+    child is started, report(compiled, total) as it compiles. Returns whether a child ran and
+    finished; a child that fails is logged and the caller compiles in-process as usual."""
     import jax
 
     if cache_dir is None or not args.warmup or getattr(args, "coordinator", None) or jax.default_backend() != "cpu":
@@ -72,6 +73,7 @@ def precompile(args: argparse.Namespace, cache_dir: Path | None, report: Callabl
     child = ctx.Process(target=_child, args=(args, str(cache_dir), theirs, os.getpid()), daemon=True,
                         name="gemma-jax-precompile")
     child.start()
+    started()
     theirs.close()
     done = False
     try:

@@ -41,7 +41,8 @@ WORKER = textwrap.dedent(
     events.clear()
     engine, _ = build_engine(args)
     engine.warmup()
-    print(json.dumps({"ran": ran, "reports": reports, "marker": precompile.marker_key(args), "compiles": sum(engine.compile_counts().values()),
+    print(json.dumps({"ran": ran, "reports": reports, "marker": precompile.marker_key(args),
+                      "compiles": sum(engine.compile_counts().values()),
                       "hits": events.count("/jax/compilation_cache/cache_hits"),
                       "misses": events.count("/jax/compilation_cache/cache_misses")}))
     """

@@ -106,8 +106,8 @@ def paged_step(params, bank, cache: model_lib.PagedCache, x: StepInputs, *, conf
     """The step (module docstring). mode: one of MODES, or ANY_MODE (a `lax.switch` over them on
     x.mode). mixed_switch: a mixed step (T > R) unembeds and samples no row, its one live row, or
     all R, by a `lax.switch` on the live count (else always all R: no conditional, for backends
-    where one costs a host round trip). Returns (cache, drawn [max_steps, R] int32 (-1: nothing drawn), finish [R] int32:
-    FINISH_NONE, FINISH_STOP or FINISH_LENGTH)."""
+    where one costs a host round trip). Returns (cache, drawn [max_steps, R] int32 (-1: nothing
+    drawn), finish [R] int32: FINISH_NONE, FINISH_STOP or FINISH_LENGTH)."""
     vocab, r = config.vocab_size, x.live.shape[0]
     stop = jnp.asarray(config.stop_ids, jnp.int32)
     lora = (bank, x.adapter_ids) if use_lora else None
@@ -136,7 +136,7 @@ def paged_step(params, bank, cache: model_lib.PagedCache, x: StepInputs, *, conf
                 drawn = draw(mode, sel, logits)
             return drawn if sel is None else jnp.full((r,), -1, jnp.int32).at[sel].set(drawn)
 
-        if mixed_switch and tokens.shape[0] > r:  # a mixed step: most sample no row (a prompt chunk not its prompt's last) or one
+        if mixed_switch and tokens.shape[0] > r:  # a mixed step: most draw for no row, or for one
             lone = lambda h: sampled(jnp.argmax(live)[None], h)  # noqa: E731 - the one live row alone
             nothing = lambda h: jnp.full((r,), -1, jnp.int32)  # noqa: E731
             drawn = jax.lax.switch(jnp.minimum(jnp.sum(live), 2), [nothing, lone, functools.partial(sampled, None)],
