@@ -72,7 +72,11 @@ def precompile(args: argparse.Namespace, cache_dir: Path | None, report: Callabl
     ours, theirs = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child, args=(args, str(cache_dir), theirs, os.getpid()), daemon=True,
                         name="gemma-jax-precompile")
-    child.start()
+    try:
+        child.start()
+    except OSError as e:  # no process to spare (limits, memory): compile here, as before
+        log.warning("could not start a process to precompile in (%s); compiling here instead", e)
+        return False
     started()
     theirs.close()
     done = False
@@ -93,8 +97,11 @@ def precompile(args: argparse.Namespace, cache_dir: Path | None, report: Callabl
     if not done or child.exitcode != 0:
         log.warning("precompiling in a child process failed (exit code %s); compiling here instead", child.exitcode)
         return False
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError as e:  # a read-only cache: the next start precompiles again, nothing else lost
+        log.warning("could not write the precompile marker %s (%s)", marker, e)
     return True
 
 

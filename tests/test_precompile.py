@@ -3,7 +3,8 @@
 `test_startup.py` shows what it is for (`/health` within 100 ms while a cold cache fills); here,
 each run is a fresh process doing what `factory.build_backend` does on a CPU: `precompile` into a
 fresh cache directory, then build the engine and warm it up in-process, counting jax's persistent
-cache hits and misses (`jax.monitoring`) over the in-process part.
+cache hits and misses (`jax.monitoring`) over the in-process part; and a child whose build fails
+leaves the start to the worker.
 """
 
 from __future__ import annotations
@@ -87,3 +88,15 @@ def test_a_cold_start_compiles_in_a_child_and_the_worker_only_reads(tmp_path):
     second = run_worker(cache, 8082)  # another port: the marker says it was done, no child
     assert not second["ran"] and second["reports"] == [] and second["marker"] == first["marker"]
     assert second["misses"] == 0 and second["hits"] >= second["compiles"], second
+
+
+def test_a_child_that_fails_leaves_the_start_to_the_worker(tmp_path, caplog):
+    """The child's build fails (an unknown config): no marker, and the caller is told to compile
+    itself (where the same error then says what is wrong)."""
+    args = add_serve_arguments(argparse.ArgumentParser()).parse_args(["--random-weights", "no_such_config"])
+    reports, started = [], []
+    with caplog.at_level("WARNING", logger="serving.precompile"):
+        ran = precompile.precompile(args, tmp_path, lambda *r: reports.append(r), started=lambda: started.append(1))
+    assert ran is False and started == [1] and reports == []
+    assert not (tmp_path / precompile.MARKER_DIR).exists()
+    assert "precompiling in a child process failed (exit code 1)" in caplog.text
