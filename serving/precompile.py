@@ -1,19 +1,19 @@
 """A cold start's compiles in a child process, so that the worker's GIL stays free to answer.
 
 JAX writes each executable it compiles to the persistent cache (`gemma_jax.compilation_cache`), and
-jaxlib serializes the executable while holding the GIL: 0.1-0.6 s per step variant of the tiny
-model on a 2-core CPU, during which no HTTP thread of the worker runs (`/health` answered after
-up to 0.6 s; reading an executable back from the cache does not hold it). So on a CPU, before the
-worker builds its engine, `precompile` runs the same build and `warmup` in a spawned child, which
-fills the cache; the worker's own warmup then only traces and reads. Progress reaches `/health` as
-the stage "precompiling" (the child's compiled / total), then "compiling" as before.
+jaxlib serializes the executable while holding the GIL, so no HTTP thread of the worker runs
+meanwhile (reading an executable back from the cache does not hold it; BENCHMARKS.md has the
+stalls measured). So on a CPU, before the worker builds its engine, `precompile` runs the same
+build and `warmup` in a spawned child, which fills the cache; the worker's own warmup then only
+traces and reads. Progress reaches `/health` as the stage "precompiling" (the child's compiled /
+total), then "compiling".
 
 The child is skipped when a marker says an earlier child finished for the same start: the same
-flags (but the listening address and data directory), jax and jaxlib versions, platform, XLA_FLAGS
-and gemma_jax / serving sources (`marker_key`). The marker is only a hint: if the cache lost an
-executable since, the worker compiles it itself, as it did before this module. It is not used for
-multi-host engines (the followers must make each call with the leader) or accelerators (the child
-would take the device the worker is about to use).
+flags (but the HTTP side's: `_UNCOMPILED`), jax and jaxlib versions, platform, XLA_FLAGS and
+gemma_jax / serving sources (`marker_key`). The marker is only a hint: an executable the cache lost
+since is compiled by the worker itself. The caller runs it only for a single-host start with
+warmup (the followers of a multi-host engine must make each call with the leader), and it runs no
+child on an accelerator (the child would take the device the worker is about to use).
 """
 
 from __future__ import annotations
@@ -58,12 +58,13 @@ def marker_key(args: argparse.Namespace) -> str:
 def precompile(args: argparse.Namespace, cache_dir: Path | None, report: Callable[[int, int], None],
                started: Callable[[], None] = lambda: None) -> bool:
     """Run `build_engine(args)` and its warmup in a spawned child that writes `cache_dir` (JAX's
-    persistent cache), unless the marker says it was done (module docstring). started() once a
+    persistent cache), unless the marker says it was done (module docstring); for a single-host
+    start with warmup. started() once a
     child is started, report(compiled, total) as it compiles. Returns whether a child ran and
     finished; a child that fails is logged and the caller compiles in-process as usual."""
     import jax
 
-    if cache_dir is None or not args.warmup or getattr(args, "coordinator", None) or jax.default_backend() != "cpu":
+    if cache_dir is None or jax.default_backend() != "cpu":
         return False
     marker = Path(cache_dir) / MARKER_DIR / marker_key(args)
     if marker.exists():
@@ -74,7 +75,7 @@ def precompile(args: argparse.Namespace, cache_dir: Path | None, report: Callabl
                         name="gemma-jax-precompile")
     try:
         child.start()
-    except OSError as e:  # no process to spare (limits, memory): compile here, as before
+    except OSError as e:  # no process to spare (limits, memory): the worker compiles
         log.warning("could not start a process to precompile in (%s); compiling here instead", e)
         return False
     started()

@@ -1,12 +1,12 @@
 """The slot decode's HLO proof (`tests/test_hlo.py`) kept for the paged engine: the compiled
 `paged_step` (decode-only T = R, one step and a multi-step while loop, and a mixed budget; as an
 accelerator's engine compiles it: a CPU engine's mixed step branches on its live rows,
-`paged_step`'s mixed_switch) has no `conditional`, no sort, no [T, K, span, H] copy of the KV, no copy of a whole page pool and no
-weight copied before its matmul; its decode gathers exactly the pages its sequences read. What it
-does not meet is pinned, not hidden: for a GQA/MQA model (the 270M) XLA:CPU copies each gathered
-page out of the pool before its dots read it (2 page copies per layer: K and V; MHA, the 7B, reads
-them in place), and a mixed step gathers a page per token per column (tokens x columns pages, not
-the sequences' pages once). `benchmarks/hlo.py --engine paged`
+`paged_step`'s mixed_switch) has no `conditional`, no sort, no [T, K, span, H] copy of the KV, no
+copy of a whole page pool and no weight copied before its matmul; its decode gathers exactly the
+pages its sequences read. What it does not meet is pinned, not hidden: for a GQA/MQA model (the
+270M) XLA:CPU copies each gathered page out of the pool before its dots read it (2 page copies per
+layer: K and V; MHA, the 7B, reads them in place), and a mixed step gathers a page per token per
+column (tokens x columns pages, not the sequences' pages once). `benchmarks/hlo.py --engine paged`
 prints the figures at the 270M and 7B shapes; the first tests check its reader on known programs.
 """
 

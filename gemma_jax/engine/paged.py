@@ -128,17 +128,19 @@ def paged_step(params, bank, cache: model_lib.PagedCache, x: StepInputs, *, conf
             counts = jnp.zeros((n, vocab), jnp.int32).at[jnp.arange(n)[:, None], tokens_seen].add(1, mode="drop")
             return sample(logits, jax.tree.map(pick, x.rows), seen, counts, hist_len - prompt_len, mode=mode)
 
+        none_drawn = jnp.full((r,), -1, jnp.int32)
+
         def sampled(sel, hidden):  # the rows sel [n] (None: all R) of hidden [R, D] -> drawn [R] (-1 elsewhere)
             logits = model_lib.logits_from_hidden(params, hidden if sel is None else hidden[sel], config=config)
             if mode == ANY_MODE:  # the penalties' state is built inside each branch, as in a compiled mode
                 drawn = jax.lax.switch(x.mode, [functools.partial(draw, m, sel) for m in MODES], logits)
             else:
                 drawn = draw(mode, sel, logits)
-            return drawn if sel is None else jnp.full((r,), -1, jnp.int32).at[sel].set(drawn)
+            return drawn if sel is None else none_drawn.at[sel].set(drawn)
 
         if mixed_switch and tokens.shape[0] > r:  # a mixed step: most draw for no row, or for one
             lone = lambda h: sampled(jnp.argmax(live)[None], h)  # noqa: E731 - the one live row alone
-            nothing = lambda h: jnp.full((r,), -1, jnp.int32)  # noqa: E731
+            nothing = lambda h: none_drawn  # noqa: E731
             drawn = jax.lax.switch(jnp.minimum(jnp.sum(live), 2), [nothing, lone, functools.partial(sampled, None)],
                                    hidden)
         else:
