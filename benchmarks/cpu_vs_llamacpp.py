@@ -7,10 +7,10 @@ Needs llama-cpp-python (an optional benchmark dependency, `pip install -e .[benc
 builds llama.cpp from source): without it the script says so and exits 2.
 
 Weights. Ours (`--formats`): "float32", the embedded checkpoint (`embedded.load_embedded`: the GGUF's
-Q4_K_M dequantized to float32), "w8a8-embedding" (`serve`'s CPU default: that tree with only the
-embedding quantized, `quantize.quantize_params(..., method="w8a8-embedding")`) and "w8a8" (every
-weight). llama.cpp (`--llama-files`): "q4_k_m", the GGUF as shipped
-(`embedded_gguf.gguf_path()`), and "f32", the same file requantized to F32 by llama.cpp's
+Q4_K_M dequantized to float32), "w8a8-embedding" (that tree with only the embedding quantized,
+`quantize.quantize_params(..., method="w8a8-embedding")`), "w8a8" (every weight) and "q8_0" (`serve`'s
+CPU default: every weight int8 with a scale per block of 32, multiplied by `cpu_kernel.py`).
+llama.cpp (`--llama-files`): "q4_k_m", the GGUF as shipped (`embedded_gguf.gguf_path()`), and "f32", the same file requantized to F32 by llama.cpp's
 `llama_model_quantize` (LLAMA_FTYPE_ALL_F32, allow_requantize), written once to
 `<gemma-jax cache>/bench/` and reused: the float32 weights ours runs, so the greedy tokens of the two
 should agree for a long prefix.
@@ -59,7 +59,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-FORMATS = ("float32", "w8a8-embedding", "w8a8")
+FORMATS = ("float32", "w8a8-embedding", "w8a8", "q8_0")
 LLAMA_FILES = {"q4_k_m": "Q4_K_M", "f32": "F32"}
 N_BATCH = 512
 GOALS = {"batch1_f32": 1.0, "batch1_q4_k_m": 0.8, "batch8": 1.5}

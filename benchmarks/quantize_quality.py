@@ -1,4 +1,4 @@
-"""int8 quality on the real embedded Gemma 3 270M: int8, w8a8 and w8a8-embedding weights vs float32
+"""int8 quality on the real embedded Gemma 3 270M: int8, w8a8, w8a8-embedding and q8_0 weights vs float32
 (and bf16 for scale), and an int8 KV cache vs a float32 one.
 
     python benchmarks/quantize_quality.py                    # 8 prompts for logits, 5 x 205 greedy tokens,
@@ -8,9 +8,9 @@
     python benchmarks/quantize_quality.py --kv-only          # only the KV cache section
 
 The float32 weights are the embedded checkpoint (`embedded.load_embedded`, the GGUF's Q4_K_M
-dequantized); int8, w8a8 and w8a8-embedding are `quantize.quantize_params` of them (`--methods`; float32
-scales, float32 compute; w8a8 also rounds each product's activation rows to int8; w8a8-embedding is
-w8a8 for the tied embedding alone, `serve`'s CPU default). bf16 is the
+dequantized); int8, w8a8, w8a8-embedding and q8_0 are `quantize.quantize_params` of them (`--methods`;
+float32 scales, float32 compute; w8a8 also rounds each product's activation rows to int8; w8a8-embedding
+is w8a8 for the tied embedding alone; q8_0 a scale per block of 32 weights, `serve`'s CPU default). bf16 is the
 same weights cast to bfloat16, computing in bfloat16: a yardstick for how far int8 moves the model.
 
 Measured, each variant against float32:
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--new-tokens", type=int, default=205, help="greedy tokens per prompt (5 x 205: 1,025 steps)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 yardstick")
-    p.add_argument("--methods", default="int8,w8a8,w8a8-embedding", help="quantization methods to measure (quantize.METHODS; "
+    p.add_argument("--methods", default="int8,w8a8,w8a8-embedding,q8_0", help="quantization methods to measure (quantize.METHODS; "
                    "int8 weight-only decodes ~10x slower than float32 on a CPU)")
     p.add_argument("--kv-new-tokens", type=int, default=256, help="decode steps per prompt for the KV cache section")
     p.add_argument("--kv-only", action="store_true", help="only the int8 KV cache section")
@@ -109,7 +109,8 @@ def weights_quality(args, config, params, tokenizer) -> None:
     sizes = {"float32": Q.tree_bytes(params), "bf16": Q.tree_bytes(params) // 2,
              "int8 (f32 scales)": Q.tree_bytes(Q.quantize_params(params, config)),
              "int8 (bf16 scales)": Q.tree_bytes(int8_bf16),
-             "w8a8-embedding": Q.tree_bytes(Q.quantize_params(params, config, method="w8a8-embedding"))}
+             "w8a8-embedding": Q.tree_bytes(Q.quantize_params(params, config, method="w8a8-embedding")),
+             "q8_0 (f32 block scales)": Q.tree_bytes(Q.quantize_params(params, config, method="q8_0"))}
     for name, n in sizes.items():
         print(f"  {name:20s} {n / 1e6:9.1f} MB  ({n / sizes['float32']:.3f} of float32)")
 

@@ -1,4 +1,4 @@
-"""int8 weights with per-output-channel scales, in three methods (`METHODS`):
+"""int8 weights, with per-output-channel scales in three methods and per-block scales in one (`METHODS`):
 
     quantize_params(params, config, dtype=None, method="int8") -> params   (big weights as QArray)
 
@@ -8,7 +8,9 @@ sums (for CPUs, where that is the only int8 product XLA runs without a float cop
 "w8a8-embedding": w8a8 for the tied embedding alone, the layers kept float (the CPU default for the
 embedded 270M: its biggest weight, read once per token as the unembedding, at a quarter of the
 bytes, while the layers' products keep float activations, whose int8 rounding is what costs w8a8
-its quality on that model; BENCHMARKS.md).
+its quality on that model; BENCHMARKS.md). "q8_0": every weight in blocks of 32 along its input, one
+scale per block (llama.cpp's Q8_0 layout, with float scales), products on float activations by a
+CPU kernel of ours (`cpu_kernel.py`) that reads the int8 weight as stored (see "q8_0" below).
 
 Which weights (`quantized_paths`): every projection of every layer (`projections.PROJECTIONS`) and
 the embedding, or the embedding alone ("w8a8-embedding"). Norm scales stay float. Each quantized
@@ -39,6 +41,17 @@ only), else XLA's own dot converts the whole weight first. Every row is quantize
 result does not depend on its batch neighbours. The price is the activations' rounding: on the
 embedded 270M it moves the model further from float32 than int8 weights alone do (BENCHMARKS.md).
 
+q8_0 (`block_einsum`): the weight is stored as a matrix w [O, I], its kept (output) axes flattened
+into the rows and its contracted (input) axes into the columns, in the float weight's order (the
+embedding [V, D] as it is; a projection [*ins, *outs] transposed), with scale [O, I / 32]: the
+same symmetric rule per block of 32 inputs, |w - w_int8 * scale| <= scale / 2 for each weight of a
+block. A block's scale follows its own 32 weights, not a whole row's largest, so the rounding is
+finer than per-channel int8 and the activations stay float (BENCHMARKS.md: the quality measured).
+The product flattens x's kept axes into rows and its contracted ones into I and calls
+`cpu_kernel.block_matmul` (XLA on the dequantized weight off a CPU or without a compiler). I of
+every quantized weight must be a multiple of 32. The layout is the kernel's; a q8_0 tree is for one
+device (its weights are replicated on a mesh, and the kernel is not partitioned).
+
 The compute dtype is the scales' dtype, chosen when quantizing (default: the float weights' dtype).
 `QArray.dtype` answers it, so code that asks the embedding for the model's dtype (`model.forward`,
 the engine's cache and LoRA bank) gets the compute dtype, never int8. LoRA deltas are added to the
@@ -56,12 +69,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gemma_jax import cpu_kernel
 from gemma_jax import projections as proj
 from gemma_jax.contraction import weight_einsum
 from gemma_jax.config import GemmaConfig
 
-METHODS = ("int8", "w8a8", "w8a8-embedding")
-ACTIVATIONS = {"int8": None, "w8a8": "int8", "w8a8-embedding": "int8"}  # method -> how its products treat x
+METHODS = ("int8", "w8a8", "w8a8-embedding", "q8_0")
+ACTIVATIONS = {"int8": None, "w8a8": "int8", "w8a8-embedding": "int8", "q8_0": None}  # method -> how products treat x
+BLOCKED = ("q8_0",)  # the methods with per-block scales (the [O, I] layout)
+BLOCK = cpu_kernel.BLOCK  # weights per scale along the input in a q8_0 weight
 EMBEDDING_ONLY = ("w8a8-embedding",)  # the methods that quantize the embedding and no layer weight
 MIN_ROWS = 2  # an int8 product's rows on a CPU, padded up to (module docstring)
 EMBEDDING = ("embedder", "input_embedding")
@@ -70,17 +86,21 @@ _EMBEDDING_CONTRACTED = (1,)  # [V, D]: D is contracted both in the lookup's use
 
 @flax.struct.dataclass
 class QArray:
-    """An int8 weight with per-output-channel scales (see the module docstring).
+    """An int8 weight with per-output-channel scales, or per-block ones (`block`; module docstring).
 
     Also used as a container of ShapeDtypeStructs, logical axes or shardings of the two parts."""
 
-    w: jax.Array  # int8, the float weight's shape
-    scale: jax.Array  # the weight's shape with the contracted axes 1; the compute dtype
+    w: jax.Array  # int8, the float weight's shape (block: [O, I], module docstring)
+    scale: jax.Array  # the weight's shape with the contracted axes 1 (block: [O, I / block]); compute dtype
     act: str | None = flax.struct.field(pytree_node=False, default=None)  # None, or "int8" (w8a8)
+    block: int = flax.struct.field(pytree_node=False, default=0)  # 0: per channel; else weights per scale
+    float_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())  # block: the float weight's
+    contracted: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())  # block: its input axes
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.w.shape)
+        """The float weight's shape (what the model declares), whatever the layout."""
+        return tuple(self.float_shape) if self.block else tuple(self.w.shape)
 
     @property
     def dtype(self):
@@ -124,7 +144,10 @@ def quantization(params) -> str | None:
 
 
 def method_of(q: QArray) -> str:
-    """The all-weights method whose products treat the activation as `q`'s do ("int8" or "w8a8")."""
+    """The all-weights method `q` was made by: "q8_0" for a block layout, else the one whose
+    products treat the activation as `q`'s do ("int8" or "w8a8")."""
+    if q.block:
+        return BLOCKED[0]
     return next(m for m, act in ACTIVATIONS.items() if act == q.act)
 
 
@@ -141,6 +164,8 @@ def quantize_array(w: jax.Array, contracted: tuple[int, ...], dtype=None, method
 
     The rounding uses the scale as stored (in `dtype`), so dequantization is exactly w_int8 * scale."""
     dtype = jnp.dtype(dtype if dtype is not None else w.dtype)
+    if method in BLOCKED:
+        return _quantize_blocks(w, contracted, dtype)
     w32 = w.astype(jnp.float32)
     scale = (jnp.max(jnp.abs(w32), axis=contracted, keepdims=True) / 127.0).astype(dtype)
     s32 = scale.astype(jnp.float32)
@@ -148,16 +173,48 @@ def quantize_array(w: jax.Array, contracted: tuple[int, ...], dtype=None, method
     return QArray(w=jnp.clip(q, -127, 127).astype(jnp.int8), scale=scale, act=ACTIVATIONS[method])
 
 
+def _blocked_shape(shape: tuple[int, ...], contracted: tuple[int, ...]) -> tuple[int, int]:
+    """A float weight's [O, I] in the block layout: its kept axes' size, its contracted axes' size."""
+    i = math.prod(shape[a] for a in contracted)
+    if i % BLOCK:
+        raise ValueError(f"a q8_0 weight's inputs must be a multiple of {BLOCK}: shape {shape}, contracted "
+                         f"axes {contracted} hold {i}")
+    return math.prod(shape) // i, i
+
+
+def _quantize_blocks(w: jax.Array, contracted: tuple[int, ...], dtype) -> QArray:
+    """The q8_0 QArray of w (module docstring): w as [O, I], symmetric int8 per block of `BLOCK`."""
+    kept = tuple(a for a in range(w.ndim) if a not in contracted)
+    o, i = _blocked_shape(w.shape, contracted)
+    rows = jnp.transpose(w.astype(jnp.float32), kept + tuple(contracted)).reshape(o, i // BLOCK, BLOCK)
+    scale = (jnp.max(jnp.abs(rows), axis=-1) / 127.0).astype(dtype)  # [O, I / BLOCK]
+    s32 = scale.astype(jnp.float32)[..., None]
+    q = jnp.clip(jnp.round(rows / jnp.where(s32 > 0, s32, 1.0)), -127, 127).astype(jnp.int8)
+    return QArray(w=q.reshape(o, i), scale=scale, act=None, block=BLOCK, float_shape=tuple(w.shape),
+                  contracted=tuple(contracted))
+
+
 def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
-    """The float weight w_int8 * scale (for references and tests; the model never builds it)."""
-    return q.w.astype(dtype) * q.scale.astype(dtype)
+    """The float weight w_int8 * scale, in the float weight's shape (for references and tests; the
+    model never builds it)."""
+    if not q.block:
+        return q.w.astype(dtype) * q.scale.astype(dtype)
+    o, i = q.w.shape
+    rows = (q.w.reshape(o, i // q.block, q.block).astype(dtype) * q.scale.astype(dtype)[..., None])
+    kept = tuple(a for a in range(len(q.float_shape)) if a not in q.contracted)
+    order = kept + tuple(q.contracted)
+    rows = rows.reshape(tuple(q.float_shape[a] for a in order))
+    return jnp.transpose(rows, [order.index(a) for a in range(len(order))])
 
 
 def qeinsum(eqn: str, x: jax.Array, q: QArray, **kwargs) -> jax.Array:
     """einsum(eqn, x, dequantize(q)) without building the dequantized weight: the int8 weight (cast
     to x's dtype) goes into the einsum, and the output is multiplied by the scale, which is constant
     along every contracted axis. eqn: "xletters,wletters->out" with q the second operand. A w8a8
-    weight (`q.act == "int8"`) multiplies int8 activations instead (`int8_einsum`)."""
+    weight (`q.act == "int8"`) multiplies int8 activations instead (`int8_einsum`), a q8_0 weight
+    goes to `block_einsum`."""
+    if q.block:
+        return block_einsum(eqn, x, q, **kwargs)
     if q.act == "int8":
         return int8_einsum(eqn, x, q, **kwargs)
     inputs, out = eqn.split("->")
@@ -184,13 +241,7 @@ def int8_einsum(eqn: str, x: jax.Array, q: QArray, preferred_element_type=None) 
     contracted, every other kept). On a CPU at least `MIN_ROWS` rows go into the product (zero rows
     pad a single one), so that XLA:CPU hands it to YNNPACK's int8 kernels, which read the weight as
     stored (module docstring). Returns preferred_element_type (default x's dtype)."""
-    inputs, out = eqn.split("->")
-    x_letters, w_letters = inputs.split(",")
-    shared = [c for c in w_letters if c in x_letters]
-    x_kept = [c for c in x_letters if c not in shared]
-    w_kept = [c for c in w_letters if c not in shared]
-    if sorted(out) != sorted(x_kept + w_kept) or any(c in out for c in shared):
-        raise ValueError(f"int8_einsum takes a weight product, not {eqn!r}")
+    x_letters, w_letters, out, shared, x_kept, w_kept = _weight_product(eqn)
     rows = jnp.transpose(x, [x_letters.index(c) for c in x_kept + shared])
     kept_shape, contracted_shape = rows.shape[:len(x_kept)], rows.shape[len(x_kept):]
     m = math.prod(kept_shape)
@@ -207,9 +258,44 @@ def int8_einsum(eqn: str, x: jax.Array, q: QArray, preferred_element_type=None) 
     return y.astype(preferred_element_type or x.dtype)
 
 
+def _weight_product(eqn: str):
+    """eqn "x,w->out" of a weight product -> (x letters, w letters, out, shared letters in w's
+    order, x's kept letters, w's kept letters); ValueError for any other equation."""
+    inputs, out = eqn.split("->")
+    x_letters, w_letters = inputs.split(",")
+    shared = [c for c in w_letters if c in x_letters]
+    x_kept = [c for c in x_letters if c not in shared]
+    w_kept = [c for c in w_letters if c not in shared]
+    if sorted(out) != sorted(x_kept + w_kept) or any(c in out for c in shared):
+        raise ValueError(f"a quantized product takes a weight product, not {eqn!r}")
+    return x_letters, w_letters, out, shared, x_kept, w_kept
+
+
+def block_einsum(eqn: str, x: jax.Array, q: QArray, preferred_element_type=None) -> jax.Array:
+    """einsum(eqn, x, dequantize(q)) for a q8_0 weight: x's kept axes flattened into rows and its
+    contracted ones (in the weight's order) into I, one `cpu_kernel.block_matmul` with the stored
+    [O, I] int8 weight and its block scales, the [M, O] result unflattened into `out`. eqn must be a
+    weight product contracting exactly the weight's `contracted` axes. Returns
+    preferred_element_type (default x's dtype)."""
+    x_letters, w_letters, out, shared, x_kept, w_kept = _weight_product(eqn)
+    if tuple(w_letters.index(c) for c in shared) != tuple(q.contracted):
+        raise ValueError(f"{eqn!r} contracts other axes than the q8_0 weight's {q.contracted}")
+    rows = jnp.transpose(x, [x_letters.index(c) for c in x_kept + shared])
+    kept_shape = rows.shape[:len(x_kept)]
+    y = cpu_kernel.block_matmul(rows.reshape(math.prod(kept_shape), -1), q.w, q.scale)  # [M, O] float32
+    y = y.reshape(*kept_shape, *(n for a, n in enumerate(q.float_shape) if a not in q.contracted))
+    natural = "".join(x_kept + w_kept)
+    y = y if natural == out else jnp.transpose(y, [natural.index(c) for c in out])
+    return y.astype(preferred_element_type or x.dtype)
+
+
 def lookup(q: QArray, ids: jax.Array) -> jax.Array:
     """Rows `ids` of a quantized [V, D] table, dequantized: [..., D] in the compute dtype."""
-    return jnp.take(q.w, ids, axis=0).astype(q.dtype) * jnp.take(q.scale, ids, axis=0)
+    rows, scale = jnp.take(q.w, ids, axis=0), jnp.take(q.scale, ids, axis=0)
+    if not q.block:
+        return rows.astype(q.dtype) * scale
+    blocks = rows.reshape(*rows.shape[:-1], -1, q.block).astype(q.dtype) * scale[..., None]
+    return blocks.reshape(rows.shape)
 
 
 def stored_param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype):
@@ -227,7 +313,7 @@ def stored_param(module: nn.Module, name: str, init, shape: tuple[int, ...], dty
 
 # --- whole trees ---------------------------------------------------------------------------------
 def _map_quantized(tree, config: GemmaConfig | None, fn, method: str):
-    """A copy of the nested-dict `tree` with fn(leaf, contracted) at every path `method` quantizes
+    """A copy of the nested-dict `tree` with fn(leaf, contracted, path) at every path `method` quantizes
     (config None: the layers are the tree's own "layer_i" entries)."""
     out = _copy_dicts(tree)
     layers = sum(k.startswith("layer_") for k in tree) if config is None else config
@@ -235,7 +321,7 @@ def _map_quantized(tree, config: GemmaConfig | None, fn, method: str):
         parent = out
         for key in path[:-1]:
             parent = parent[key]
-        parent[path[-1]] = fn(parent[path[-1]], contracted)
+        parent[path[-1]] = fn(parent[path[-1]], contracted, path)
     return out
 
 
@@ -252,7 +338,7 @@ def quantize_params(params, config: GemmaConfig | None = None, dtype=None, metho
     QArrays are kept as they are. Runs on whatever devices the params are on; the result takes
     1/4 (float32) or 1/2 (bfloat16) of the quantized weights' bytes."""
     _check_method(method)
-    out = _map_quantized(params, config, lambda w, c: w if is_qarray(w) else quantize_array(
+    out = _map_quantized(params, config, lambda w, c, _: w if is_qarray(w) else quantize_array(
         w, c, None if dtype is None else jnp.dtype(dtype), method), method)
     if dtype is not None:  # the float leaves left (norms) take the compute dtype too
         out = jax.tree.map(lambda x: x if is_qarray(x) else x.astype(dtype), out, is_leaf=is_qarray)
@@ -264,7 +350,11 @@ def quantized_shapes(shapes, config: GemmaConfig, method: str = "int8"):
     weight a QArray of ShapeDtypeStructs (int8 weight, scale in the weight's float dtype)."""
     _check_method(method)
 
-    def quantized(s, contracted):
+    def quantized(s, contracted, _):
+        if method in BLOCKED:
+            o, i = _blocked_shape(s.shape, contracted)
+            return QArray(w=jax.ShapeDtypeStruct((o, i), jnp.int8), scale=jax.ShapeDtypeStruct((o, i // BLOCK), s.dtype),
+                          block=BLOCK, float_shape=tuple(s.shape), contracted=contracted)
         scale = tuple(1 if i in contracted else n for i, n in enumerate(s.shape))
         return QArray(w=jax.ShapeDtypeStruct(s.shape, jnp.int8), scale=jax.ShapeDtypeStruct(scale, s.dtype),
                       act=ACTIVATIONS[method])
@@ -273,10 +363,14 @@ def quantized_shapes(shapes, config: GemmaConfig, method: str = "int8"):
 
 def quantized_axes(axes, config: GemmaConfig, method: str = "int8"):
     """A tree of logical-axis tuples (`params.param_axes`) -> the `method` tree's: the scale keeps
-    the weight's output axes (so it shards like them) and has None for the contracted ones."""
+    the weight's output axes (so it shards like them) and has None for the contracted ones. A q8_0
+    weight and its scale are replicated ((None, None): the kernel runs on one device's whole weight)."""
     _check_method(method)
 
-    def quantized(a, contracted):
+    def quantized(a, contracted, path):
+        if method in BLOCKED:
+            return QArray(w=(None, None), scale=(None, None), block=BLOCK, float_shape=float_shape(config, path),
+                          contracted=contracted)
         return QArray(w=a, scale=tuple(None if i in contracted else name for i, name in enumerate(a)),
                       act=ACTIVATIONS[method])
     return _map_quantized(axes, config, quantized, method)
@@ -294,8 +388,18 @@ def as_dicts(tree):
 def from_dicts(tree, config: GemmaConfig, method: str = "int8"):
     """Inverse of `as_dicts` at the quantized paths of `config` (the `method` the tree was made with)."""
     _check_method(method)
-    return _map_quantized(tree, config, lambda d, _: d if is_qarray(d) else QArray(
+    if method in BLOCKED:
+        return _map_quantized(tree, config, lambda d, c, path: d if is_qarray(d) else QArray(
+            w=d["w"], scale=d["scale"], block=BLOCK, float_shape=float_shape(config, path), contracted=c), method)
+    return _map_quantized(tree, config, lambda d, *_: d if is_qarray(d) else QArray(
         w=d["w"], scale=d["scale"], act=ACTIVATIONS[method]), method)
+
+
+def float_shape(config: GemmaConfig, path: tuple[str, ...]) -> tuple[int, ...]:
+    """The float shape of the quantizable weight at `path` (the embedding, or a layer's projection)."""
+    if tuple(path) == EMBEDDING:
+        return (config.vocab_size, config.embed_dim)
+    return next(p.shape(config) for p in proj.PROJECTIONS if p.path == tuple(path[1:]))
 
 
 def tree_bytes(tree) -> int:

@@ -1,14 +1,15 @@
 """`gemma-jax convert`: HF safetensors, Kaggle/DeepMind Flax or GGUF weights -> our native checkpoint.
 
     gemma-jax convert --from {hf,kaggle,gguf} SRC OUT [--dtype bfloat16|float32] [--variant 2b|7b]
-                      [--quantize int8|w8a8|w8a8-embedding]
+                      [--quantize int8|w8a8|w8a8-embedding|q8_0]
 
 Converting once means every later start is one orbax restore straight into the device sharding
 (`weights/native.py`), whatever the weights came as. The tokenizer travels with the weights:
 `tokenizer.model` from the HF directory, from beside the Kaggle checkpoint, or rebuilt from a GGUF's
 own vocabulary. `--quantize int8` writes the int8 weight-only tree (`gemma_jax/quantize.py`; the
 scales in --dtype, the compute dtype), `--quantize w8a8` the same arrays whose products run on int8
-activations too, `--quantize w8a8-embedding` w8a8 for the embedding alone; config.json records
+activations too, `--quantize w8a8-embedding` w8a8 for the embedding alone, `--quantize q8_0` every
+weight in blocks of 32 with a scale each (for CPUs: our kernel's layout); config.json records
 which. The output always carries a NOTICE (Gemma's weights are under the Gemma Terms of Use, which
 a redistribution must pass on, and a converted copy is a modified file).
 
@@ -22,7 +23,7 @@ import os
 import sys
 
 FORMATS = ("hf", "kaggle", "gguf")
-QUANTIZE = ("int8", "w8a8", "w8a8-embedding")  # gemma_jax.quantize.METHODS, without importing JAX here
+QUANTIZE = ("int8", "w8a8", "w8a8-embedding", "q8_0")  # gemma_jax.quantize.METHODS, without importing JAX here
 
 GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 
@@ -41,7 +42,8 @@ def _quantized_note(quantize: str | None) -> str:
     if not quantize:
         return ""
     which = "embedding" if quantize == "w8a8-embedding" else "projections and embedding"
-    return f", {which} quantized to int8 with per-channel scales"
+    scales = "a scale per block of 32 weights" if quantize == "q8_0" else "per-channel scales"
+    return f", {which} quantized to int8 with {scales}"
 
 
 def load_source(source_format: str, src: str, dtype, variant: str | None = None):
@@ -127,10 +129,10 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=("2b", "7b"),
                    help="model size of a Kaggle checkpoint (required with --from kaggle)")
     p.add_argument("--quantize", choices=QUANTIZE,
-                   help="save int8 weights (per-output-channel scales in --dtype, the compute dtype; "
-                        "projections and embedding take 1 byte per weight): int8 weight-only, or w8a8, "
-                        "its products on int8 activations too (for CPUs), or w8a8-embedding, w8a8 for the "
-                        "embedding alone")
+                   help="save int8 weights (scales in --dtype, the compute dtype; projections and "
+                        "embedding take 1 byte per weight): int8, per-output-channel scales, weight-only; "
+                        "w8a8, its products on int8 activations too; w8a8-embedding, w8a8 for the "
+                        "embedding alone; q8_0, a scale per block of 32 weights (our CPU kernel's layout)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (once the new one is complete)")
     p.add_argument("--notice", metavar="FILE", help="write this file as NOTICE instead of the default Gemma notice")
     p.set_defaults(func=run_convert)
