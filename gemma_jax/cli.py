@@ -20,10 +20,12 @@ from gemma_jax.mesh_flag import parse_mesh
 from gemma_jax.weights.load import QUANTIZE_CHOICES
 
 QUANTIZE_HELP = (
-    "quantize the weights at load, int8 with per-channel scales: int8, weight-only (--dtype computes; for "
-    "accelerators); w8a8, each product on int8 activations too (XLA:CPU's int8 dots: the fastest on a CPU, "
-    "least exact); w8a8-embedding, w8a8 for the tied embedding alone, the layers float; none. Default auto: "
-    "w8a8-embedding for the embedded model in float32 on a CPU (its quality and speed: BENCHMARKS.md), "
+    "quantize the weights at load to int8: int8, per-channel scales, weight-only (--dtype computes; for "
+    "accelerators); w8a8, per-channel, each product on int8 activations too (XLA:CPU's int8 dots, least "
+    "exact); w8a8-embedding, w8a8 for the tied embedding alone, the layers float; q8_0, a scale per block "
+    "of 32 weights, float activations, multiplied by a CPU kernel of ours (compiled on first use; the "
+    "fastest on a CPU, and the closest to float32); none. Default auto: q8_0 for the embedded model in "
+    "float32 on a CPU (w8a8-embedding where the kernel cannot be built; quality and speed: BENCHMARKS.md), "
     "else none")
 
 

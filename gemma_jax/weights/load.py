@@ -5,8 +5,8 @@ A native checkpoint directory (`gemma-jax convert`), a .gguf file, or nothing (t
 and `gemma_jax.load()`. Each format's loader is imported only when it is needed. With
 `quantize="int8"` the weights are quantized once loaded (`gemma_jax/quantize.py`), whatever their
 source; a checkpoint saved quantized (`convert --quantize int8`) loads quantized either way.
-`serve` and `generate` take `--quantize auto` by default (`resolve_quantize`): "w8a8-embedding" for
-the embedded model computing in float32 on a CPU, the weights as loaded otherwise.
+`serve` and `generate` take `--quantize auto` by default (`resolve_quantize`): "q8_0" for the
+embedded model computing in float32 on a CPU, the weights as loaded otherwise.
 
 With a mesh, every array goes straight onto its final placement (`params.param_shardings`, what
 `Engine` runs on): a native checkpoint restores into it, each device reading its own shard; a GGUF
@@ -17,27 +17,33 @@ mesh depends on the config (`mesh_flag.build_mesh`): `read_config` gives it with
 
 from __future__ import annotations
 
-QUANTIZE_CHOICES = ("auto", "none", "int8", "w8a8", "w8a8-embedding")  # --quantize; quantize.METHODS + 2
-CPU_DEFAULT = "w8a8-embedding"  # auto's method for the embedded model on a CPU
+QUANTIZE_CHOICES = ("auto", "none", "int8", "w8a8", "w8a8-embedding", "q8_0")  # --quantize; quantize.METHODS + 2
+CPU_DEFAULT = "q8_0"  # auto's method for the embedded model on a CPU, where its kernel builds
+CPU_FALLBACK = "w8a8-embedding"  # auto's method there when it does not (`cpu_kernel.available`)
 
 
 def resolve_quantize(flag: str | None, *, embedded: bool, dtype) -> str | None:
     """--quantize's value -> a method (`quantize.METHODS`) or None (the weights as loaded).
 
     "auto" (the default of `serve` and `generate`) is `CPU_DEFAULT` when the model is the embedded
-    Gemma 3 270M (`embedded`), computing in float32, on a CPU backend: its tied embedding as w8a8,
-    the layers float, the format whose quality against float32 is measured to hold (teacher-forced
-    top-1 >= 99% over 1,025 greedy steps, `benchmarks/quantize_quality.py`) and that decodes
-    faster than float32 on a CPU (`benchmarks/cpu_vs_llamacpp.py`; both in BENCHMARKS.md). Any
-    other model, dtype or backend: None, as "none" always is; a method name is itself."""
+    Gemma 3 270M (`embedded`), computing in float32, on a CPU backend: every weight int8 in blocks
+    of 32, multiplied by our CPU kernel, the format whose quality against float32 is measured to
+    hold (teacher-forced top-1 >= 99% over 1,025 greedy steps, `benchmarks/quantize_quality.py`)
+    and that decodes fastest on a CPU (`benchmarks/cpu_vs_llamacpp.py`; both in BENCHMARKS.md).
+    Where the kernel cannot be built (no C++ compiler: `cpu_kernel.available()`), `CPU_FALLBACK`:
+    the tied embedding as w8a8, the layers float. Any other model, dtype or backend: None, as
+    "none" always is; a method name is itself."""
     if flag in (None, "none"):
         return None
     if flag == "auto":
         import jax
         import jax.numpy as jnp
 
-        cpu = jax.default_backend() == "cpu"
-        return CPU_DEFAULT if embedded and cpu and jnp.dtype(dtype) == jnp.float32 else None
+        if not (embedded and jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32):
+            return None
+        from gemma_jax import cpu_kernel
+
+        return CPU_DEFAULT if cpu_kernel.available() else CPU_FALLBACK
     if flag not in QUANTIZE_CHOICES:
         raise ValueError(f"--quantize must be one of {QUANTIZE_CHOICES}, not {flag!r}")
     return flag
@@ -62,7 +68,7 @@ def read_config(checkpoint: str | None = None):
 def load_parts(checkpoint: str | None = None, dtype="float32", quantize: str | None = None, *, mesh=None):
     """(config, params, tokenizer) from a native checkpoint directory, a .gguf file, or (None) the
     embedded Gemma 3 270M. ValueError if a checkpoint has no tokenizer. quantize: None, or a method
-    (`quantize.METHODS`: "int8", "w8a8", "w8a8-embedding"; weights quantized with their scales in
+    (`quantize.METHODS`: "int8", "w8a8", "w8a8-embedding", "q8_0"; weights quantized with their scales in
     `dtype`, the compute dtype; `resolve_quantize` turns a flag into one). mesh: each array placed by
     `params.param_shardings` on it as it loads (None: the first device)."""
     import jax.numpy as jnp
