@@ -33,6 +33,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 from gemma_jax.embedded_gguf import cache_dir
 
@@ -62,7 +63,7 @@ def _compiler() -> list[str]:
 def library_path() -> Path:
     """Where the compiled kernel for this source, compiler, jaxlib and CPU lives (built or not)."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(_compiler() + list(_FLAGS)).encode(), jax.lib.__version__.encode(),
+    for part in (SOURCE.read_bytes(), " ".join(_compiler() + list(_FLAGS)).encode(), jaxlib.__version__.encode(),
                  _cpu_id().encode()):
         key.update(part)
         key.update(b"\0")

@@ -148,6 +148,21 @@ def test_paged_engine_on_q8_0_equals_the_naive_loop():
     assert [got[s] for s in seqs] == naive_greedy(config, qp, prompts, 14)
 
 
+def test_paged_engine_on_a_mesh_runs_q8_0_replicated():
+    """On a 2 x 4 mesh the q8_0 weights are replicated and each product runs whole on every device
+    (the kernel is not partitioned): the tokens are the naive loop's on one device."""
+    config, params = _tiny()
+    config = config.replace(eos_id=-1, end_of_turn_id=-1)
+    mesh = make_mesh(2, 4)
+    on_mesh = P.place_params(params, config, mesh, quantize="q8_0")
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(on_mesh["embedder"]))
+    prompts = prompts_for([5, 12, 20, 31], seed=3)
+    engine = build_engine(config, on_mesh, mesh=mesh, **{**PAGED_KW, "adapter_slots": 0})
+    seqs = [engine.add(p, 10) for p in prompts]
+    got = engine.run()
+    assert [got[s] for s in seqs] == naive_greedy(config, Q.quantize_params(params, config, method="q8_0"), prompts, 10)
+
+
 def test_tree_shardings_and_checkpoint_carry_the_layout(tmp_path):
     config, params = _tiny()
     qp = Q.quantize_params(params, config, method="q8_0")
