@@ -7,7 +7,8 @@
 // The weight is read where it lies, 1 byte per weight: each block is widened to float32 in
 // registers, its dot with each row of x summed there and scaled once. Outputs are split into strips
 // run on XLA's intra-op thread pool and on the calling thread; within a strip every row of x is
-// taken while the strip's weights are in cache (rows in tiles of up to 4, each tile one pass).
+// taken while the strip's weights are in cache (rows in tiles of 8, 4, 3, 2 or 1, each tile one pass:
+// a block widened once serves every row of its tile).
 //
 // A strip is taken from a shared counter, so a task the pool starts late (its threads busy with
 // other work) finds nothing left and returns: the call never waits on a task that has not started.
@@ -94,7 +95,9 @@ void Strip(const float* x, int64_t M, int64_t I, const int8_t* w, const float* s
   for (int64_t m = 0; m < M;) {
     const float* xm = x + m * I;
     float* ym = y + m * O;
-    switch (std::min<int64_t>(M - m, 4)) {
+    switch (std::min<int64_t>(M - m, 8)) {
+      case 8: Tile<8>(xm, I, w, scale, ym, O, o0, o1); m += 8; break;
+      case 7: case 6: case 5:  // 4 now, the rest next
       case 4: Tile<4>(xm, I, w, scale, ym, O, o0, o1); m += 4; break;
       case 3: Tile<3>(xm, I, w, scale, ym, O, o0, o1); m += 3; break;
       case 2: Tile<2>(xm, I, w, scale, ym, O, o0, o1); m += 2; break;
