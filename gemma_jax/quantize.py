@@ -5,10 +5,10 @@
 "int8", weight-only: each product dequantizes inside the matmul (for accelerators). "w8a8": each
 product also quantizes its activation to int8, one scale per row, and multiplies integers with int32
 sums (for CPUs, where that is the only int8 product XLA runs without a float copy of the weight).
-"w8a8-embedding": w8a8 for the tied embedding alone, the layers kept float (the CPU default for the
-embedded 270M: its biggest weight, read once per token as the unembedding, at a quarter of the
-bytes, while the layers' products keep float activations, whose int8 rounding is what costs w8a8
-its quality on that model; BENCHMARKS.md). "q8_0": every weight in blocks of 32 along its input, one
+"w8a8-embedding": w8a8 for the tied embedding alone, the layers kept float (the embedded 270M's CPU
+default where q8_0's kernel cannot be built: its biggest weight, read once per token as the
+unembedding, at a quarter of the bytes, while the layers' products keep float activations, whose
+int8 rounding is what costs w8a8 its quality on that model; BENCHMARKS.md). "q8_0": every weight in blocks of 32 along its input, one
 scale per block (llama.cpp's Q8_0 layout, with float scales), products on float activations by a
 CPU kernel of ours (`cpu_kernel.py`) that reads the int8 weight as stored (see "q8_0" below).
 
@@ -336,7 +336,7 @@ def quantize_params(params, config: GemmaConfig | None = None, dtype=None, metho
     dtype: the compute dtype, stored as the scales' dtype (default: each weight's own float dtype).
     Norm scales keep their dtype (cast to `dtype` when it is given). Weights that are already
     QArrays are kept as they are. Runs on whatever devices the params are on; the result takes
-    1/4 (float32) or 1/2 (bfloat16) of the quantized weights' bytes."""
+    1/4 (float32) or 1/2 (bfloat16) of the quantized weights' bytes (q8_0: plus one scale per 32)."""
     _check_method(method)
     out = _map_quantized(params, config, lambda w, c, _: w if is_qarray(w) else quantize_array(
         w, c, None if dtype is None else jnp.dtype(dtype), method), method)
