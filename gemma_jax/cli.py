@@ -24,7 +24,7 @@ QUANTIZE_HELP = (
     "accelerators); w8a8, per-channel, each product on int8 activations too (XLA:CPU's int8 dots, least "
     "exact); w8a8-embedding, w8a8 for the tied embedding alone, the layers float; q8_0, a scale per block "
     "of 32 weights, float activations, multiplied by a CPU kernel of ours (compiled on first use; the "
-    "fastest on a CPU, and the closest to float32); none. Default auto: q8_0 for the embedded model in "
+    "fastest decode on a CPU, and the closest to float32); none. Default auto: q8_0 for the embedded model in "
     "float32 on a CPU (w8a8-embedding where the kernel cannot be built; quality and speed: BENCHMARKS.md), "
     "else none")
 
