@@ -159,8 +159,9 @@ def _check_method(method: str) -> None:
 # --- one array -----------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("contracted", "dtype", "method"))
 def quantize_array(w: jax.Array, contracted: tuple[int, ...], dtype=None, method: str = "int8") -> QArray:
-    """w (float) -> QArray: symmetric int8, one scale per index of the axes not in `contracted`;
-    `method` (`METHODS`) says how its products run (`qeinsum`).
+    """w (float) -> QArray: symmetric int8, one scale per index of the axes not in `contracted`
+    (q8_0: per block of `BLOCK` along them, module docstring); `method` (`METHODS`) says how its
+    products run (`qeinsum`).
 
     The rounding uses the scale as stored (in `dtype`), so dequantization is exactly w_int8 * scale."""
     dtype = jnp.dtype(dtype if dtype is not None else w.dtype)
@@ -241,26 +242,24 @@ def int8_einsum(eqn: str, x: jax.Array, q: QArray, preferred_element_type=None) 
     contracted, every other kept). On a CPU at least `MIN_ROWS` rows go into the product (zero rows
     pad a single one), so that XLA:CPU hands it to YNNPACK's int8 kernels, which read the weight as
     stored (module docstring). Returns preferred_element_type (default x's dtype)."""
-    x_letters, w_letters, out, shared, x_kept, w_kept = _weight_product(eqn)
-    rows = jnp.transpose(x, [x_letters.index(c) for c in x_kept + shared])
-    kept_shape, contracted_shape = rows.shape[:len(x_kept)], rows.shape[len(x_kept):]
+    rows, kept_shape, w_axes, finish = _weight_product(eqn, x)
+    contracted_shape = rows.shape[len(kept_shape):]
     m = math.prod(kept_shape)
     rows = rows.reshape(m, *contracted_shape).astype(jnp.float32)
     pad = max(0, MIN_ROWS - m) if jax.default_backend() == "cpu" else 0
     xq, xs = quantize_rows(jnp.pad(rows, [(0, pad)] + [(0, 0)] * len(contracted_shape)))
-    dims = ((tuple(range(1, 1 + len(shared))), tuple(w_letters.index(c) for c in shared)), ((), ()))
-    sums = lax.dot_general(xq, q.w, dims, preferred_element_type=jnp.int32)[:m]  # [M, *w_kept]
-    scale = jnp.squeeze(q.scale, axis=dims[0][1]).astype(jnp.float32)  # [*w_kept]
-    y = sums.astype(jnp.float32) * xs[:m].reshape((m,) + (1,) * len(w_kept)) * scale
-    y = y.reshape(*kept_shape, *y.shape[1:])
-    natural = "".join(x_kept + w_kept)
-    y = y if natural == out else jnp.transpose(y, [natural.index(c) for c in out])
-    return y.astype(preferred_element_type or x.dtype)
+    dims = ((tuple(range(1, 1 + len(w_axes))), w_axes), ((), ()))
+    sums = lax.dot_general(xq, q.w, dims, preferred_element_type=jnp.int32)[:m]  # [M, *w kept]
+    scale = jnp.squeeze(q.scale, axis=w_axes).astype(jnp.float32)  # [*w kept]
+    y = sums.astype(jnp.float32) * xs[:m].reshape((m,) + (1,) * scale.ndim) * scale
+    return finish(y.reshape(*kept_shape, *y.shape[1:])).astype(preferred_element_type or x.dtype)
 
 
-def _weight_product(eqn: str):
-    """eqn "x,w->out" of a weight product -> (x letters, w letters, out, shared letters in w's
-    order, x's kept letters, w's kept letters); ValueError for any other equation."""
+def _weight_product(eqn: str, x: jax.Array):
+    """A weight product eqn "x,w->out" (every shared letter contracted, every other kept; else
+    ValueError) and its x -> (rows: x transposed to [*x's kept axes, *the contracted ones in w's
+    order], the kept axes' shape, w's contracted axes, finish: y [*x's kept, *w's kept] -> y in
+    out's order)."""
     inputs, out = eqn.split("->")
     x_letters, w_letters = inputs.split(",")
     shared = [c for c in w_letters if c in x_letters]
@@ -268,7 +267,13 @@ def _weight_product(eqn: str):
     w_kept = [c for c in w_letters if c not in shared]
     if sorted(out) != sorted(x_kept + w_kept) or any(c in out for c in shared):
         raise ValueError(f"a quantized product takes a weight product, not {eqn!r}")
-    return x_letters, w_letters, out, shared, x_kept, w_kept
+    rows = jnp.transpose(x, [x_letters.index(c) for c in x_kept + shared])
+    natural = "".join(x_kept + w_kept)
+    order = [natural.index(c) for c in out]
+
+    def finish(y):
+        return y if natural == out else jnp.transpose(y, order)
+    return rows, rows.shape[:len(x_kept)], tuple(w_letters.index(c) for c in shared), finish
 
 
 def block_einsum(eqn: str, x: jax.Array, q: QArray, preferred_element_type=None) -> jax.Array:
@@ -277,16 +282,12 @@ def block_einsum(eqn: str, x: jax.Array, q: QArray, preferred_element_type=None)
     [O, I] int8 weight and its block scales, the [M, O] result unflattened into `out`. eqn must be a
     weight product contracting exactly the weight's `contracted` axes. Returns
     preferred_element_type (default x's dtype)."""
-    x_letters, w_letters, out, shared, x_kept, w_kept = _weight_product(eqn)
-    if tuple(w_letters.index(c) for c in shared) != tuple(q.contracted):
+    rows, kept_shape, w_axes, finish = _weight_product(eqn, x)
+    if w_axes != tuple(q.contracted):
         raise ValueError(f"{eqn!r} contracts other axes than the q8_0 weight's {q.contracted}")
-    rows = jnp.transpose(x, [x_letters.index(c) for c in x_kept + shared])
-    kept_shape = rows.shape[:len(x_kept)]
     y = cpu_kernel.block_matmul(rows.reshape(math.prod(kept_shape), -1), q.w, q.scale)  # [M, O] float32
     y = y.reshape(*kept_shape, *(n for a, n in enumerate(q.float_shape) if a not in q.contracted))
-    natural = "".join(x_kept + w_kept)
-    y = y if natural == out else jnp.transpose(y, [natural.index(c) for c in out])
-    return y.astype(preferred_element_type or x.dtype)
+    return finish(y).astype(preferred_element_type or x.dtype)
 
 
 def lookup(q: QArray, ids: jax.Array) -> jax.Array:

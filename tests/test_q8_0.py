@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from engine_reference import PAGED_KW, TEST_LIMITS, naive_greedy, prompts_for
+from quant_reference import EQUATIONS, random_x
 from gemma_jax import config as C
 from gemma_jax import cpu_kernel
 from gemma_jax import params as P
@@ -106,17 +107,11 @@ def test_block_quantization_by_hand():
         Q.quantize_array(jnp.ones((48, 8)), (0,), jnp.float32, "q8_0")
 
 
-EQUATIONS = [(p.equation, p.shape(C.tiny_gemma3()), tuple(range(len(p.ins)))) for p in proj.PROJECTIONS]
-EQUATIONS.append(("BTD,VD->BTV", (512, 64), (1,)))
-
-
 @pytest.mark.parametrize("rows", [(1, 1), (2, 3)], ids=["one row", "six rows"])
 @pytest.mark.parametrize("eqn,shape,contracted", EQUATIONS, ids=[e[0] for e in EQUATIONS])
 def test_block_einsum_equals_numpy(eqn, shape, contracted, rows):
     rng = np.random.default_rng(0)
-    x_letters, w_letters = eqn.split("->")[0].split(",")
-    sizes = dict(zip(w_letters, shape)) | dict(zip("BT", rows))
-    x = rng.standard_normal([sizes[c] for c in x_letters]).astype(np.float32)
+    x = random_x(eqn, shape, rows, rng)
     q = Q.quantize_array(jnp.asarray(rng.standard_normal(shape), jnp.float32), contracted, jnp.float32, "q8_0")
     got = np.asarray(jax.jit(lambda x, q: Q.qeinsum(eqn, x, q))(jnp.asarray(x), q))
     want = np.einsum(eqn, x.astype(np.float64), np.asarray(Q.dequantize(q), np.float64))

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from engine_reference import PAGED_KW, TEST_LIMITS, naive_greedy, prompts_for
+from quant_reference import EQUATIONS, random_x
 from gemma_jax import config as C
 from gemma_jax import params as P
 from gemma_jax import projections as proj
@@ -56,17 +57,11 @@ def _numpy_int8_product(eqn: str, x: np.ndarray, w8: np.ndarray, wscale: np.ndar
     return np.einsum(eqn64, xq, w8.astype(np.float64) * wscale.astype(np.float64))
 
 
-EQUATIONS = [(p.equation, p.shape(C.tiny_gemma3()), tuple(range(len(p.ins)))) for p in proj.PROJECTIONS]
-EQUATIONS.append(("BTD,VD->BTV", (512, 64), (1,)))
-
-
 @pytest.mark.parametrize("rows", [(1, 1), (2, 3)], ids=["one row", "six rows"])
 @pytest.mark.parametrize("eqn,shape,contracted", EQUATIONS, ids=[e[0] for e in EQUATIONS])
 def test_int8_einsum_equals_numpy(eqn, shape, contracted, rows):
     rng = np.random.default_rng(0)
-    x_letters, w_letters = eqn.split("->")[0].split(",")
-    sizes = dict(zip(w_letters, shape)) | dict(zip("BT", rows))
-    x = rng.standard_normal([sizes[c] for c in x_letters]).astype(np.float32)
+    x = random_x(eqn, shape, rows, rng)
     x[..., 0] *= 20  # an outlier channel: the row's scale follows it
     q = Q.quantize_array(jnp.asarray(rng.standard_normal(shape), jnp.float32), contracted, jnp.float32, "w8a8")
     assert q.act == "int8" and Q.method_of(q) == "w8a8"
