@@ -59,9 +59,9 @@ def precompile(args: argparse.Namespace, cache_dir: Path | None, report: Callabl
                started: Callable[[], None] = lambda: None) -> bool:
     """Run `build_engine(args)` and its warmup in a spawned child that writes `cache_dir` (JAX's
     persistent cache), unless the marker says it was done (module docstring); for a single-host
-    start with warmup. started() once a
-    child is started, report(compiled, total) as it compiles. Returns whether a child ran and
-    finished; a child that fails is logged and the caller compiles in-process as usual."""
+    start with warmup. started() once a child is started, report(compiled, total) as it compiles.
+    Returns whether a child ran and finished; a child that fails is logged and the caller compiles
+    in-process as usual."""
     import jax
 
     if cache_dir is None or jax.default_backend() != "cpu":
